@@ -201,12 +201,17 @@ class ShardStream:
         self.shard = shard
         self._fd = os.open(shard.path, os.O_RDONLY)
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if shard.size else None
-        self._done = 0  # bytes handed out so far, in file order
+        self._done = shard.header_len  # offset up to which bytes were handed out (the header is read apart)
         self._released = 0  # bytes whose pages were dropped from the resident set
 
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                # A numpy view of a tensor still lives somewhere (e.g. a caller's frame); the map
+                # is unmapped when that view is collected.  Its pages were already released.
+                pass
             self._map = None
         os.close(self._fd)
 

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # gguf-py warns about HF template details that do not affect the output
+        logging.getLogger("gguf").setLevel(logging.ERROR)
     handler: Handler = args.func
     try:
         return handler(args)

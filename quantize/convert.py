@@ -266,12 +266,14 @@ def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plan
             h = hashlib.sha256()
             with ShardStream(shard) as stream:
                 pool.submit(h.update, stream.view(0, shard.header_len)).result()
+                raw = memoryview(b"")
                 for ref, raw, _ in stream.tensors():
                     plan = by_ref.get(ref.name)
                     if plan is None:  # ignored tensor: hash only
                         pool.submit(h.update, raw).result()
                         continue
                     w.write_tensor_data(cast(np.ndarray, _StreamedTensor(plan, cfg, stream, raw, _submitter(pool, h))))
+                del raw
                 pool.submit(h.update, stream.tail()).result()
             hashes.append(h.hexdigest())
     return hashes

@@ -64,7 +64,7 @@ def test_summary_and_metadata(spm_f16: Path, bpe_f16: Path) -> None:
     meta = metadata(open_gguf(spm_f16))
     assert meta["tokenizer.ggml.tokens"][32000:] == ["<|im_start|>", "<|im_end|>"]
     assert meta["tokenizer.ggml.token_type"][32000:] == [3, 3]  # CONTROL
-    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.add_bos_token"] is True and not meta.get("tokenizer.ggml.add_eos_token")
     assert len(meta["quantize.source.sha256"]) == len(meta["quantize.source.files"])
     assert "0" * 64 not in meta["quantize.source.sha256"]
     b = summarize(bpe_f16)
@@ -95,7 +95,7 @@ def test_llama_cpp_loads_and_stops_at_im_end(which: str, spm_f16: Path, bpe_f16:
     assert out["choices"][0]["text"].strip()
     # Chat generation through the embedded template stops at <|im_end|>: bias the model towards
     # it and the completion must end there ("stop"), with the token not leaked into the text.
-    chat = llm.create_chat_completion(CHATML, max_tokens=32, temperature=0.0, logit_bias={im_end[0]: 5.0})
+    chat = llm.create_chat_completion(CHATML, max_tokens=32, temperature=0.0, logit_bias={im_end[0]: 100.0})
     choice = chat["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert "<|im_end|>" not in choice["message"]["content"]
@@ -208,7 +208,7 @@ def test_sharded_bf16_and_fp32_inputs(demo: Demo, spm_f16: Path, tmp_path: Path)
     ours = {t.name: t.data.tobytes() for t in open_gguf(spm_f16).tensors}
     conv = {t.name: t.data.tobytes() for t in open_gguf(convert(sharded, tmp_path / "sharded.gguf").path).tensors}
     assert conv == ours
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.float32, torch.bfloat16):  # .to() is in place: widen before narrowing
         d = copy_checkpoint(demo.spm, tmp_path / str(dtype))
         (d / "model.safetensors").unlink()
         model.to(dtype).save_pretrained(d)
