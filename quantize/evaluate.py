@@ -1,0 +1,433 @@
+"""Stage 4: the quality gate.  Perplexity and KL divergence of every artifact against the fp16
+reference, with one method for every format so the numbers compare.
+
+Method (llama.cpp's ``llama-perplexity``, so figures line up with published ones): the text is
+tokenized once with the reference tokenizer and cut into non-overlapping windows of ``ctx``
+tokens; each window's first token is replaced by BOS and only the second half is scored.  The
+same token windows go to every artifact.
+
+The reference's log-probabilities are computed once per (model, text, ctx, chunks) and cached on
+disk as llama.cpp's ``--kl-divergence-base`` does: the *full* distribution, 16 bits per entry
+(affine uint16 per row), never a top-k truncation.  Artifacts then stream through window by
+window, so memory is bounded by one window's logits whatever the text length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .atomic import atomic_dir, atomic_file, sha256_file
+from .errors import QuantizeError
+from .imatrix import read_text
+from .thresholds import DEFAULT_THRESHOLDS, Threshold
+
+log = logging.getLogger(__name__)
+
+LOGP_FLOOR = 48.0  # log-probabilities below max-48 (p < 1e-21 of the top token) are stored at the floor
+ROWS_PER_SOFTMAX = 64  # bound the float32 scratch of log-softmax over large vocabularies
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    ctx: int = 512
+    chunks: int | None = None  # None: every full window of the text
+    threads: int = 0
+
+
+class Engine(Protocol):
+    """Something that returns float32 logits (ctx x vocab) for a window of token ids."""
+
+    n_vocab: int
+
+    def logits(self, ids: list[int]) -> np.ndarray: ...
+
+
+# --- engines ------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """An HF model in float32 on the CPU (the reference), or any torch causal LM."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+        self.n_vocab = int(model.config.vocab_size)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> TorchEngine:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+class LlamaCppEngine:
+    """A GGUF in llama.cpp (llama-cpp-python), all logits of the window."""
+
+    def __init__(self, path: Path, ctx: int, threads: int = 0) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                         verbose=False, n_threads=threads or None)
+        self.n_vocab = self.llm.n_vocab()
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.asarray(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    @property
+    def bos(self) -> int | None:
+        b = self.llm.token_bos()
+        return None if b < 0 else int(b)
+
+
+def _awq_engine(path: Path, ctx: int, threads: int) -> Engine:
+    from .awq import load_awq_as_float
+
+    return TorchEngine(load_awq_as_float(path))
+
+
+def artifact_kind(path: Path) -> str:
+    """The gate's row for an artifact: the GGUF file type, ``AWQ``/``RTN``, or ``HF``."""
+    if path.is_file():
+        from .gguf_info import summarize
+
+        return summarize(path).file_type.removeprefix("MOSTLY_").removeprefix("ALL_")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QuantizeError(path, "not a GGUF file nor a checkpoint folder with config.json")
+    qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") == "awq":
+        prov = path / "provenance.json"
+        method = json.loads(prov.read_text()).get("method", "awq") if prov.is_file() else "awq"
+        return "RTN" if method == "rtn" else "AWQ"
+    return "HF"
+
+
+ENGINES: dict[str, Callable[[Path, int, int], Engine]] = {
+    "gguf": lambda p, ctx, th: LlamaCppEngine(p, ctx, th),
+    "awq": _awq_engine,
+    "hf": lambda p, ctx, th: TorchEngine.from_dir(p),
+}
+
+
+def open_engine(path: Path, settings: EvalSettings) -> Engine:
+    kind = "gguf" if path.is_file() else ("awq" if artifact_kind(path) in ("AWQ", "RTN") else "hf")
+    return ENGINES[kind](path, settings.ctx, settings.threads)
+
+
+# --- math --------------------------------------------------------------------------------
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32, in row blocks so 262k-token vocabularies stay cheap."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    out = torch.empty_like(x)
+    for r in range(0, x.shape[0], ROWS_PER_SOFTMAX):
+        out[r : r + ROWS_PER_SOFTMAX] = torch.log_softmax(x[r : r + ROWS_PER_SOFTMAX], dim=-1)
+    return out.numpy()
+
+
+def pack_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full distribution in 16 bits per entry: per row ``lo + q * scale``, q in uint16."""
+    hi = logp.max(axis=1)
+    lo = np.maximum(logp.min(axis=1), hi - LOGP_FLOOR)
+    scale = np.maximum(hi - lo, 1e-6) / 65535.0
+    q = np.clip(np.rint((logp - lo[:, None]) / scale[:, None]), 0, 65535).astype(np.uint16)
+    return q, lo.astype(np.float32), scale.astype(np.float32)
+
+
+def unpack_logp(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    x = lo[:, None] + q.astype(np.float32) * scale[:, None]
+    return log_softmax(x)  # renormalise after rounding
+
+
+# --- reference cache ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Windows:
+    tokens: np.ndarray  # (n_windows, ctx) int32, BOS already in place
+    text_sha256: str
+    n_text_tokens: int
+
+    @property
+    def first(self) -> int:
+        return self.tokens.shape[1] // 2  # score positions first .. ctx-2 (predicting first+1 .. ctx-1)
+
+
+def make_windows(ids: list[int], bos: int | None, text_file: Path, settings: EvalSettings) -> Windows:
+    n = len(ids) // settings.ctx
+    if settings.chunks is not None:
+        n = min(n, settings.chunks)
+    if n < 1:
+        raise QuantizeError(text_file, f"has {len(ids)} tokens, shorter than one evaluation window of {settings.ctx}")
+    tokens = np.array(ids[: n * settings.ctx], dtype=np.int32).reshape(n, settings.ctx)
+    if bos is not None:
+        tokens[:, 0] = bos
+    return Windows(tokens, sha256_file(text_file), len(ids))
+
+
+def _files_fingerprint(path: Path) -> str:
+    """Cheap identity of a model on disk (names, sizes, mtimes), for the cache key."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return hashlib.sha256("".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files).encode()).hexdigest()
+
+
+@dataclass
+class Reference:
+    """The reference's packed log-probabilities for every scored position, memory-mapped."""
+
+    root: Path
+    windows: Windows
+    ppl: float = 0.0
+    nll: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def logp(self, w: int) -> np.ndarray:
+        q = np.load(self.root / "logp_u16.npy", mmap_mode="r")[w]
+        lo = np.load(self.root / "lo.npy", mmap_mode="r")[w]
+        sc = np.load(self.root / "scale.npy", mmap_mode="r")[w]
+        return unpack_logp(np.asarray(q), np.asarray(lo), np.asarray(sc))
+
+
+def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
+    """Tokenize once, run the reference once, cache its packed distributions; reuse when cached."""
+    engine, tokenize, bos = _reference_engine(ref_path, settings)
+    text = read_text(text_file)
+    windows = make_windows(tokenize(text), bos, text_file, settings)
+    key = hashlib.sha256(json.dumps([_files_fingerprint(ref_path), windows.text_sha256, settings.ctx,
+                                     settings.chunks]).encode()).hexdigest()[:20]
+    root = cache_root / key
+    if not (root / "meta.json").is_file():
+        log.info("computing reference log-probabilities (%d windows) into %s", len(windows.tokens), root)
+        _write_reference(root, engine(), windows)
+    else:
+        log.info("reference log-probabilities cached at %s", root)
+    cached = np.load(root / "tokens.npy")
+    if not np.array_equal(cached, windows.tokens):
+        raise QuantizeError(root, "cached reference windows differ from this text's; delete the cache folder")
+    meta = json.loads((root / "meta.json").read_text())
+    return Reference(root, windows, meta["ppl"], np.load(root / "nll.npy"))
+
+
+def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[[], Engine], Callable[[str], list[int]], int | None]:
+    if ref_path.is_file():  # an F16 GGUF in llama.cpp: the reference for models too big for float32 torch
+        eng = LlamaCppEngine(ref_path, settings.ctx, settings.threads)
+        return (lambda: eng), eng.tokenize, eng.bos
+    if not (ref_path / "config.json").is_file():
+        raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
+    from transformers import AutoTokenizer
+
+    _check_fits_in_ram(ref_path)
+    tok = AutoTokenizer.from_pretrained(ref_path)
+    return (lambda: TorchEngine.from_dir(ref_path)), (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.bos_token_id
+
+
+def _check_fits_in_ram(ref_path: Path) -> None:
+    import psutil
+
+    weights = sum(p.stat().st_size for p in ref_path.glob("*.safetensors"))
+    need = weights * 2 * 1.2  # fp16 on disk -> fp32 in memory, plus activations
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise QuantizeError(ref_path, f"the float32 reference needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free; "
+                            "pass the F16 GGUF as --reference instead (llama.cpp runs it in 16 bits)")
+
+
+def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
+    n, ctx = windows.tokens.shape
+    first = windows.first
+    rows = ctx - 1 - first
+    with atomic_dir(root) as tmp:
+        q = np.lib.format.open_memmap(tmp / "logp_u16.npy", mode="w+", dtype=np.uint16, shape=(n, rows, engine.n_vocab))
+        lo = np.zeros((n, rows), np.float32)
+        sc = np.zeros((n, rows), np.float32)
+        nll = np.zeros((n, rows), np.float64)
+        for w in range(n):
+            ids = windows.tokens[w].tolist()
+            logp = log_softmax(engine.logits(ids)[first : ctx - 1])
+            q[w], lo[w], sc[w] = pack_logp(logp)
+            nll[w] = -logp[np.arange(rows), windows.tokens[w, first + 1 :]]
+        q.flush()
+        del q
+        np.save(tmp / "lo.npy", lo)
+        np.save(tmp / "scale.npy", sc)
+        np.save(tmp / "nll.npy", nll)
+        np.save(tmp / "tokens.npy", windows.tokens)
+        (tmp / "meta.json").write_text(json.dumps({"ppl": math.exp(float(nll.mean())), "windows": n, "ctx": ctx}))
+
+
+# --- metrics and the gate ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    name: str
+    kind: str
+    size_bytes: int
+    ppl: float
+    ppl_stderr: float
+    ppl_ratio: float
+    ln_ppl_ratio_stderr: float
+    mean_kld: float
+    kld_stderr: float
+    kld_p99: float
+    kld_p999: float
+    kld_max: float
+    top1_agreement: float
+    threshold: Threshold | None
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def score_artifact(path: Path, ref: Reference, settings: EvalSettings, thresholds: dict[str, Threshold],
+                   engine: Engine | None = None) -> ArtifactResult:
+    kind = artifact_kind(path)
+    engine = engine or open_engine(path, settings)
+    ref_vocab = np.load(ref.root / "logp_u16.npy", mmap_mode="r").shape[2]
+    if engine.n_vocab != ref_vocab:
+        raise QuantizeError(path, f"vocabulary of {engine.n_vocab} tokens differs from the reference's {ref_vocab}; "
+                            "not the same model")
+    tokens, first = ref.windows.tokens, ref.windows.first
+    ctx = tokens.shape[1]
+    nll, kld, top1 = [], [], []
+    for w in range(tokens.shape[0]):
+        logp = log_softmax(engine.logits(tokens[w].tolist())[first : ctx - 1])
+        rlogp = ref.logp(w)
+        nll.append(-logp[np.arange(len(logp)), tokens[w, first + 1 :]])
+        kld.append(np.sum(np.exp(rlogp) * (rlogp - logp), axis=1))
+        top1.append(np.argmax(rlogp, 1) == np.argmax(logp, 1))
+    nll_a, kld_a, top_a = np.concatenate(nll).astype(np.float64), np.concatenate(kld).astype(np.float64), np.concatenate(top1)
+    ref_nll = ref.nll.reshape(-1)
+    m = len(nll_a)
+    ppl = math.exp(nll_a.mean())
+    diff = nll_a - ref_nll
+    result = dict(
+        name=path.name, kind=kind, size_bytes=_size(path), ppl=ppl,
+        ppl_stderr=ppl * float(nll_a.std(ddof=1)) / math.sqrt(m),  # delta method on exp(mean nll)
+        ppl_ratio=math.exp(float(diff.mean())), ln_ppl_ratio_stderr=float(diff.std(ddof=1)) / math.sqrt(m),
+        mean_kld=float(kld_a.mean()), kld_stderr=float(kld_a.std(ddof=1)) / math.sqrt(m),
+        kld_p99=float(np.percentile(kld_a, 99)), kld_p999=float(np.percentile(kld_a, 99.9)), kld_max=float(kld_a.max()),
+        top1_agreement=float(top_a.mean()),
+    )
+    th = thresholds.get(kind)
+    failures = []
+    if th is not None:
+        if result["ppl_ratio"] > th.ppl_ratio:
+            failures.append(f"{path.name}: perplexity ratio {result['ppl_ratio']:.4f} > limit {th.ppl_ratio} ({kind})")
+        if result["mean_kld"] > th.mean_kld:
+            failures.append(f"{path.name}: mean KLD {result['mean_kld']:.5f} > limit {th.mean_kld} ({kind})")
+    return ArtifactResult(**result, threshold=th, failures=tuple(failures))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    reference: str
+    reference_ppl: float
+    text: str
+    text_sha256: str
+    n_text_tokens: int
+    windows: int
+    ctx: int
+    scored_tokens: int
+    results: tuple[ArtifactResult, ...]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for r in self.results for f in r.failures]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = not self.failures
+        return d
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"Reference `{self.reference}`: perplexity {self.reference_ppl:.4f} on `{self.text}` "
+            f"({self.scored_tokens} scored tokens, {self.windows} windows of {self.ctx}).",
+            "",
+            "| artifact | type | size | PPL | PPL ratio | mean KLD | KLD p99 | KLD p99.9 | same top token | verdict |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in self.results:
+            verdict = "no threshold" if r.threshold is None else ("pass" if r.passed else "**FAIL**")
+            lines.append(
+                f"| {r.name} | {r.kind} | {r.size_bytes / 2**20:.1f} MiB | {r.ppl:.3f} ± {r.ppl_stderr:.3f} | "
+                f"{r.ppl_ratio:.4f} ± {r.ln_ppl_ratio_stderr * r.ppl_ratio:.4f} | {r.mean_kld:.5f} | {r.kld_p99:.4f} | "
+                f"{r.kld_p999:.4f} | {r.top1_agreement:.2%} | {verdict} |")
+        return "\n".join(lines) + "\n"
+
+
+def plot(report: EvalReport, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "mean_kld", "mean KL divergence"), (axes[1], "ppl_ratio", "perplexity ratio")):
+        for r in report.results:
+            ax.scatter(r.size_bytes / 2**20, getattr(r, metric))
+            ax.annotate(r.kind, (r.size_bytes / 2**20, getattr(r, metric)), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("size (MiB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Quality vs size against {report.reference}")
+    fig.tight_layout()
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
+
+
+def evaluate(reference: str | Path, text: str | Path, artifacts: list[str | Path], settings: EvalSettings = EvalSettings(),
+             cache_root: str | Path = Path("artifacts") / "eval-cache", thresholds: dict[str, Threshold] | None = None) -> EvalReport:
+    ref_path, text_file = Path(reference), Path(text)
+    for a in artifacts:
+        if not Path(a).exists():
+            raise QuantizeError(a, "artifact not found")
+    ref = reference_logprobs(ref_path, text_file, settings, Path(cache_root))
+    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    results = tuple(score_artifact(Path(a), ref, settings, th) for a in artifacts)
+    for r in results:
+        log.info("%s: ppl ratio %.4f, mean KLD %.5f, top-1 %.2f%%", r.name, r.ppl_ratio, r.mean_kld, 100 * r.top1_agreement)
+    return EvalReport(str(ref_path.name), ref.ppl, text_file.name, ref.windows.text_sha256, ref.windows.n_text_tokens,
+                      len(ref.windows.tokens), settings.ctx, int(ref.nll.size), results)
+
+
+def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "png": out_dir / "eval.png"}
+    with atomic_file(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(report.to_json(), indent=2))
+    with atomic_file(paths["md"]) as tmp:
+        tmp.write_text(report.to_markdown())
+    plot(report, paths["png"])
+    return paths

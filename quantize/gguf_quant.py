@@ -1,0 +1,133 @@
+"""Stage 2: GGUF quantization with llama.cpp's own quantizer (``llama_model_quantize``).
+
+No re-implementation: llama-cpp-python's binding of ``llama_model_quantize`` does the work, in
+process.  What this module adds is everything around it a release needs: type names checked
+against one table, inputs validated first (GGUF-ness, importance-matrix fit, types llama.cpp
+refuses without one), provenance written through llama.cpp's own ``quantize.imatrix.*`` keys plus
+ours, deterministic ``<Model>.<TYPE>.gguf`` names and an atomic output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from . import TOOL_NAME, __version__
+from .atomic import atomic_file, sha256_file
+from .errors import QuantizeError
+from .gguf_info import field_value, open_gguf
+from .imatrix import Imatrix
+from .quant_types import QuantType, quant_type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    type: str = "Q4_K_M"
+    imatrix: Path | None = None
+    threads: int = 0  # 0: all cores
+
+
+def artifact_name(model: str, qtype: str) -> str:
+    """``AshhLimaRP-Mistral-7B`` + ``Q4_K_M`` -> ``AshhLimaRP-Mistral-7B.Q4_K_M.gguf`` (the name people search for)."""
+    return f"{model}.{quant_type(qtype).name}.gguf"
+
+
+def check_imatrix_fits(im: Imatrix, imatrix_path: Path, model_path: Path) -> None:
+    """Every imatrix entry must name a 2-D tensor of the model with the same number of columns."""
+    reader = open_gguf(model_path)
+    cols = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}
+    unknown = sorted(set(im.sums) - set(cols))
+    if unknown:
+        raise QuantizeError(imatrix_path, f"made for a different model: {len(unknown)} entries name tensors {model_path.name} "
+                            f"does not have (e.g. {unknown[0]})")
+    for name, v in im.sums.items():
+        if v.size != cols[name]:
+            raise QuantizeError(imatrix_path, f"made for a different model: {name} has {v.size} columns here, "
+                                f"{cols[name]} in {model_path.name}")
+    if not np.all(np.isfinite(np.concatenate(list(im.sums.values())))):
+        raise QuantizeError(imatrix_path, "contains NaN or infinite values")
+
+
+def _kv_overrides(items: dict[str, str | int]) -> ctypes.Array[ctypes.Structure]:
+    import llama_cpp as L
+
+    arr = (L.llama_model_kv_override * (len(items) + 1))()  # zero-filled: the last entry terminates
+    for i, (k, v) in enumerate(items.items()):
+        arr[i].key = k.encode()
+        if isinstance(v, int):
+            arr[i].tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = v
+        else:
+            arr[i].tag = L.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = v.encode()[:127]
+    return arr
+
+
+def _imatrix_array(means: dict[str, np.ndarray]) -> tuple[ctypes.Array[ctypes.Structure], list[object]]:
+    import llama_cpp as L
+
+    arr = (L.llama_model_imatrix_data * (len(means) + 1))()  # null-name entry terminates
+    keep: list[object] = []
+    for i, (name, v) in enumerate(sorted(means.items())):
+        data = np.ascontiguousarray(v, dtype=np.float32)
+        cname = ctypes.c_char_p(name.encode())
+        keep += [data, cname]
+        arr[i].name = cname.value
+        arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = data.size
+    return arr, keep
+
+
+def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings = QuantizeSettings()) -> Path:
+    """Quantize the F16/BF16/F32 GGUF ``src`` to ``settings.type`` at ``out`` (atomic)."""
+    import llama_cpp as L
+
+    src, out = Path(src), Path(out)
+    qt: QuantType = quant_type(settings.type)
+    reader = open_gguf(src)  # refuses non-GGUF and truncated files with a one-line error
+    if field_value(reader, "general.type") == "imatrix":
+        raise QuantizeError(src, "is an importance matrix, not a model")
+    del reader
+    if qt.needs_imatrix and settings.imatrix is None:
+        raise QuantizeError(src, f"llama.cpp cannot make {qt.name} without an importance matrix; pass --imatrix FILE "
+                            "(make one with `quantize imatrix`)")
+    overrides: dict[str, str | int] = {
+        f"{TOOL_NAME}.gguf.type": qt.name,
+        f"{TOOL_NAME}.gguf.input_sha256": sha256_file(src),
+        f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {version('llama-cpp-python')}",
+    }
+    keep: list[object] = []
+    params = L.llama_model_quantize_default_params()
+    params.ftype = qt.ftype
+    params.nthread = settings.threads or (os.cpu_count() or 1)
+    if settings.imatrix is not None:
+        im = Imatrix.load(settings.imatrix)
+        check_imatrix_fits(im, settings.imatrix, src)
+        imarr, keep = _imatrix_array(im.means())
+        params.imatrix = ctypes.cast(imarr, ctypes.POINTER(L.llama_model_imatrix_data))
+        keep.append(imarr)
+        # llama.cpp's own keys, as llama-quantize writes them (file name only: no build-machine paths).
+        overrides |= {
+            "quantize.imatrix.file": settings.imatrix.name,
+            "quantize.imatrix.dataset": ",".join(im.datasets)[:127],
+            "quantize.imatrix.entries_count": len(im.sums),
+            "quantize.imatrix.chunks_count": im.chunk_count,
+            f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(settings.imatrix),
+        }
+    kv = _kv_overrides(overrides)
+    params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
+    with atomic_file(out) as tmp:
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise QuantizeError(src, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
+    del keep, kv
+    log.info("wrote %s (%s)", out, qt.name)
+    return out
