@@ -12,6 +12,7 @@ converts it) and bf16 data as raw bits, neither of which ``safe_open`` hands out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -206,12 +207,10 @@ class ShardStream:
 
     def close(self) -> None:
         if self._map is not None:
-            try:
+            # A numpy view of a tensor may still live somewhere (e.g. a caller's frame); the map is
+            # then unmapped when that view is collected.  Its pages were already released.
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                # A numpy view of a tensor still lives somewhere (e.g. a caller's frame); the map
-                # is unmapped when that view is collected.  Its pages were already released.
-                pass
             self._map = None
         os.close(self._fd)
 

@@ -43,6 +43,57 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _gguf(a: argparse.Namespace) -> int:
+    from .gguf_quant import QuantizeSettings, quantize_gguf
+
+    im = Path(a.imatrix) if a.imatrix else None
+    out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type, im, a.threads, a.smooth))
+    print(out)
+    return 0
+
+
+def _imatrix(a: argparse.Namespace) -> int:
+    from .imatrix import ImatrixSettings, compute_imatrix
+
+    im = compute_imatrix(a.model, a.text, ImatrixSettings(a.ctx, a.chunks), a.eval_text)
+    print(im.save(a.output))
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, evaluate, write_report
+    from .thresholds import Threshold
+
+    overrides = {}
+    for spec in a.max or []:
+        kind, _, vals = spec.partition("=")
+        ratio, _, kld = vals.partition(",")
+        overrides[kind.upper()] = Threshold(float(ratio), float(kld))
+    report = evaluate(a.reference, a.text, a.artifacts, EvalSettings(a.ctx, a.chunks, a.threads), a.cache, overrides)
+    paths = write_report(report, Path(a.out_dir))
+    if a.json:
+        Path(a.json).write_text(paths["json"].read_text())
+    print(report.to_markdown())
+    for failure in report.failures:
+        print(f"quantize: quality gate failed: {failure}", file=sys.stderr)
+    return 3 if report.failures else 0
+
+
+def _build(a: argparse.Namespace) -> int:
+    from .pipeline import LadderSettings, build_demo_ladder
+
+    types = tuple(a.types.split(",")) if a.types else LadderSettings.types
+    ladder = build_demo_ladder(Path(a.artifacts), LadderSettings(types=types, until=a.until, smooth=not a.no_smooth))
+    print(f"built: {', '.join(ladder.log.built) or 'nothing (everything up to date)'}")
+    for p in [ladder.f16, *( [ladder.imatrix] if ladder.imatrix else []), *ladder.quants.values()]:
+        print(f"  {p}")
+    if ladder.report:
+        print(ladder.report["md"].read_text())
+    for failure in ladder.failures:
+        print(f"quantize: quality gate failed: {failure}", file=sys.stderr)
+    return 3 if ladder.failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantize", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -53,12 +104,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="cache folder (default: artifacts/demo)")
     s.set_defaults(func=_demo)
 
+    s = sub.add_parser("build", help="build the demo release ladder (convert, imatrix, quantize, quality gate)")
+    s.add_argument("--artifacts", default="artifacts")
+    s.add_argument("--until", default="eval", choices=["convert", "imatrix", "gguf", "eval"])
+    s.add_argument("--types", help="comma-separated llama.cpp types (default Q6_K,Q4_K_M)")
+    s.add_argument("--no-smooth", action="store_true", help="plain imatrix quantization, no outlier migration")
+    s.set_defaults(func=_build)
+
     s = sub.add_parser("convert", help="convert a float16/bf16/fp32 HF checkpoint to GGUF")
     s.add_argument("hf_dir")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--outtype", default="f16", choices=["f16", "bf16", "f32"])
     s.add_argument("--name", help="general.name (default: from the model card or folder name)")
     s.set_defaults(func=_convert)
+
+    s = sub.add_parser("gguf", help="quantize an F16 GGUF with llama.cpp's quantizer")
+    s.add_argument("input")
+    s.add_argument("--type", default="Q4_K_M", help="llama.cpp file type name (Q4_K_M, Q6_K, Q8_0, IQ4_XS, ...)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--imatrix", help="importance matrix GGUF (from `quantize imatrix`)")
+    s.add_argument("--smooth", action="store_true", help="move activation outliers into the weights first (needs --imatrix)")
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(func=_gguf)
+
+    s = sub.add_parser("imatrix", help="importance matrix from calibration text (llama.cpp's GGUF imatrix format)")
+    s.add_argument("model", help="HF checkpoint folder or F16 GGUF")
+    s.add_argument("--text", required=True, help="calibration text (UTF-8); never the evaluation text")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--eval-text", help="the evaluation text, to refuse/warn on overlap")
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--chunks", type=int)
+    s.set_defaults(func=_imatrix)
+
+    s = sub.add_parser("eval", help="perplexity and KL divergence of artifacts against the fp16 reference; gate on thresholds")
+    s.add_argument("artifacts", nargs="+")
+    s.add_argument("--reference", required=True, help="HF fp16 folder (torch, float32) or F16 GGUF (llama.cpp)")
+    s.add_argument("--text", required=True)
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--chunks", type=int)
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", help="also copy eval.json here")
+    s.add_argument("--out-dir", default="artifacts/eval")
+    s.add_argument("--cache", default="artifacts/eval-cache", help="where reference log-probabilities are cached")
+    s.add_argument("--max", action="append", metavar="TYPE=RATIO,KLD", help="override a threshold, e.g. Q4_K_M=1.06,0.07")
+    s.set_defaults(func=_eval)
 
     s = sub.add_parser("inspect", help="summarise a GGUF file")
     s.add_argument("file")

@@ -329,7 +329,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     m = len(nll_a)
     ppl = math.exp(nll_a.mean())
     diff = nll_a - ref_nll
-    result = dict(
+    result: dict[str, Any] = dict(
         name=path.name, kind=kind, size_bytes=_size(path), ppl=ppl,
         ppl_stderr=ppl * float(nll_a.std(ddof=1)) / math.sqrt(m),  # delta method on exp(mean nll)
         ppl_ratio=math.exp(float(diff.mean())), ln_ppl_ratio_stderr=float(diff.std(ddof=1)) / math.sqrt(m),
@@ -344,7 +344,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
             failures.append(f"{path.name}: perplexity ratio {result['ppl_ratio']:.4f} > limit {th.ppl_ratio} ({kind})")
         if result["mean_kld"] > th.mean_kld:
             failures.append(f"{path.name}: mean KLD {result['mean_kld']:.5f} > limit {th.mean_kld} ({kind})")
-    return ArtifactResult(**result, threshold=th, failures=tuple(failures))  # type: ignore[arg-type]
+    return ArtifactResult(**result, threshold=th, failures=tuple(failures))
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class QuantizeSettings:
     type: str = "Q4_K_M"
     imatrix: Path | None = None
     threads: int = 0  # 0: all cores
+    smooth: bool = False  # migrate activation outliers into the weights first (needs the imatrix)
 
 
 def artifact_name(model: str, qtype: str) -> str:
@@ -56,10 +58,10 @@ def check_imatrix_fits(im: Imatrix, imatrix_path: Path, model_path: Path) -> Non
         raise QuantizeError(imatrix_path, "contains NaN or infinite values")
 
 
-def _kv_overrides(items: dict[str, str | int]) -> ctypes.Array[ctypes.Structure]:
+def _kv_overrides(items: dict[str, str | int]) -> Any:
     import llama_cpp as L
 
-    arr = (L.llama_model_kv_override * (len(items) + 1))()  # zero-filled: the last entry terminates
+    arr: Any = (L.llama_model_kv_override * (len(items) + 1))()  # zero-filled: the last entry terminates
     for i, (k, v) in enumerate(items.items()):
         arr[i].key = k.encode()
         if isinstance(v, int):
@@ -71,7 +73,7 @@ def _kv_overrides(items: dict[str, str | int]) -> ctypes.Array[ctypes.Structure]
     return arr
 
 
-def _imatrix_array(means: dict[str, np.ndarray]) -> tuple[ctypes.Array[ctypes.Structure], list[object]]:
+def _imatrix_array(means: dict[str, np.ndarray]) -> tuple[Any, list[object]]:
     import llama_cpp as L
 
     arr = (L.llama_model_imatrix_data * (len(means) + 1))()  # null-name entry terminates
@@ -87,10 +89,34 @@ def _imatrix_array(means: dict[str, np.ndarray]) -> tuple[ctypes.Array[ctypes.St
 
 
 def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings = QuantizeSettings()) -> Path:
-    """Quantize the F16/BF16/F32 GGUF ``src`` to ``settings.type`` at ``out`` (atomic)."""
+    """Quantize the F16/BF16/F32 GGUF ``src`` to ``settings.type`` at ``out`` (atomic).
+
+    With ``smooth``, the float model and its importance matrix are first rewritten by
+    :func:`quantize.smooth.smooth_gguf` (same function, outliers moved into the weights), in a
+    scratch folder beside ``out`` that is removed afterwards."""
+    src, out = Path(src), Path(out)
+    quant_type(settings.type)  # unknown names fail before any work
+    if not settings.smooth:
+        return _quantize(src, out, settings, src)
+    if settings.imatrix is None:
+        raise QuantizeError(src, "--smooth needs the activation statistics of an importance matrix; pass --imatrix FILE")
+    import tempfile
+
+    from .smooth import smooth_gguf
+
+    open_gguf(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".smooth-", dir=out.parent) as scratch:
+        sm, smi = Path(scratch) / src.name, Path(scratch) / settings.imatrix.name
+        check_imatrix_fits(Imatrix.load(settings.imatrix), settings.imatrix, src)
+        smooth_gguf(src, settings.imatrix, sm, smi)
+        return _quantize(sm, out, QuantizeSettings(settings.type, smi, settings.threads), src, settings.imatrix)
+
+
+def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, origin_imatrix: Path | None = None) -> Path:
+    """Run llama.cpp's quantizer on ``src``; provenance names ``origin`` (the user's input)."""
     import llama_cpp as L
 
-    src, out = Path(src), Path(out)
     qt: QuantType = quant_type(settings.type)
     reader = open_gguf(src)  # refuses non-GGUF and truncated files with a one-line error
     if field_value(reader, "general.type") == "imatrix":
@@ -101,7 +127,8 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
                             "(make one with `quantize imatrix`)")
     overrides: dict[str, str | int] = {
         f"{TOOL_NAME}.gguf.type": qt.name,
-        f"{TOOL_NAME}.gguf.input_sha256": sha256_file(src),
+        f"{TOOL_NAME}.gguf.input_sha256": sha256_file(origin),
+        f"{TOOL_NAME}.gguf.smoothed": int(origin != src),
         f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {version('llama-cpp-python')}",
     }
     keep: list[object] = []
@@ -115,19 +142,20 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
         params.imatrix = ctypes.cast(imarr, ctypes.POINTER(L.llama_model_imatrix_data))
         keep.append(imarr)
         # llama.cpp's own keys, as llama-quantize writes them (file name only: no build-machine paths).
+        im_file = origin_imatrix or settings.imatrix
         overrides |= {
-            "quantize.imatrix.file": settings.imatrix.name,
+            "quantize.imatrix.file": im_file.name,
             "quantize.imatrix.dataset": ",".join(im.datasets)[:127],
             "quantize.imatrix.entries_count": len(im.sums),
             "quantize.imatrix.chunks_count": im.chunk_count,
-            f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(settings.imatrix),
+            f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(im_file),
         }
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
     with atomic_file(out) as tmp:
         rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise QuantizeError(src, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
+            raise QuantizeError(origin, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
     del keep, kv
     log.info("wrote %s (%s)", out, qt.name)
     return out
