@@ -63,3 +63,13 @@ def load_llama(path: Path, n_ctx: int = 512, logits_all: bool = False):  # type:
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ladder(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The demo release ladder (F16, imatrix, smoothed Q6_K and Q4_K_M, quality gate), built once."""
+    from quantize.pipeline import LadderSettings, build_ladder
+
+    out = tmp_path_factory.mktemp("ladder") / "Demo-Mistral-ChatML"
+    return build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"], out,
+                        LadderSettings(eval_chunks=16))

@@ -1,0 +1,151 @@
+"""AutoAWQ 0.2.9 as this project runs it: a quiet import, the CPU aliasing fix, CPU pinning.
+
+AutoAWQ is archived (its last tested pair is torch 2.6 / transformers 4.51).  With transformers 5
+its quantizer runs unchanged once the model is loaded by us (its own ``from_pretrained`` passes
+``torch_dtype``/``low_cpu_mem_usage`` and ``trust_remote_code=True``, and would reach for the hub
+for anything that is not a folder), so the only changes kept here are:
+
+* :class:`CopyingAwqQuantizer`, AutoAWQ's :class:`AwqQuantizer` whose scale search backs the
+  block up with a real copy (see :class:`_CopyingBackup` for the bug);
+* :func:`pinned_to_cpu`, which makes ``--device cpu`` mean CPU even on a host with a GPU
+  (AutoAWQ picks ``cuda``/``mps``/``xpu`` by itself for every block it touches).
+
+This module imports torch, transformers and AutoAWQ, so :mod:`quantize.awq` imports it only when
+an AWQ stage actually runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    # awq/__init__.py warns on import that the project is archived; that is known and pinned here.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import awq.modules.linear.gemm as _awq_gemm
+    import awq.quantize.quantizer as _awq_quantizer
+    import awq.quantize.scale as _awq_scale
+    from awq.models._config import AwqConfig
+    from awq.models.auto import AWQ_CAUSAL_LM_MODEL_MAP
+    from awq.models.base import BaseAWQForCausalLM
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.quantize.quantizer import AwqQuantizer
+    from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AWQ_CAUSAL_LM_MODEL_MAP", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "CopyingAwqQuantizer", "WQLinear_GEMM",
+    "pinned_to_cpu", "round_to_nearest", "wrap_model",
+]
+
+# AutoAWQ modules that call ``get_best_device()`` while quantizing (checked against 0.2.9's source).
+_DEVICE_PICKERS = (_awq_quantizer, _awq_scale, _awq_gemm)
+
+
+class _CopyingBackup(nn.Module):
+    """Stands in for the module AutoAWQ's scale search inspects, so that its backup is a copy.
+
+    ``AwqQuantizer._compute_best_scale`` (awq/quantize/quantizer.py, 0.2.9) backs the block up as
+    ``{k: v.cpu() for k, v in module2inspect.state_dict().items()}``, then for each of its 20 grid
+    points scales the weights in place (``fc.weight.mul_``), fake-quantizes them and restores them
+    with ``load_state_dict(backup)``.  On a GPU ``.cpu()`` copies.  On the CPU it returns the very
+    same tensor, so the "backup" follows the in-place scaling: every grid point after the first
+    starts from weights already multiplied by the first grid point's scales, the search compares
+    the wrong candidates, and the block keeps those scaled weights, to which AWQ's chosen scales
+    are then applied a second time.  Measured on the demo model: held-out perplexity +590 %
+    instead of +0.04 %.
+
+    Here ``state_dict()`` hands out real host copies (``Tensor.to(..., copy=True)`` copies even
+    when the tensor is already there, and keeps the backup off the GPU as AutoAWQ intended);
+    calls and ``load_state_dict`` go to the wrapped module.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.inner.state_dict(*args, **kwargs).items()}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class CopyingAwqQuantizer(AwqQuantizer):
+    """AutoAWQ's quantizer with the scale search's backup made a real copy (see :class:`_CopyingBackup`).
+
+    Only ``_compute_best_scale`` is overridden, and only to hand AutoAWQ's own implementation the
+    wrapper; the grid, the loss and everything else are AutoAWQ's.  The other ``.cpu()``/``.to()``
+    calls of the quantizer were checked for the same aliasing: the cached linear inputs that
+    ``apply_scale`` divides in place (``inp.div_``) are distinct tensors because
+    ``_get_input_feat`` concatenates them (``torch.cat`` always allocates; q/k/v and gate/up read
+    one activation each), and the clip search and ``_apply_quant`` only rebind ``.data`` to new
+    tensors.  ``tests/test_awq.py`` pins both facts.
+    """
+
+    def _compute_best_scale(self, x: torch.Tensor, w_mean: torch.Tensor, x_mean: torch.Tensor, module2inspect: nn.Module,
+                            linears2scale: list[nn.Linear], fp16_output: torch.Tensor, kwargs: dict[str, Any] | None = None
+                            ) -> torch.Tensor:
+        return super()._compute_best_scale(x, w_mean, x_mean, _CopyingBackup(module2inspect), linears2scale, fp16_output,
+                                           kwargs or {})
+
+
+@contextlib.contextmanager
+def pinned_to_cpu() -> Iterator[None]:
+    """Keep AutoAWQ on the CPU for the duration, even where torch sees a GPU.
+
+    AutoAWQ moves each block to ``cuda:i`` whenever ``torch.cuda.is_available()`` and otherwise to
+    ``get_best_device()`` (mps, xpu or cpu), with no way to choose; both lookups are swapped for
+    the duration and restored afterwards, whatever happens.
+    """
+    saved = [(m, m.get_best_device) for m in _DEVICE_PICKERS]
+    saved_cuda = torch.cuda.is_available
+    try:
+        for m, _ in saved:
+            m.get_best_device = _cpu  # type: ignore[attr-defined]
+        torch.cuda.is_available = _no_cuda  # type: ignore[assignment]
+        yield
+    finally:
+        for m, picker in saved:
+            m.get_best_device = picker  # type: ignore[attr-defined]
+        torch.cuda.is_available = saved_cuda  # type: ignore[assignment]
+
+
+def _cpu() -> str:
+    return "cpu"
+
+
+def _no_cuda() -> bool:
+    return False
+
+
+def wrap_model(model: Any, model_type: str) -> BaseAWQForCausalLM:
+    """AutoAWQ's per-family wrapper (layer map, embedding mover) around a model we loaded ourselves."""
+    cls = AWQ_CAUSAL_LM_MODEL_MAP[model_type]
+    return cls(model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)
+
+
+def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int, zero_point: bool, version: str) -> None:
+    """Quantize every block's linears with AutoAWQ's own final step and no search: the RTN baseline.
+
+    ``AwqQuantizer._apply_quant`` is what AWQ itself ends with (float16 min-max fake-quantization
+    per group, then ``WQLinear_GEMM.from_linear`` packing), so the baseline differs from AWQ only
+    by the absent scale and clip search.  The quantizer's ``__init__`` would run a calibration
+    pass, which RTN has no use for, so the instance is made without it and given the four
+    settings ``_apply_quant`` and ``pseudo_quantize_tensor`` read.
+    """
+    q = object.__new__(CopyingAwqQuantizer)
+    q.w_bit, q.group_size, q.zero_point, q.version = w_bit, group_size, zero_point, version.lower()
+    skip = awq_model.quant_config.modules_to_not_convert
+    for block in awq_model.get_model_layers(awq_model.model):
+        q._apply_quant(block, exclude_layers_to_not_quantize(get_named_linears(block), skip))
