@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class LlamaCppEngine:
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                         verbose=False, n_threads=threads or None)
+                         verbose=False, n_threads=threads or os.cpu_count() or 1)
         self.n_vocab = self.llm.n_vocab()
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -340,9 +341,10 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     th = thresholds.get(kind)
     failures = []
     if th is not None:
-        if result["ppl_ratio"] > th.ppl_ratio:
+        # "not <=" so that a NaN (a broken artifact) fails too
+        if not result["ppl_ratio"] <= th.ppl_ratio:
             failures.append(f"{path.name}: perplexity ratio {result['ppl_ratio']:.4f} > limit {th.ppl_ratio} ({kind})")
-        if result["mean_kld"] > th.mean_kld:
+        if not result["mean_kld"] <= th.mean_kld:
             failures.append(f"{path.name}: mean KLD {result['mean_kld']:.5f} > limit {th.mean_kld} ({kind})")
     return ArtifactResult(**result, threshold=th, failures=tuple(failures))
 

@@ -150,6 +150,10 @@ def _foreign_imatrix(lad, tmp: Path, how: str) -> Path:  # type: ignore[no-untyp
     return im.save(tmp / f"foreign-{how}.imatrix.gguf")
 
 
+def _without_imatrix(qtype: str):  # type: ignore[no-untyped-def]
+    return lambda d, lad, tmp: (["gguf", str(lad.f16), "--type", qtype], "without an importance matrix")
+
+
 BAD = {
     "not a GGUF": lambda d, lad, tmp: (["gguf", str(d.spm / "config.json"), "--type", "Q4_K_M"], "not a valid GGUF"),
     "truncated GGUF": lambda d, lad, tmp: (
@@ -159,8 +163,7 @@ BAD = {
         ["gguf", str(lad.f16), "--type", "Q4_K_M", "--imatrix", str(_foreign_imatrix(lad, tmp, "names"))], "different model"),
     "imatrix of another model (sizes)": lambda d, lad, tmp: (
         ["gguf", str(lad.f16), "--type", "Q4_K_M", "--imatrix", str(_foreign_imatrix(lad, tmp, "sizes"))], "different model"),
-    **{f"{t} without imatrix": (lambda t: lambda d, lad, tmp: (["gguf", str(lad.f16), "--type", t], "without an importance matrix"))(t)
-       for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")},
+    **{f"{t} without imatrix": _without_imatrix(t) for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")},
 }
 
 

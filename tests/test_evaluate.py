@@ -1,0 +1,154 @@
+"""The quality gate: one method for every format, a cached 16-bit reference, and a gate that
+fails a damaged artifact by name."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantize.demo import Demo
+from quantize.errors import QuantizeError
+from quantize.evaluate import EvalSettings, evaluate, log_softmax, pack_logp, reference_logprobs, unpack_logp, write_report
+from quantize.gguf_info import open_gguf
+
+EVAL = EvalSettings(ctx=512, chunks=16)
+
+
+def test_ladder_report(ladder) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    data = json.loads(ladder.report["json"].read_text())
+    res = {r["kind"]: r for r in data["results"]}
+    assert data["passed"] and not ladder.failures
+    assert abs(res["F16"]["ppl_ratio"] - 1) < 1e-3 and res["F16"]["mean_kld"] < 1e-4
+    assert res["F16"]["top1_agreement"] > 0.995
+    assert res["Q6_K"]["mean_kld"] < res["Q4_K_M"]["mean_kld"]
+    assert data["text_sha256"] and data["n_text_tokens"] > 10_000 and data["scored_tokens"] == 16 * 255
+    for r in data["results"]:
+        assert r["kld_p99"] <= r["kld_p999"] <= r["kld_max"] and r["ppl_stderr"] > 0
+    md = ladder.report["md"].read_text()
+    assert "| Demo-Mistral-ChatML.Q4_K_M.gguf | Q4_K_M |" in md
+    assert ladder.report["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_f16_perplexity_equals_reference_computed_independently(demo: Demo, ladder) -> None:  # type: ignore[no-untyped-def]
+    """The gate's reference perplexity, recomputed here straight from HF logits (no cache)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo.spm)
+    model = AutoModelForCausalLM.from_pretrained(demo.spm, dtype=torch.float32)
+    ids = tok(demo.text["eval"].read_text(), add_special_tokens=False)["input_ids"]
+    nll = []
+    for w in range(16):
+        win = [tok.bos_token_id, *ids[w * 512 + 1 : (w + 1) * 512]]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([win])).logits[0], -1)
+        nll += [-float(lp[j, win[j + 1]]) for j in range(256, 511)]
+    ppl = math.exp(sum(nll) / len(nll))
+    data = json.loads(ladder.report["json"].read_text())
+    assert abs(data["reference_ppl"] / ppl - 1) < 1e-4
+    f16 = next(r for r in data["results"] if r["kind"] == "F16")
+    assert abs(f16["ppl"] / ppl - 1) < 1e-3
+
+
+def test_16_bit_reference_storage_is_accurate() -> None:
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 32002)) * 3).astype(np.float32)
+    logits[:, :10] += 12  # peaked distributions like a trained LM's
+    exact = log_softmax(logits)
+    back = unpack_logp(*pack_logp(exact))
+    p = np.exp(exact)
+    kld_error = np.sum(p * (exact - back), axis=1)
+    assert np.abs(kld_error).max() < 1e-6
+    assert np.abs(exact - back)[p > 1e-4].max() < 1e-3
+
+
+def test_reference_is_cached(demo: Demo, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ref = reference_logprobs(demo.spm, demo.text["eval"], EvalSettings(ctx=256, chunks=4), cache)
+    files = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in ref.root.iterdir()}
+    again = reference_logprobs(demo.spm, demo.text["eval"], EvalSettings(ctx=256, chunks=4), cache)
+    assert again.root == ref.root and list(cache.iterdir()) == [ref.root]
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in again.root.iterdir()} == files
+    # A different window size is a different reference.
+    other = reference_logprobs(demo.spm, demo.text["eval"], EvalSettings(ctx=128, chunks=4), cache)
+    assert other.root != ref.root
+
+
+def _scramble(src: Path, dst: Path, tensors: tuple[str, ...]) -> Path:
+    """Copy a Q4_K_M GGUF and shuffle the quants inside every Q4_K block of some tensors, keeping
+    each block's fp16 scales: the file still loads and computes finite, but wrong, numbers."""
+    shutil.copyfile(src, dst)
+    rng = np.random.default_rng(0)
+    block = 144  # bytes per Q4_K block of 256 weights: d, dmin (2 x fp16), 12 scale bytes, 128 quant bytes
+    with open(dst, "r+b") as f:
+        for t in open_gguf(src).tensors:
+            if t.name not in tensors:
+                continue
+            assert t.tensor_type.name == "Q4_K", t.name
+            f.seek(int(t.data_offset))
+            raw = np.frombuffer(f.read(int(t.n_bytes)), dtype=np.uint8).reshape(-1, block).copy()
+            raw[:, 16:] = rng.permuted(raw[:, 16:], axis=1)
+            f.seek(int(t.data_offset))
+            f.write(raw.tobytes())
+    return dst
+
+
+DAMAGED = tuple(f"blk.{i}.{m}.weight" for i in range(4) for m in ("ffn_up", "ffn_gate", "attn_q"))
+
+
+def test_gate_fails_a_damaged_artifact_and_names_it(demo: Demo, ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = _scramble(ladder.quants["Q4_K_M"], tmp_path / "Damaged.Q4_K_M.gguf", DAMAGED)
+    rep = evaluate(demo.spm, demo.text["eval"], [ladder.quants["Q6_K"], bad], EVAL, tmp_path / "cache")
+    print(rep.to_markdown())
+    good, broken = rep.results
+    assert good.passed and not broken.passed
+    assert rep.failures and all(f.startswith("Damaged.Q4_K_M.gguf: ") for f in rep.failures)
+    assert any("mean KLD" in f and "limit 0.06" in f for f in rep.failures)
+    paths = write_report(rep, tmp_path / "report")
+    assert "**FAIL**" in paths["md"].read_text()
+
+
+def test_cli_gate_exit_code(demo: Demo, ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    bad = _scramble(ladder.quants["Q4_K_M"], tmp_path / "Damaged.Q4_K_M.gguf", DAMAGED)
+    res = subprocess.run([sys.executable, "-m", "quantize", "eval", "--reference", str(demo.spm), "--text", str(demo.text["eval"]),
+                          "--ctx", "256", "--chunks", "4", "--out-dir", str(tmp_path / "r"), "--cache", str(tmp_path / "c"),
+                          str(ladder.f16), str(bad)], capture_output=True, text=True)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "quality gate failed: Damaged.Q4_K_M.gguf" in res.stderr
+    assert (tmp_path / "r" / "eval.json").is_file()
+
+
+# --- bad input --------------------------------------------------------------------------
+
+
+def test_text_shorter_than_one_window(demo: Demo, ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    with pytest.raises(QuantizeError, match="shorter than one evaluation window") as e:
+        evaluate(demo.spm, short, [ladder.f16], EVAL, tmp_path / "cache")
+    assert str(short) in str(e.value)
+
+
+def test_text_not_utf8(demo: Demo, ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Ophélie, naïve, ".encode("latin-1") * 400)
+    with pytest.raises(QuantizeError, match="not UTF-8") as e:
+        evaluate(demo.spm, latin1, [ladder.f16], EVAL, tmp_path / "cache")
+    assert str(latin1) in str(e.value)
+
+
+def test_artifact_of_another_vocabulary(demo: Demo, bpe_f16: Path, tmp_path: Path) -> None:
+    with pytest.raises(QuantizeError, match="vocabulary of 8192 tokens differs") as e:
+        evaluate(demo.spm, demo.text["eval"], [bpe_f16], EvalSettings(ctx=256, chunks=2), tmp_path / "cache")
+    assert str(bpe_f16) in str(e.value)
