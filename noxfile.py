@@ -1,8 +1,11 @@
 """Nox sessions: thin wrappers over the ``quantize`` package, one per pipeline stage.
 
     nox -s tests                      # every test, slow ones included (what .ci/run calls)
-    nox -s release                    # the whole demo build: demo model -> GGUF F16 -> ...
-    nox -s demo | convert | bench | lint
+    nox -s release                    # the main job: the whole demo ladder, built and gated
+    nox -s demo | convert | imatrix | "gguf(type='Q4_K_M')" | perplexity | bench | lint
+
+Stage sessions run ``quantize build --until STAGE`` on the demo model: each step is keyed by the
+hash of its inputs, so the importance matrix is computed once and reused by every type.
 
 Every session reuses its virtualenv (torch and llama-cpp-python are large; pip's wheel cache makes
 the llama.cpp build a one-off).  llama.cpp's reference converter lives in a venv of its own,
@@ -11,7 +14,6 @@ because it vendors its own ``gguf`` package.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nox
@@ -68,17 +70,41 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def convert(session: nox.Session) -> None:
-    """Convert a checkpoint to GGUF: ``nox -s convert -- HF_DIR -o OUT.gguf`` (default: the demo model)."""
+    """HF -> GGUF F16: the demo model by default, or ``nox -s convert -- HF_DIR -o OUT.gguf``."""
     _install(session)
-    args = session.posargs or ["--demo"]
-    session.run("python", "-m", "quantize.pipeline", "convert", *args)
+    if session.posargs:
+        session.run("quantize", "convert", *session.posargs)
+    else:
+        session.run("quantize", "build", "--until", "convert")
+
+
+@nox.session
+def imatrix(session: nox.Session) -> None:
+    """The demo model's importance matrix from its calibration text."""
+    _install(session)
+    session.run("quantize", "build", "--until", "imatrix")
+
+
+@nox.session
+@nox.parametrize("type", ["Q4_K_M", "Q6_K"])
+def gguf(session: nox.Session, type: str) -> None:
+    """One llama.cpp quantization of the demo model, e.g. ``nox -s "gguf(type='Q4_K_M')"``."""
+    _install(session)
+    session.run("quantize", "build", "--until", "gguf", "--types", type)
+
+
+@nox.session
+def perplexity(session: nox.Session) -> None:
+    """The quality gate over the demo ladder (perplexity, KL divergence; fails over threshold)."""
+    _install(session)
+    session.run("quantize", "build", "--until", "eval")
 
 
 @nox.session
 def release(session: nox.Session) -> None:
-    """The main job: the whole ladder for the demo model, built, checked and summarised."""
+    """The main job: the whole demo ladder, built, checked by the quality gate, summarised."""
     _install(session)
-    session.run("python", "-m", "quantize.pipeline", "release", *session.posargs)
+    session.run("quantize", "-v", "build", *session.posargs)
 
 
 @nox.session(default=False)
@@ -86,5 +112,5 @@ def bench(session: nox.Session) -> None:
     """Speed and memory against the reference tools, measured in the same run (prints ratios)."""
     _install(session, "[dev]")
     exe = _reference_converter(session)
-    session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe),
-                "--out", str(ARTIFACTS / "bench"), *session.posargs, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe), "--out", str(ARTIFACTS / "bench"),
+                *session.posargs)
