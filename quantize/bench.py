@@ -1,0 +1,144 @@
+"""``nox -s bench``: speed and memory against the reference tools, measured in the same run.
+
+Every timed command runs in its own process; its wall time and peak resident memory (from
+``wait4``'s rusage, i.e. the kernel's own high-water mark) are recorded.  Each command runs once
+untimed first so every contender reads its inputs from a warm page cache.  Printed as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_dir
+
+PY = sys.executable
+
+
+@dataclass(frozen=True)
+class Run:
+    seconds: float
+    peak_rss_mb: float
+
+
+def measure(cmd: list[str], warm: bool = True) -> Run:
+    """Run ``cmd`` (twice if ``warm``: the first run only warms the page cache); time the last."""
+    for attempt in range(2 if warm else 1):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if status != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+        if attempt == 0 and warm:
+            continue
+    return Run(seconds, usage.ru_maxrss / 1024)
+
+
+def random_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Path:
+    """A Mistral-shaped fp16 checkpoint with random weights (hidden 2048, GQA 16/4 heads,
+    intermediate 5632: ~120 MB per layer), sharded with an index, tokenizer from ``template``."""
+    from safetensors.numpy import save_file
+
+    if (out / "config.json").is_file():
+        return out
+    hidden, ff, heads, kv, vocab = 2048, 5632, 16, 4, 32002
+    head = hidden // heads
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,)),
+                  (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (kv * head, hidden)),
+                  (p + "self_attn.v_proj.weight", (kv * head, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                  (p + "mlp.gate_proj.weight", (ff, hidden)), (p + "mlp.up_proj.weight", (ff, hidden)),
+                  (p + "mlp.down_proj.weight", (hidden, ff))]
+    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    per = -(-len(names) // shards)
+    with atomic_dir(out) as tmp:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: (np.ones(shape, np.float16) if len(shape) == 1 else w(*shape)) for n, shape in names[s * per : (s + 1) * per]}
+            save_file(part, str(tmp / fname), metadata={"format": "pt"})
+            weight_map |= {n: fname for n in part}
+            del part
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": hidden, "intermediate_size": ff,
+               "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None,
+               "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 32001}
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copyfile(template / f, tmp / f)
+    return out
+
+
+def _copy_script(src: Path, dst: Path) -> list[str]:
+    code = ("import sys,pathlib\nsrc,dst=pathlib.Path(sys.argv[1]),sys.argv[2]\nwith open(dst,'wb') as o:\n"
+            " for f in sorted(src.glob('*.safetensors')):\n  with open(f,'rb') as i:\n"
+            "   while b:=i.read(1<<24): o.write(b)\n")
+    return [PY, "-c", code, str(src), str(dst)]
+
+
+def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
+    from .demo import build_demo
+
+    demo = build_demo(out.parent / "demo")
+    # Made in a child process: a forked child's peak RSS would otherwise include this process's pages.
+    small, big = out / "random-1g", out / "random-2g"
+    for path, layers, shards in ((small, 8, 3), (big, 16, 5)):
+        subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import random_checkpoint; "
+                        "random_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
+                        str(path), str(layers), str(shards), str(demo.spm)], check=True)
+    res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in big.glob("*.safetensors")) / 1e9, 2)}
+    ours = measure([PY, "-m", "quantize", "convert", str(big), "-o", str(out / "ours.gguf")])
+    ours_small = measure([PY, "-m", "quantize", "convert", str(small), "-o", str(out / "ours-small.gguf")])
+    ref = measure([str(reference), str(big), "--outfile", str(out / "reference.gguf"), "--outtype", "f16"])
+    copy = measure(_copy_script(big, out / "copy.bin"))
+    for f in ("ours.gguf", "ours-small.gguf", "reference.gguf", "copy.bin"):
+        (out / f).unlink(missing_ok=True)
+    res |= {
+        "ours_s": ours.seconds, "reference_s": ref.seconds, "copy_s": copy.seconds,
+        "ours_vs_reference": ours.seconds / ref.seconds, "ours_vs_copy": ours.seconds / copy.seconds,
+        "ours_peak_rss_mb": ours.peak_rss_mb, "ours_peak_rss_mb_half_model": ours_small.peak_rss_mb,
+        "reference_peak_rss_mb": ref.peak_rss_mb, "copy_peak_rss_mb": copy.peak_rss_mb,
+    }
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="quantize.bench")
+    ap.add_argument("--reference-converter", required=True, type=Path)
+    ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
+    ap.add_argument("--only", choices=["convert"], help="run one part")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    results["convert"] = r = bench_convert(a.out, a.reference_converter)
+    print(f"convert {r['input_gb']} GB fp16 (5 shards): ours {r['ours_s']:.1f}s, reference {r['reference_s']:.1f}s, "
+          f"plain copy {r['copy_s']:.1f}s -> {r['ours_vs_reference']:.2f}x reference (target <= 0.5), "
+          f"{r['ours_vs_copy']:.2f}x copy (target <= 1.3)")
+    print(f"convert peak RSS: ours {r['ours_peak_rss_mb']:.0f} MB (half-size model {r['ours_peak_rss_mb_half_model']:.0f} MB; "
+          f"target < 500, flat), reference {r['reference_peak_rss_mb']:.0f} MB, copy {r['copy_peak_rss_mb']:.0f} MB")
+    (a.out / "bench.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
