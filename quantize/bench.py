@@ -71,7 +71,7 @@ def random_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Pa
     names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     per = -(-len(names) // shards)
     with atomic_dir(out) as tmp:
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for s in range(shards):
             fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
             part = {n: (np.ones(shape, np.float16) if len(shape) == 1 else w(*shape)) for n, shape in names[s * per : (s + 1) * per]}
