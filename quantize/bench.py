@@ -122,22 +122,113 @@ def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
     return res
 
 
+_BARE_QUANTIZE = (
+    "import ctypes, sys, llama_cpp as L\n"
+    "p = L.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3])\n"
+    "sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n"
+)
+
+
+def bench_quantize(out: Path) -> dict[str, Any]:
+    """Our `quantize gguf` against a bare llama_model_quantize call, on the ~2 GB model's F16."""
+    from .quant_types import quant_type
+
+    f16 = out / "random-2g.F16.gguf"
+    if not f16.is_file():
+        subprocess.run([PY, "-m", "quantize", "convert", str(out / "random-2g"), "-o", str(f16)], check=True)
+    res: dict[str, Any] = {}
+    for t in ("Q4_K_M", "Q6_K"):
+        ours = measure([PY, "-m", "quantize", "gguf", str(f16), "--type", t, "-o", str(out / f"ours.{t}.gguf")], warm=False)
+        bare = measure([PY, "-c", _BARE_QUANTIZE, str(f16), str(out / f"bare.{t}.gguf"), str(quant_type(t).ftype)], warm=False)
+        res[t] = {"ours_s": ours.seconds, "bare_s": bare.seconds, "overhead": ours.seconds / bare.seconds - 1}
+        for f in (out / f"ours.{t}.gguf", out / f"bare.{t}.gguf"):
+            f.unlink(missing_ok=True)
+    return res
+
+
+def bench_demo_quality(out: Path) -> dict[str, Any]:
+    """imatrix speed, and KLD of plain / imatrix / imatrix+smoothing Q4_K_M, on the demo model;
+    evaluation throughput against a bare llama-cpp-python forward pass over the same windows."""
+    from .demo import build_demo
+    from .evaluate import EvalSettings, LlamaCppEngine, TorchEngine, evaluate, reference_logprobs, score_artifact
+    from .gguf_quant import QuantizeSettings, quantize_gguf
+    from .imatrix import ImatrixSettings, compute_imatrix
+    from .pipeline import LadderSettings, build_ladder
+    from .thresholds import DEFAULT_THRESHOLDS
+
+    demo = build_demo(out.parent / "demo")
+    lad = build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"], out / "ladder",
+                       LadderSettings(until="gguf"))
+    t0 = time.perf_counter()
+    im = compute_imatrix(demo.spm, demo.text["calib"], ImatrixSettings(512, 32))
+    im_s = time.perf_counter() - t0
+    res: dict[str, Any] = {"imatrix_s_per_1k_tokens": im_s / (32 * 512 / 1000)}
+    del im
+    es = EvalSettings(512, 16)
+    arts = {
+        "plain": quantize_gguf(lad.f16, out / "plain.Q4_K_M.gguf", QuantizeSettings("Q4_K_M")),
+        "imatrix": quantize_gguf(lad.f16, out / "imatrix.Q4_K_M.gguf", QuantizeSettings("Q4_K_M", lad.imatrix)),
+        "imatrix+smooth": lad.quants["Q4_K_M"],
+    }
+    rep = evaluate(demo.spm, demo.text["eval"], list(arts.values()), es, out / "eval-cache")
+    res["q4_k_m_kld"] = {k: r.mean_kld for k, r in zip(arts, rep.results, strict=True)}
+    # Throughput: our scorer (forward + log-softmax + KLD against the cached reference) vs forward alone.
+    ref = reference_logprobs(demo.spm, demo.text["eval"], es, out / "eval-cache")
+    windows = ref.windows.tokens
+    n_tok = windows.size
+    engine = LlamaCppEngine(lad.quants["Q4_K_M"], 512)
+    t0 = time.perf_counter()
+    for w in windows:
+        engine.logits(w.tolist())
+    bare_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score_artifact(lad.quants["Q4_K_M"], ref, es, DEFAULT_THRESHOLDS, engine)
+    ours_s = time.perf_counter() - t0
+    torch_engine = TorchEngine.from_dir(demo.spm)
+    t0 = time.perf_counter()
+    for w in windows:
+        torch_engine.logits(w.tolist())
+    torch_s = time.perf_counter() - t0
+    res["eval_tokens_per_s"] = {"ours_gguf": n_tok / ours_s, "bare_llama_cpp": n_tok / bare_s, "torch_reference": n_tok / torch_s,
+                                "overhead": ours_s / bare_s - 1}
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantize.bench")
     ap.add_argument("--reference-converter", required=True, type=Path)
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
-    ap.add_argument("--only", choices=["convert"], help="run one part")
+    ap.add_argument("--only", choices=["convert", "quantize", "quality"], help="run one part")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    results["convert"] = r = bench_convert(a.out, a.reference_converter)
+    if a.only in (None, "convert"):
+        results["convert"] = bench_convert(a.out, a.reference_converter)
+        _print_convert(results["convert"])
+    if a.only in (None, "quantize"):
+        results["quantize"] = q = bench_quantize(a.out)
+        for t, r in q.items():
+            print(f"quantize 2 GB F16 -> {t}: ours {r['ours_s']:.1f}s, bare llama_model_quantize {r['bare_s']:.1f}s, "
+                  f"overhead {r['overhead']:+.1%} (target <= +5%)")
+    if a.only in (None, "quality"):
+        results["quality"] = d = bench_demo_quality(a.out)
+        k = d["q4_k_m_kld"]
+        print(f"imatrix: {d['imatrix_s_per_1k_tokens']:.2f}s per 1k calibration tokens (demo model)")
+        print(f"demo Q4_K_M mean KLD: plain {k['plain']:.5f}, imatrix {k['imatrix']:.5f}, imatrix+smoothing "
+              f"{k['imatrix+smooth']:.5f} -> {k['imatrix+smooth'] / k['imatrix']:.2f}x the plain imatrix (goal <= 0.8)")
+        e = d["eval_tokens_per_s"]
+        print(f"eval throughput: ours {e['ours_gguf']:.0f} tok/s, bare llama-cpp-python forward {e['bare_llama_cpp']:.0f} tok/s "
+              f"(overhead {e['overhead']:+.1%}, target <= +10%), torch fp32 reference {e['torch_reference']:.0f} tok/s")
+    (a.out / "bench.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _print_convert(r: dict[str, Any]) -> None:
     print(f"convert {r['input_gb']} GB fp16 (5 shards): ours {r['ours_s']:.1f}s, reference {r['reference_s']:.1f}s, "
           f"plain copy {r['copy_s']:.1f}s -> {r['ours_vs_reference']:.2f}x reference (target <= 0.5), "
           f"{r['ours_vs_copy']:.2f}x copy (target <= 1.3)")
     print(f"convert peak RSS: ours {r['ours_peak_rss_mb']:.0f} MB (half-size model {r['ours_peak_rss_mb_half_model']:.0f} MB; "
           f"target < 500, flat), reference {r['reference_peak_rss_mb']:.0f} MB, copy {r['copy_peak_rss_mb']:.0f} MB")
-    (a.out / "bench.json").write_text(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

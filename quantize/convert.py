@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from .architectures import BLOCK_TENSORS, Architecture, ModelConfig, Transform, 
 from .atomic import atomic_file, sha256_file
 from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint
 from .errors import QuantizeError
+from .gguf_patch import PLACEHOLDER, patch_strings
 from .vocab import Vocab, read_vocab
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ OUTTYPES: dict[str, OutType] = {
 SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 HASH_KEY = f"{TOOL_NAME}.source.sha256"
-PLACEHOLDER = "0" * 64
 CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes at a time
 
 
@@ -205,23 +204,6 @@ def _gguf_version() -> str:
     return version("gguf")
 
 
-def _patch_hashes(path: Path, hashes: list[str]) -> None:
-    """Overwrite the placeholder shard hashes in the written header, in place."""
-    key = HASH_KEY.encode()
-    with open(path, "r+b") as f:
-        head = f.read(16 << 20)
-        at = head.find(struct.pack("<Q", len(key)) + key)
-        if at < 0:
-            raise RuntimeError(f"{path}: provenance key not found in header")
-        pos = at + 8 + len(key) + 4 + 4 + 8  # key, value type, element type, count
-        for h in hashes:
-            (n,) = struct.unpack_from("<Q", head, pos)
-            assert n == 64 and head[pos + 8 : pos + 8 + 64] == PLACEHOLDER.encode()
-            f.seek(pos + 8)
-            f.write(h.encode())
-            pos += 8 + n
-
-
 def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str | None = None) -> ConvertResult:
     """Convert the checkpoint in ``hf_dir`` to a GGUF at ``out`` (written atomically)."""
     if outtype not in OUTTYPES:
@@ -245,7 +227,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
         w.write_ti_data_to_file()
         shard_hashes = _stream_tensors(w, ckpt, cfg, plans)
         w.close()
-        _patch_hashes(tmp, shard_hashes)
+        patch_strings(tmp, HASH_KEY, shard_hashes)
     sources = dict(zip([s.path.name for s in ckpt.shards], shard_hashes, strict=True)) | side
     log.info("wrote %s (%d tensors)", out, len(plans))
     return ConvertResult(out, len(plans), out.stat().st_size, sources)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -23,10 +24,14 @@ from . import TOOL_NAME, __version__
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
+from .gguf_patch import PLACEHOLDER, patch_strings
 from .imatrix import Imatrix
 from .quant_types import QuantType, quant_type
 
 log = logging.getLogger(__name__)
+
+
+INPUT_HASH_KEY = f"{TOOL_NAME}.gguf.input_sha256"
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
                             "(make one with `quantize imatrix`)")
     overrides: dict[str, str | int] = {
         f"{TOOL_NAME}.gguf.type": qt.name,
-        f"{TOOL_NAME}.gguf.input_sha256": sha256_file(origin),
+        INPUT_HASH_KEY: PLACEHOLDER,  # hashed on a second thread while llama.cpp quantizes
         f"{TOOL_NAME}.gguf.smoothed": int(origin != src),
         f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {version('llama-cpp-python')}",
     }
@@ -152,10 +157,12 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
         }
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
-    with atomic_file(out) as tmp:
-        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with atomic_file(out) as tmp, ThreadPoolExecutor(1) as pool:
+        input_hash = pool.submit(sha256_file, origin)
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))  # releases the GIL
         if rc != 0:
             raise QuantizeError(origin, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
+        patch_strings(tmp, INPUT_HASH_KEY, [input_hash.result()])
     del keep, kv
     log.info("wrote %s (%s)", out, qt.name)
     return out
