@@ -80,18 +80,30 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _build(a: argparse.Namespace) -> int:
-    from .pipeline import LadderSettings, build_demo_ladder
+    from .pipeline import build_release
 
-    types = tuple(a.types.split(",")) if a.types else LadderSettings.types
-    ladder = build_demo_ladder(Path(a.artifacts), LadderSettings(types=types, until=a.until, smooth=not a.no_smooth))
-    print(f"built: {', '.join(ladder.log.built) or 'nothing (everything up to date)'}")
-    for p in [ladder.f16, *( [ladder.imatrix] if ladder.imatrix else []), *ladder.quants.values()]:
-        print(f"  {p}")
-    if ladder.report:
-        print(ladder.report["md"].read_text())
-    for failure in ladder.failures:
+    types = tuple(a.types.split(",")) if a.types else None
+    rel = build_release(Path(a.recipe) if a.recipe else None, Path(a.artifacts), a.until, types,
+                        Path(a.demo_root) if a.demo_root else None)
+    lad = rel.ladder
+    print(f"built: {', '.join(lad.log.built) or 'nothing (everything up to date)'}")
+    if lad.report:
+        print(lad.report["md"].read_text())
+    if a.until == "release" and not rel.failures:
+        print(f"release: {rel.root}")
+    for failure in rel.failures:
         print(f"quantize: quality gate failed: {failure}", file=sys.stderr)
-    return 3 if ladder.failures else 0
+    return 3 if rel.failures else 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from .release import verify
+
+    rep = verify(a.folder)
+    for line in rep.lines():
+        print(f"quantize: {a.folder}: {line}", file=sys.stderr)
+    print(f"{a.folder}: {'OK' if rep.ok else 'FAILED'}")
+    return 0 if rep.ok else 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,12 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="cache folder (default: artifacts/demo)")
     s.set_defaults(func=_demo)
 
-    s = sub.add_parser("build", help="build the demo release ladder (convert, imatrix, quantize, quality gate)")
+    s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
+    s.add_argument("recipe", nargs="?")
     s.add_argument("--artifacts", default="artifacts")
-    s.add_argument("--until", default="eval", choices=["convert", "imatrix", "gguf", "eval"])
-    s.add_argument("--types", help="comma-separated llama.cpp types (default Q6_K,Q4_K_M)")
-    s.add_argument("--no-smooth", action="store_true", help="plain imatrix quantization, no outlier migration")
+    s.add_argument("--until", default="release", choices=["convert", "imatrix", "gguf", "eval", "release"])
+    s.add_argument("--types", help="only these GGUF types (comma-separated), instead of the recipe's ladder")
+    s.add_argument("--demo-root", help="where the demo models are cached (default: ARTIFACTS/demo)")
     s.set_defaults(func=_build)
+
+    s = sub.add_parser("verify", help="check a downloaded release folder against its manifest")
+    s.add_argument("folder")
+    s.set_defaults(func=_verify)
 
     s = sub.add_parser("convert", help="convert a float16/bf16/fp32 HF checkpoint to GGUF")
     s.add_argument("hf_dir")

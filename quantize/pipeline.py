@@ -4,7 +4,7 @@ A step's key is the hash of what it is made from (input fingerprints, parameters
 the key is recorded beside the output only once the output is complete (outputs themselves are
 written atomically), so a killed step is simply redone on the next run.
 
-    quantize build                       # the demo ladder: F16, imatrix, Q6_K, Q4_K_M, quality gate
+    quantize build [recipes/demo.toml]   # the whole release: ladder, quality gate, release folder
     quantize build --until convert       # stop after a stage (what `nox -s convert` runs)
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import atomic_file
+from .atomic import atomic_dir, atomic_file
 from .errors import QuantizeError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("convert", "imatrix", "gguf", "eval")
+STAGES = ("convert", "imatrix", "gguf", "eval")  # then "release": the folder people download
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,12 @@ class Ladder:
     report: dict[str, Path]
     failures: list[str]
     log: BuildLog
+    awq: Path | None = None
 
 
 def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Path,
-                 settings: LadderSettings = LadderSettings()) -> Ladder:
+                 settings: LadderSettings = LadderSettings(), awq: bool = False,
+                 thresholds: dict[str, Any] | None = None, steps: Steps | None = None) -> Ladder:
     from .convert import convert
     from .evaluate import EvalSettings, evaluate, write_report
     from .gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
@@ -109,7 +111,7 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
     if settings.until not in STAGES:
         raise QuantizeError(None, f"unknown stage {settings.until!r}; stages: {', '.join(STAGES)}")
     stop = STAGES.index(settings.until)
-    steps = Steps(out)
+    steps = steps or Steps(out)
     src_key = fingerprint(hf_dir)
     f16 = out / f"{name}.F16.gguf"
     k_f16 = steps.run("convert", f16, steps.key(stage="convert", src=src_key), lambda: convert(hf_dir, f16))
@@ -129,23 +131,32 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
             keys[t] = steps.run(f"gguf-{t}", q, steps.key(stage="gguf", f16=k_f16, imatrix=k_im, type=t, smooth=qs.smooth),
                                 lambda q=q, qs=qs: quantize_gguf(f16, q, qs))  # type: ignore[misc]
             quants[t] = q
+    awq_dir: Path | None = None
+    if stop >= 2 and awq:
+        from .awq import AwqSettings, quantize_awq
+
+        awq_dir = out / f"{name}-AWQ"
+        aws = AwqSettings()
+        keys["AWQ"] = steps.run("awq", awq_dir, steps.key(stage="awq", src=src_key, calib=fingerprint(calib), s=asdict(aws)),
+                                lambda: quantize_awq(hf_dir, awq_dir, calib, aws))  # type: ignore[arg-type]
     report: dict[str, Path] = {}
     failures: list[str] = []
     if stop >= 3:
         es = EvalSettings(settings.eval_ctx, settings.eval_chunks)
         eval_dir = out / "eval"
-        artifacts = [f16, *quants.values()]
+        artifacts = [f16, *quants.values(), *([awq_dir] if awq_dir else [])]
 
         def run_eval() -> None:
-            rep = evaluate(hf_dir, eval_text, list(artifacts), es, out.parent / "eval-cache")
+            rep = evaluate(hf_dir, eval_text, list(artifacts), es, out.parent / "eval-cache", thresholds)
             write_report(rep, eval_dir)
 
         steps.run("eval", eval_dir / "eval.json",
-                  steps.key(stage="eval", artifacts=keys, text=fingerprint(eval_text), s=asdict(es)), run_eval)
+                  steps.key(stage="eval", artifacts=keys, text=fingerprint(eval_text), s=asdict(es),
+                            th={k: asdict(v) for k, v in (thresholds or {}).items()}), run_eval)
         report = {k: eval_dir / f"eval.{k}" for k in ("json", "md", "png")}
         data = json.loads(report["json"].read_text())
         failures = [f for r in data["results"] for f in r["failures"]]
-    return Ladder(out, f16, im_path, quants, report, failures, steps.log)
+    return Ladder(out, f16, im_path, quants, report, failures, steps.log, awq_dir)
 
 
 def build_demo_ladder(artifacts: Path = Path("artifacts"), settings: LadderSettings = LadderSettings()) -> Ladder:
@@ -155,3 +166,131 @@ def build_demo_ladder(artifacts: Path = Path("artifacts"), settings: LadderSetti
     demo = build_demo(artifacts / "demo")
     return build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"],
                         artifacts / "build" / "Demo-Mistral-ChatML", settings)
+
+
+# --- a whole release from a recipe ----------------------------------------------------------
+
+DEFAULT_RECIPE = Path("recipes") / "demo.toml"
+
+
+def resolve(spec: str, recipe: Path, demo_root: Path, what: str) -> Path:
+    """A recipe's model/adapter/text reference: ``demo:<part>``, a path (relative to the recipe
+    or the working folder), or a Hugging Face repo id found in the local HF cache (never fetched)."""
+    if spec.startswith("demo:"):
+        from .demo import build_demo
+
+        demo = build_demo(demo_root)
+        part = spec.removeprefix("demo:")
+        if part == "lora":
+            from .lora import train_demo_lora
+
+            return train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
+        found = {**demo.models, **demo.text}.get(part)
+        if found is None:
+            raise QuantizeError(recipe, f"{what} {spec!r}: no such demo part; known: {', '.join([*demo.models, *demo.text, 'lora'])}")
+        return found
+    for base in (recipe.parent, Path.cwd()):
+        if (base / spec).exists():
+            return base / spec
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+            pass
+    raise QuantizeError(recipe, f"{what} {spec!r} is neither a local path nor a model in the Hugging Face cache; "
+                        "download it first or point the recipe at a folder")
+
+
+@dataclass(frozen=True)
+class Release:
+    root: Path
+    ladder: Ladder
+    failures: list[str]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import os
+    import shutil
+
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artifacts"),
+                  until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
+    """The whole ladder of a recipe, in dependency order, then the release folder (atomically)."""
+    import fcntl
+
+    from .recipe import load_recipe
+    from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
+
+    recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
+    demo_root = demo_root or artifacts / "demo"
+    build_dir = artifacts / "build" / recipe.name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another build of %s is running; waiting for it", recipe.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        base = resolve(recipe.base, recipe.source, demo_root, "base")
+        calib = resolve(recipe.calibration, recipe.source, demo_root, "calibration")
+        eval_text = resolve(recipe.evaluation, recipe.source, demo_root, "evaluation")
+        steps = Steps(build_dir)
+        if recipe.lora:
+            from .lora import merge_lora
+
+            adapter = resolve(recipe.lora, recipe.source, demo_root, "lora")
+            merged = build_dir / "merged-fp16"
+            steps.run("merge", merged, steps.key(stage="merge", base=fingerprint(base), lora=fingerprint(adapter)),
+                      lambda: merge_lora(base, adapter, merged, recipe.lora_allow_pickle))
+            base = merged
+        types = types or tuple(t for t in recipe.ladder.gguf if t != "F16")
+        ls = LadderSettings(types=types, use_imatrix=recipe.ladder.imatrix, smooth=recipe.ladder.smooth,
+                            until="eval" if until == "release" else until)
+        ladder = build_ladder(base, recipe.name, calib, eval_text, build_dir, ls, recipe.ladder.awq, dict(recipe.thresholds), steps)
+        if until != "release" or ladder.failures:
+            return Release(build_dir, ladder, ladder.failures)
+        out = artifacts / "release" / recipe.name
+        quality = json.loads(ladder.report["json"].read_text())
+        rel_key = steps.key(stage="release", eval=fingerprint(ladder.report["json"]), recipe=fingerprint(recipe.source),
+                            files={p.name: fingerprint(p) for p in [ladder.f16, *ladder.quants.values()]})
+
+        def assemble() -> None:
+            with atomic_dir(out) as tmp:
+                arts = []
+                for kind, path in [("F16", ladder.f16), *ladder.quants.items()]:
+                    _link_or_copy(path, tmp / path.name)
+                    kc = kcpps(tmp, path.name, recipe)
+                    arts.append(Artifact(kind, (Path(path.name), Path(kc.name)), bits_per_weight(path),
+                                         {"source": fingerprint(base)[:16]}))
+                if ladder.imatrix is not None:
+                    _link_or_copy(ladder.imatrix, tmp / ladder.imatrix.name)
+                    (tmp / "imatrix.txt").write_text(_imatrix_description(ladder.imatrix, calib))
+                    arts.append(Artifact("imatrix", (Path(ladder.imatrix.name), Path("imatrix.txt")), None, {}))
+                if ladder.awq is not None:
+                    _link_or_copy(ladder.awq, tmp / ladder.awq.name)
+                    files = tuple(sorted(p.relative_to(tmp) for p in (tmp / ladder.awq.name).rglob("*") if p.is_file()))
+                    arts.append(Artifact("AWQ", files, None, {"source": fingerprint(base)[:16]}))
+                write_release_files(tmp, recipe, make_manifest(tmp, recipe, arts, quality))
+
+        steps.run("release", out, rel_key, assemble)
+        return Release(out, ladder, [])
+
+
+def _imatrix_description(imatrix: Path, calib: Path) -> str:
+    from .atomic import sha256_file
+    from .imatrix import Imatrix
+
+    im = Imatrix.load(imatrix)
+    return (f"Importance matrix {imatrix.name}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens\n"
+            f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes).\n"
+            "The evaluation text was kept out of calibration.\n")

@@ -1,0 +1,128 @@
+"""Release recipes: a model's whole release described in TOML, validated into frozen dataclasses.
+
+Unknown keys, wrong types and missing required keys are refused with the file and the key named
+(``recipes/x.toml: [ladder] unknown key 'ggfu'; valid: awq, gguf, imatrix, smooth``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import QuantizeError
+from .quant_types import quant_type
+from .thresholds import Threshold
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+# Prompt formats a card can document, as data: template with {system}/{prompt}, and stop strings.
+PROMPT_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+               ("<|im_end|>",)),
+    "alpaca-extended": ("### Instruction:\n{system}\n\n### Input:\nUser: {prompt}\n\n### Response: (length = medium)\nCharacter:",
+                        ("\n### Input", "\nUser:")),
+    "alpaca": ("### Instruction:\n{prompt}\n\n### Response:\n", ("\n### Instruction",)),
+}
+
+
+@dataclass(frozen=True)
+class Card:
+    prompt_format: str = "chatml"
+    system: str = ""
+    context: int = 4096
+    stop: tuple[str, ...] = ()
+    sampler: Mapping[str, float] = field(default_factory=dict)
+    license: str | None = None
+    base_model: str | None = None
+    description: str = ""
+    credits: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ladder:
+    gguf: tuple[str, ...] = ("F16", "Q6_K", "Q4_K_M")
+    awq: bool = True
+    imatrix: bool = True
+    smooth: bool = True
+    split_max_gb: float = 48.0  # GGUF files above this are written as llama.cpp split shards
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: Path  # the TOML file
+    name: str
+    base: str  # a folder, "demo:<model>", or a Hugging Face repo id resolved offline from the HF cache
+    quantized_by: str = "quantize"
+    lora: str | None = None
+    lora_allow_pickle: bool = False  # adapter_model.bin is a pickle: only with an explicit opt-in
+    calibration: str = "demo:calib"
+    evaluation: str = "demo:eval"
+    ladder: Ladder = field(default_factory=Ladder)
+    thresholds: Mapping[str, Threshold] = field(default_factory=dict)
+    card: Card = field(default_factory=Card)
+
+
+def _check_keys(path: Path, section: str, data: Mapping[str, Any], cls: type) -> None:
+    valid = {f.name for f in fields(cls)} - {"source"}
+    for key in data:
+        if key not in valid:
+            raise QuantizeError(path, f"[{section}] unknown key {key!r}; valid: {', '.join(sorted(valid))}")
+
+
+def _typed(path: Path, section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise QuantizeError(path, f"[{section}] {key} must be {names}, got {value!r}")
+    return value
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QuantizeError(path, "recipe not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise QuantizeError(path, f"not valid TOML ({exc})") from None
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    _check_keys(path, "top level", {**top, **{k: v for k, v in data.items() if isinstance(v, dict)}}, Recipe)
+    for key in ("name", "base"):
+        if key not in data:
+            raise QuantizeError(path, f"missing required key {key!r}")
+        _typed(path, "top level", key, data[key], str)
+    ladder_d = data.get("ladder", {})
+    _check_keys(path, "ladder", ladder_d, Ladder)
+    gguf = tuple(_typed(path, "ladder", "gguf", ladder_d.get("gguf", list(Ladder.gguf)), list))
+    for t in gguf:
+        try:
+            quant_type(t)
+        except QuantizeError as exc:
+            raise QuantizeError(path, f"[ladder] gguf: {exc}") from None
+    flags = {k: _typed(path, "ladder", k, v, bool) for k, v in ladder_d.items() if k in ("awq", "imatrix", "smooth")}
+    if "split_max_gb" in ladder_d:
+        flags["split_max_gb"] = float(_typed(path, "ladder", "split_max_gb", ladder_d["split_max_gb"], (int, float)))
+    ladder = Ladder(gguf=gguf, **flags)
+    card_d = dict(data.get("card", {}))
+    _check_keys(path, "card", card_d, Card)
+    if card_d.get("prompt_format", "chatml") not in PROMPT_FORMATS:
+        raise QuantizeError(path, f"[card] prompt_format {card_d['prompt_format']!r} unknown; known: {', '.join(PROMPT_FORMATS)}")
+    for key in ("stop", "tags"):
+        if key in card_d:
+            card_d[key] = tuple(_typed(path, "card", key, card_d[key], list))
+    thresholds = {}
+    for kind, th in data.get("thresholds", {}).items():
+        if not isinstance(th, dict) or set(th) - {"ppl_ratio", "mean_kld"}:
+            raise QuantizeError(path, f"[thresholds] {kind} must be {{ ppl_ratio = …, mean_kld = … }}")
+        thresholds[kind.upper()] = Threshold(float(th.get("ppl_ratio", 1e9)), float(th.get("mean_kld", 1e9)))
+    rest = {k: data[k] for k in ("quantized_by", "lora", "lora_allow_pickle", "calibration", "evaluation") if k in data}
+    for k, v in rest.items():
+        _typed(path, "top level", k, v, bool if k == "lora_allow_pickle" else str)
+    return Recipe(source=path, name=data["name"], base=data["base"], ladder=ladder, thresholds=thresholds, card=Card(**card_d), **rest)

@@ -1,0 +1,195 @@
+"""Stage 5: the release folder people download: checksummed files, a manifest, a model card and
+koboldcpp launcher presets, plus ``quantize verify`` for a downloaded copy.
+
+``manifest.json`` lists every artifact (files, sizes, sha256, type, bits per weight, the inputs'
+hashes, tool versions, quality figures and verdict); ``SHA256SUMS`` is the same in the format
+``sha256sum -c`` reads.  ``verify`` re-hashes a folder against its manifest and reports missing,
+extra, wrong-size and wrong-hash files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .atomic import atomic_file, sha256_file
+from .errors import QuantizeError
+from .recipe import PROMPT_FORMATS, Recipe
+
+MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
+# Files verify ignores: the manifest and checksum list describe the others.
+SELF = {MANIFEST, SUMS}
+
+USE_CASES = {
+    "F16": "reference quality; for further quantization or GPUs with memory to spare",
+    "Q8_0": "near-lossless, large",
+    "Q6_K": "near-lossless; recommended when it fits",
+    "Q5_K_M": "very small loss",
+    "Q4_K_M": "recommended balance of size and quality",
+    "AWQ": "4-bit for GPU servers (vLLM, TGI, SGLang, transformers)",
+}
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"quantize": __version__, "python": platform.python_version()}
+    for pkg in ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str  # F16, Q6_K, Q4_K_M, AWQ
+    files: tuple[Path, ...]  # relative to the release folder
+    bits_per_weight: float | None
+    inputs: dict[str, str]  # name -> sha256 of what it was built from
+
+
+def bits_per_weight(path: Path) -> float | None:
+    if path.suffix != ".gguf":
+        return None
+    from .gguf_info import summarize
+
+    return round(summarize(path).bits_per_weight, 3)
+
+
+def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality: dict[str, Any]) -> dict[str, Any]:
+    """Hash every artifact file (once) and describe it, with its quality figures and verdict."""
+    results = {r["name"]: r for r in quality.get("results", [])}
+    entries = []
+    for a in artifacts:
+        files: list[dict[str, Any]] = []
+        for rel in a.files:
+            files.append({"name": str(rel), "size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
+        q = results.get(a.files[0].name) or results.get(str(a.files[0].parent)) or {}
+        entries.append({
+            "kind": a.kind, "files": files, "size": sum(f["size"] for f in files), "bits_per_weight": a.bits_per_weight,
+            "inputs": a.inputs,
+            "quality": {k: q.get(k) for k in ("ppl", "ppl_ratio", "mean_kld", "kld_p99", "top1_agreement")} if q else None,
+            "verdict": ("pass" if not q.get("failures") else "fail") if q else "not measured",
+        })
+    return {
+        "name": recipe.name, "recipe": recipe.source.name, "quantized_by": recipe.quantized_by, "tools": tool_versions(),
+        "reference_ppl": quality.get("reference_ppl"), "evaluation_text_sha256": quality.get("text_sha256"),
+        "artifacts": entries,
+    }
+
+
+def write_release_files(root: Path, recipe: Recipe, manifest: dict[str, Any]) -> Path:
+    """The model card (README.md), then manifest.json and SHA256SUMS covering every file, the card too."""
+    card = root / "README.md"
+    with atomic_file(card) as tmp:
+        tmp.write_text(model_card(recipe, manifest))
+    manifest["card"] = {"name": card.name, "size": card.stat().st_size, "sha256": sha256_file(card)}
+    files = [f for a in manifest["artifacts"] for f in a["files"]] + [manifest["card"]]
+    sums = [f"{f['sha256']}  {f['name']}" for f in files]
+    with atomic_file(root / SUMS) as tmp:
+        tmp.write_text("\n".join(sums) + "\n")
+    with atomic_file(root / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2))
+    return root / MANIFEST
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    missing: list[str]
+    extra: list[str]
+    wrong_size: list[str]
+    wrong_hash: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.wrong_size or self.wrong_hash)
+
+    def lines(self) -> list[str]:
+        return ([f"missing: {f}" for f in self.missing] + [f"extra: {f}" for f in self.extra]
+                + [f"wrong size: {f}" for f in self.wrong_size] + [f"wrong sha256: {f}" for f in self.wrong_hash])
+
+
+def verify(root: str | Path) -> VerifyReport:
+    root = Path(root)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise QuantizeError(root, f"no {MANIFEST}; not a release folder made by quantize")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise QuantizeError(mpath, f"not valid JSON ({exc})") from None
+    listed = {f["name"]: f for a in manifest["artifacts"] for f in a["files"]}
+    if "card" in manifest:
+        listed[manifest["card"]["name"]] = manifest["card"]
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in SELF}
+    missing = sorted(set(listed) - present)
+    extra = sorted(present - set(listed))
+    wrong_size, wrong_hash = [], []
+    for name in sorted(set(listed) & present):
+        f = listed[name]
+        if (root / name).stat().st_size != f["size"]:
+            wrong_size.append(name)
+        elif sha256_file(root / name) != f["sha256"]:
+            wrong_hash.append(name)
+    return VerifyReport(missing, extra, wrong_size, wrong_hash)
+
+
+# --- the model card and koboldcpp presets ---------------------------------------------------
+
+
+def kcpps(root: Path, gguf_name: str, recipe: Recipe) -> Path:
+    """A koboldcpp launcher preset next to a GGUF: model file and context from the recipe."""
+    preset = {"model_param": gguf_name, "contextsize": recipe.card.context, "gpulayers": -1, "usemmap": True,
+              "chatcompletionsadapter": "AutoGuess", "quiet": False}
+    out = root / (Path(gguf_name).stem + ".kcpps")
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(preset, indent=2))
+    return out
+
+
+def _ram_needed(size: int, context: int) -> str:
+    # weights plus a KV cache and compute buffers: a rule of thumb from llama.cpp's own estimates
+    return f"{(size * 1.05 + context * 2**20 * 0.25) / 2**30:.1f} GiB"
+
+
+def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
+    c = recipe.card
+    template, stops = PROMPT_FORMATS[c.prompt_format]
+    tags = ["gguf", "awq", "quantized", *c.tags]
+    front = ["---", f"base_model: {c.base_model or recipe.base}", f"quantized_by: {recipe.quantized_by}",
+             f"license: {c.license or 'other'}", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    rows = ["| file | quant method | bits | size | RAM needed | PPL ratio | mean KLD | use case |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for a in manifest["artifacts"]:
+        q = a.get("quality") or {}
+        name = a["files"][0]["name"] if a["kind"] != "AWQ" else str(Path(a["files"][0]["name"]).parent) + "/"
+        method = "llama.cpp " + a["kind"] if a["kind"] != "AWQ" else "AutoAWQ 4-bit g128 GEMM"
+        bits = f"{a['bits_per_weight']:.2f}" if a.get("bits_per_weight") else ("4" if a["kind"] == "AWQ" else "")
+        ratio = f"{q['ppl_ratio']:.4f}" if q.get("ppl_ratio") is not None else "–"
+        kld = f"{q['mean_kld']:.5f}" if q.get("mean_kld") is not None else "–"
+        rows.append(f"| {name} | {method} | {bits} | {a['size'] / 2**30:.2f} GiB | {_ram_needed(a['size'], c.context)} | "
+                    f"{ratio} | {kld} | {USE_CASES.get(a['kind'], '')} |")
+    sampler = "\n".join(f"- {k} = {v}" for k, v in c.sampler.items()) or "- the model's defaults"
+    first_gguf = next((a["files"][0]["name"] for a in manifest["artifacts"] if a["kind"] == "Q4_K_M"), "MODEL.gguf")
+    body = [
+        f"# {recipe.name} — GGUF and AWQ", "", c.description, "",
+        "## Available versions", "", *rows, "",
+        f"Quality is measured against the fp16 model on held-out text (reference perplexity {manifest.get('reference_ppl') or 0:.3f}): "
+        "perplexity ratio and mean KL divergence, llama-perplexity's method. Every file passed its threshold.", "",
+        "## Prompt format", "", "```", template.replace("{system}", c.system or "{system}"), "```", "",
+        f"Stop strings: {', '.join(repr(s) for s in (c.stop or stops))}", "",
+        "## Suggested settings", "", sampler, f"- context: {c.context}", "",
+        "## Use with koboldcpp", "",
+        f"Download `{first_gguf}` and its `.kcpps` preset, then `koboldcpp --config {Path(first_gguf).stem}.kcpps` "
+        "(or load the GGUF in the launcher). The chat template is embedded; BOS is added once by the backend.", "",
+        "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
+        "The GGUFs need llama.cpp from May 2024 or newer (GGUF v3).", "",
+        "## Verify a download", "", "```", "sha256sum -c SHA256SUMS   # or: quantize verify .", "```", "",
+    ]
+    if c.credits:
+        body += ["## Credits", "", c.credits, ""]
+    return "\n".join(front + body)

@@ -1,0 +1,198 @@
+"""The release: a whole demo recipe built once, then checked the way a downloader would; incremental
+rebuilds, a SIGKILL midway, tampered downloads and bad recipes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ARTIFACTS, ROOT
+
+from quantize.demo import Demo
+from quantize.errors import QuantizeError
+from quantize.gguf_info import open_gguf
+from quantize.pipeline import build_release
+from quantize.release import verify
+
+DEMO_ROOT = ARTIFACTS / "demo"
+
+
+def _recipe(tmp: Path, demo: Demo, **over: str) -> Path:
+    """A small recipe (no AWQ) whose evaluation text is a private copy the test may touch."""
+    eval_copy = tmp / "eval.txt"
+    if not eval_copy.exists():
+        shutil.copyfile(demo.text["eval"], eval_copy)
+    fields = {"name": "Tiny", "base": "demo:mistral-spm", "calibration": "demo:calib", "evaluation": str(eval_copy), **over}
+    body = "\n".join(f'{k} = "{v}"' for k, v in fields.items())
+    body += '\n[ladder]\ngguf = ["F16", "Q4_K_M"]\nawq = false\n[card]\nprompt_format = "chatml"\ncontext = 1024\n'
+    path = tmp / "tiny.toml"
+    path.write_text(body)
+    return path
+
+
+@pytest.fixture(scope="session")
+def release(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The shipped demo recipe (LoRA merge, F16, Q6_K, Q4_K_M, AWQ, gate, release folder), built once."""
+    return build_release(ROOT / "recipes" / "demo.toml", tmp_path_factory.mktemp("release"), demo_root=DEMO_ROOT)
+
+
+def test_demo_release_is_complete_and_verifies(release) -> None:  # type: ignore[no-untyped-def]
+    root = release.root
+    manifest = json.loads((root / "manifest.json").read_text())
+    kinds = [a["kind"] for a in manifest["artifacts"]]
+    assert kinds == ["F16", "Q6_K", "Q4_K_M", "imatrix", "AWQ"]
+    assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] != "imatrix")
+    assert verify(root).ok
+    assert manifest["tools"]["llama-cpp-python"] and manifest["evaluation_text_sha256"]
+    # The merge happened: the release was built from base + LoRA.
+    assert "merge" in release.ladder.log.built
+    # sha256sum's own format
+    sums = (root / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == sum(len(a["files"]) for a in manifest["artifacts"]) + 1  # + the card
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=root).returncode == 0
+
+
+def test_card_table_matches_manifest(release) -> None:  # type: ignore[no-untyped-def]
+    root = release.root
+    card = (root / "README.md").read_text()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert card.startswith("---\nbase_model: ") and "quantized_by: quantize" in card and "license: apache-2.0" in card
+    assert "## Available versions" in card and "<|im_start|>system" in card and "koboldcpp" in card
+    rows = [ln for ln in card.splitlines() if ln.startswith("| Demo-Mistral-ChatML")]
+    assert len(rows) == len(manifest["artifacts"])
+    for row, a in zip(rows, manifest["artifacts"], strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0].rstrip("/") == (a["files"][0]["name"] if a["kind"] not in ("AWQ",) else a["files"][0]["name"].split("/")[0])
+        assert cells[3] == f"{a['size'] / 2**30:.2f} GiB"
+        if a["quality"]:
+            assert cells[6] == f"{a['quality']['mean_kld']:.5f}"
+
+
+def test_kcpps_presets_name_existing_ggufs(release) -> None:  # type: ignore[no-untyped-def]
+    presets = sorted(release.root.glob("*.kcpps"))
+    assert len(presets) == 3
+    for p in presets:
+        preset = json.loads(p.read_text())
+        assert (release.root / preset["model_param"]).is_file() and preset["model_param"].endswith(".gguf")
+        assert preset["contextsize"] == 2048
+
+
+def test_second_run_rebuilds_nothing(release, demo: Demo) -> None:  # type: ignore[no-untyped-def]
+    again = build_release(ROOT / "recipes" / "demo.toml", release.root.parent.parent, demo_root=DEMO_ROOT)
+    assert again.ladder.log.built == []
+    assert "eval" in again.ladder.log.reused and "release" in again.ladder.log.reused
+
+
+def test_touching_eval_text_reruns_only_evaluation(demo: Demo, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, demo)
+    first = build_release(recipe, tmp_path / "a", demo_root=DEMO_ROOT)
+    assert {"convert", "imatrix", "gguf-Q4_K_M", "eval", "release"} <= set(first.ladder.log.built)
+    with open(tmp_path / "eval.txt", "a") as f:
+        f.write("\nWhat's past is prologue.\n")
+    second = build_release(recipe, tmp_path / "a", demo_root=DEMO_ROOT)
+    assert second.ladder.log.built == ["eval", "release"]
+    assert verify(second.root).ok
+
+
+def test_sigkill_midway_then_rerun_gives_a_complete_release(demo: Demo, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, demo)
+    out = tmp_path / "k"
+    cmd = [sys.executable, "-m", "quantize", "build", str(recipe), "--artifacts", str(out), "--demo-root", str(DEMO_ROOT)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = out / "build" / "Tiny" / ".steps"
+    deadline = time.time() + 300
+    while not (steps / "convert.key").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the importance matrix / quantization by now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "release" / "Tiny").exists()
+    # Nothing half-written stands under a final name: every GGUF there is whole.
+    for gguf in (out / "build" / "Tiny").glob("[!.]*.gguf"):
+        r = open_gguf(gguf)
+        assert max(int(t.data_offset) + int(t.n_bytes) for t in r.tensors) <= gguf.stat().st_size, gguf
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert verify(out / "release" / "Tiny").ok
+    assert not list(out.rglob(".partial-*"))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "missing", "extra"])
+def test_verify_catches_tampering(release, damage: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    copy = tmp_path / "dl"
+    shutil.copytree(release.root, copy)
+    target = copy / "Demo-Mistral-ChatML.Q4_K_M.gguf"
+    if damage == "flipped byte":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "truncated":
+        with open(target, "r+b") as f:
+            f.truncate(target.stat().st_size - 100)
+    elif damage == "missing":
+        target.unlink()
+    else:
+        (copy / "notes.txt").write_text("not part of the release")
+    rep = verify(copy)
+    assert not rep.ok
+    expected = {"flipped byte": "wrong sha256: Demo-Mistral-ChatML.Q4_K_M.gguf", "truncated": "wrong size: Demo-Mistral-ChatML.Q4_K_M.gguf",
+                "missing": "missing: Demo-Mistral-ChatML.Q4_K_M.gguf", "extra": "extra: notes.txt"}[damage]
+    assert rep.lines() == [expected]
+    res = subprocess.run([sys.executable, "-m", "quantize", "verify", str(copy)], capture_output=True, text=True)
+    assert res.returncode == 4 and expected in res.stderr
+
+
+# --- bad recipes --------------------------------------------------------------------------
+
+
+def test_unknown_recipe_key(demo: Demo, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, demo)
+    recipe.write_text(recipe.read_text().replace("[ladder]\n", "[ladder]\nggfu = [\"Q4_K_M\"]\n"))
+    with pytest.raises(QuantizeError, match=r"\[ladder\] unknown key 'ggfu'; valid: awq, gguf") as e:
+        build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
+    assert str(recipe) in str(e.value)
+
+
+def test_recipe_naming_a_missing_model(demo: Demo, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, demo, base="nobody/no-such-model-7B")
+    with pytest.raises(QuantizeError, match="neither a local path nor a model in the Hugging Face cache") as e:
+        build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
+    assert str(recipe) in str(e.value)
+
+
+def test_lora_for_a_different_base(demo: Demo, tmp_path: Path) -> None:
+    """An adapter trained on a model of another width must be refused before any export."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=32002, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    pm = get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    adapter = tmp_path / "other-adapter"
+    pm.save_pretrained(str(adapter))
+    recipe = _recipe(tmp_path, demo, lora=str(adapter))
+    with pytest.raises(QuantizeError, match="does not fit the base model") as e:
+        build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
+    assert str(adapter) in str(e.value)
+    assert not (tmp_path / "x" / "release").exists()
+
+
+def test_pickled_adapter_needs_opt_in(demo: Demo, tmp_path: Path) -> None:
+    adapter = tmp_path / "pickled"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (adapter / "adapter_model.bin").write_bytes(b"\x80\x04N.")
+    recipe = _recipe(tmp_path, demo, lora=str(adapter))
+    with pytest.raises(QuantizeError, match="is a pickle"):
+        build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
