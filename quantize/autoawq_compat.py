@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-with warnings.catch_warnings():
-    # awq/__init__.py warns on import that the project is archived; that is known and pinned here.
-    warnings.simplefilter("ignore", DeprecationWarning)
+# awq/__init__.py warns on import that the project is archived (known: the version is pinned), after
+# resetting the process-wide DeprecationWarning filter to "default", so an "ignore" filter cannot
+# silence it.  Recording the warnings instead keeps them off the console, and leaving the block
+# restores the caller's filters.
+with warnings.catch_warnings(record=True) as _import_warnings:
     import awq.modules.linear.gemm as _awq_gemm
     import awq.quantize.quantizer as _awq_quantizer
     import awq.quantize.scale as _awq_scale
@@ -39,6 +41,8 @@ with warnings.catch_warnings():
     from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears
 
 log = logging.getLogger(__name__)
+for _w in _import_warnings:
+    log.debug("on importing AutoAWQ: %s", str(_w.message).strip().splitlines()[0])
 
 __all__ = [
     "AWQ_CAUSAL_LM_MODEL_MAP", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "CopyingAwqQuantizer", "WQLinear_GEMM",
@@ -59,8 +63,8 @@ class _CopyingBackup(nn.Module):
     same tensor, so the "backup" follows the in-place scaling: every grid point after the first
     starts from weights already multiplied by the first grid point's scales, the search compares
     the wrong candidates, and the block keeps those scaled weights, to which AWQ's chosen scales
-    are then applied a second time.  Measured on the demo model: held-out perplexity +590 %
-    instead of +0.04 %.
+    are then applied a second time.  Measured on the demo model (8 x 128 calibration tokens):
+    held-out perplexity +590 % with the aliased backup, +0.1 % with a copy.
 
     Here ``state_dict()`` hands out real host copies (``Tensor.to(..., copy=True)`` copies even
     when the tensor is already there, and keeps the backup off the GPU as AutoAWQ intended);

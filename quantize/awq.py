@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import platform
 import shutil
 import tempfile
@@ -152,13 +153,13 @@ def _check_source(hf_dir: Path, out_dir: Path, settings: AwqSettings) -> _Source
 def _check_linear_shapes(ckpt: Checkpoint, settings: AwqSettings) -> None:
     """Every block matrix must split into whole groups and whole int32 words (WQLinear_GEMM's asserts)."""
     per_word = PACK_NUM_BITS // settings.w_bit
-    for name, ref in ckpt.tensors.items():
-        if ".layers." not in name or len(ref.shape) != 2:
-            continue
-        out_f, in_f = ref.shape
+    shapes = {name: ref.shape for name, ref in ckpt.tensors.items() if ".layers." in name and len(ref.shape) == 2}
+    common = math.gcd(*(in_f for _, in_f in shapes.values()))
+    for name, (out_f, in_f) in shapes.items():
         if in_f % settings.group_size:
+            fits = [str(g) for g in (128, 64, 32) if common % g == 0] or ["none of 128/64/32"]
             raise QuantizeError(ckpt.root, f"{name} has {in_f} input columns, not a multiple of --group-size "
-                                f"{settings.group_size}; pick a group size that divides it (64, 32)")
+                                f"{settings.group_size}; group sizes that divide every block matrix: {', '.join(fits)}")
         if out_f % per_word or out_f % OC_BATCH:
             raise QuantizeError(ckpt.root, f"{name} has {out_f} output rows; AutoAWQ's GEMM packing and clip search "
                                 f"need a multiple of {OC_BATCH}")
@@ -257,38 +258,23 @@ def quantize_rtn(hf_dir: str | Path, out_dir: str | Path, settings: AwqSettings 
 def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings: AwqSettings) -> Path:
     """Check everything, load, quantize (AWQ or RTN), then write the folder atomically."""
     import torch
-    from transformers import AutoTokenizer
 
     src = _check_source(hf_dir, out_dir, settings)
     device = resolve_device(settings.device, hf_dir)
     _check_ram(src, settings, device, calibrate=calib is not None)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-    calibration: dict[str, Any] = {}
-    samples: list[list[int]] = []
-    if calib is not None:
-        samples, n_tokens = calibration_samples(tokenizer, calib, settings.samples, settings.seq_len)
-        calibration = {"file": str(calib), "sha256": sha256_file(calib), "text_tokens": n_tokens, "samples": settings.samples,
-                       "seq_len": settings.seq_len, "bos_first": tokenizer.bos_token_id is not None}
-
-    from . import autoawq_compat as compat
+    tokenizer, samples, calibration = _calibration(hf_dir, calib, settings) if calib is not None else (None, [], None)
 
     dtype = getattr(torch, CALIB_DTYPES[device])
     t0 = time.monotonic()
     model = _load_float_model(src, dtype)
-    awq_model = compat.wrap_model(model, src.model_type)
     t1 = time.monotonic()
     log.info("%s: %s on %s in %s (%.1fs to load)", hf_dir, method.upper(), device, dtype, t1 - t0)
-    with compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext():
-        if method == "awq":
-            awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
-                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.CopyingAwqQuantizer)
-        else:
-            compat.round_to_nearest(awq_model, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
+    _quantize_in_place(method, model, src, tokenizer, samples, settings, device)
     t2 = time.monotonic()
     log.info("%s: %s done in %.1fs", hf_dir, method.upper(), t2 - t1)
     provenance = {
         "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
-        "calibration_dtype": CALIB_DTYPES[device], "calibration": calibration or None,
+        "calibration_dtype": CALIB_DTYPES[device], "calibration": calibration,
         "seconds": {"load": round(t1 - t0, 2), "quantize": round(t2 - t1, 2)},
         "autoawq_fixes": ["_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)"],
         "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
@@ -297,6 +283,34 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
         _write_folder(model, src, settings, provenance, tmp)
     log.info("%s: written", out_dir)
     return out_dir
+
+
+def _calibration(hf_dir: Path, calib: Path, settings: AwqSettings) -> tuple[Any, list[list[int]], dict[str, Any]]:
+    """(tokenizer, token samples, provenance record) for a calibration text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    samples, n_tokens = calibration_samples(tokenizer, calib, settings.samples, settings.seq_len)
+    record = {"file": str(calib), "sha256": sha256_file(calib), "text_tokens": n_tokens, "samples": settings.samples,
+              "seq_len": settings.seq_len, "bos_first": tokenizer.bos_token_id is not None}
+    return tokenizer, samples, record
+
+
+def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, samples: list[list[int]], settings: AwqSettings,
+                       device: str) -> None:
+    """Replace every block linear of ``model`` by a packed ``WQLinear_GEMM``: AutoAWQ's search, or none (RTN).
+
+    ``calib_data`` is always our token list: given a string, AutoAWQ would download a hub data set.
+    """
+    from . import autoawq_compat as compat
+
+    awq_model = compat.wrap_model(model, src.model_type)
+    with compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext():
+        if method == "awq":
+            awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
+                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.CopyingAwqQuantizer)
+        else:
+            compat.round_to_nearest(awq_model, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
 
 
 def _load_float_model(src: _Source, dtype: torch.dtype) -> Any:

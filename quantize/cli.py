@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max", action="append", metavar="TYPE=RATIO,KLD", help="override a threshold, e.g. Q4_K_M=1.06,0.07")
     s.set_defaults(func=_eval)
 
+    from .awq import add_awq_parser
+
+    add_awq_parser(sub)
+
     s = sub.add_parser("inspect", help="summarise a GGUF file")
     s.add_argument("file")
     s.set_defaults(func=_inspect)

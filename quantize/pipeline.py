@@ -102,7 +102,8 @@ class Ladder:
 
 def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Path,
                  settings: LadderSettings = LadderSettings(), awq: bool = False,
-                 thresholds: dict[str, Any] | None = None, steps: Steps | None = None) -> Ladder:
+                 thresholds: dict[str, Any] | None = None, steps: Steps | None = None,
+                 awq_calibration: tuple[int, int] = (128, 512)) -> Ladder:
     from .convert import convert
     from .evaluate import EvalSettings, evaluate, write_report
     from .gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
@@ -136,7 +137,7 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
         from .awq import AwqSettings, quantize_awq
 
         awq_dir = out / f"{name}-AWQ"
-        aws = AwqSettings()
+        aws = AwqSettings(samples=awq_calibration[0], seq_len=awq_calibration[1])
         keys["AWQ"] = steps.run("awq", awq_dir, steps.key(stage="awq", src=src_key, calib=fingerprint(calib), s=asdict(aws)),
                                 lambda: quantize_awq(hf_dir, awq_dir, calib, aws))  # type: ignore[arg-type]
     report: dict[str, Path] = {}
@@ -256,7 +257,8 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
         types = types or tuple(t for t in recipe.ladder.gguf if t != "F16")
         ls = LadderSettings(types=types, use_imatrix=recipe.ladder.imatrix, smooth=recipe.ladder.smooth,
                             until="eval" if until == "release" else until)
-        ladder = build_ladder(base, recipe.name, calib, eval_text, build_dir, ls, recipe.ladder.awq, dict(recipe.thresholds), steps)
+        ladder = build_ladder(base, recipe.name, calib, eval_text, build_dir, ls, recipe.ladder.awq, dict(recipe.thresholds), steps,
+                              (recipe.ladder.awq_samples, recipe.ladder.awq_seq_len))
         if until != "release" or ladder.failures:
             return Release(build_dir, ladder, ladder.failures)
         out = artifacts / "release" / recipe.name

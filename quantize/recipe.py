@@ -53,6 +53,8 @@ class Ladder:
     imatrix: bool = True
     smooth: bool = True
     split_max_gb: float = 48.0  # GGUF files above this are written as llama.cpp split shards
+    awq_samples: int = 128  # AutoAWQ's defaults: 128 calibration samples of 512 tokens
+    awq_seq_len: int = 512
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ def load_recipe(path: str | Path) -> Recipe:
         except QuantizeError as exc:
             raise QuantizeError(path, f"[ladder] gguf: {exc}") from None
     flags = {k: _typed(path, "ladder", k, v, bool) for k, v in ladder_d.items() if k in ("awq", "imatrix", "smooth")}
+    for key in ("awq_samples", "awq_seq_len"):
+        if key in ladder_d:
+            flags[key] = _typed(path, "ladder", key, ladder_d[key], int)
     if "split_max_gb" in ladder_d:
         flags["split_max_gb"] = float(_typed(path, "ladder", "split_max_gb", ladder_d["split_max_gb"], (int, float)))
     ladder = Ladder(gguf=gguf, **flags)
