@@ -154,7 +154,7 @@ def test_verify_catches_tampering(release, damage: str, tmp_path: Path) -> None:
 def test_unknown_recipe_key(demo: Demo, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, demo)
     recipe.write_text(recipe.read_text().replace("[ladder]\n", "[ladder]\nggfu = [\"Q4_K_M\"]\n"))
-    with pytest.raises(QuantizeError, match=r"\[ladder\] unknown key 'ggfu'; valid: awq, gguf") as e:
+    with pytest.raises(QuantizeError, match=r"\[ladder\] unknown key 'ggfu'; valid: awq, awq_samples") as e:
         build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
     assert str(recipe) in str(e.value)
 
