@@ -31,9 +31,13 @@ class Run:
     peak_rss_mb: float
 
 
-def measure(cmd: list[str], warm: bool = True) -> Run:
-    """Run ``cmd`` (twice if ``warm``: the first run only warms the page cache); time the last."""
-    for attempt in range(2 if warm else 1):
+def measure(cmd: list[str], warm: bool = True, repeat: int = 3) -> Run:
+    """Median wall time of ``repeat`` runs of ``cmd`` and the highest peak RSS.  With ``warm``, one
+    untimed run first fills the page cache; before every run ``sync`` flushes the previous run's
+    dirty pages, so no run pays for another's writeback."""
+    times, peaks = [], []
+    for attempt in range(repeat + (1 if warm else 0)):
+        os.sync()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -41,9 +45,11 @@ def measure(cmd: list[str], warm: bool = True) -> Run:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         if status != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
-        if attempt == 0 and warm:
+        if warm and attempt == 0:
             continue
-    return Run(seconds, usage.ru_maxrss / 1024)
+        times.append(seconds)
+        peaks.append(usage.ru_maxrss / 1024)
+    return Run(sorted(times)[len(times) // 2], max(peaks))
 
 
 def random_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Path:
@@ -102,7 +108,7 @@ def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
     demo = build_demo(out.parent / "demo")
     # Made in a child process: a forked child's peak RSS would otherwise include this process's pages.
     small, big = out / "random-1g", out / "random-2g"
-    for path, layers, shards in ((small, 8, 3), (big, 16, 5)):
+    for path, layers, shards in ((small, 9, 3), (big, 18, 5)):
         subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import random_checkpoint; "
                         "random_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
                         str(path), str(layers), str(shards), str(demo.spm)], check=True)
@@ -138,8 +144,8 @@ def bench_quantize(out: Path) -> dict[str, Any]:
         subprocess.run([PY, "-m", "quantize", "convert", str(out / "random-2g"), "-o", str(f16)], check=True)
     res: dict[str, Any] = {}
     for t in ("Q4_K_M", "Q6_K"):
-        ours = measure([PY, "-m", "quantize", "gguf", str(f16), "--type", t, "-o", str(out / f"ours.{t}.gguf")], warm=False)
-        bare = measure([PY, "-c", _BARE_QUANTIZE, str(f16), str(out / f"bare.{t}.gguf"), str(quant_type(t).ftype)], warm=False)
+        ours = measure([PY, "-m", "quantize", "gguf", str(f16), "--type", t, "-o", str(out / f"ours.{t}.gguf")], repeat=1)
+        bare = measure([PY, "-c", _BARE_QUANTIZE, str(f16), str(out / f"bare.{t}.gguf"), str(quant_type(t).ftype)], repeat=1)
         res[t] = {"ours_s": ours.seconds, "bare_s": bare.seconds, "overhead": ours.seconds / bare.seconds - 1}
         for f in (out / f"ours.{t}.gguf", out / f"bare.{t}.gguf"):
             f.unlink(missing_ok=True)
