@@ -163,6 +163,27 @@ def unpack_logp(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return log_softmax(x)  # renormalise after rounding
 
 
+def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
+    whether both put the same token on top.  Fused in torch (multi-threaded, float32) and in row
+    blocks, so the log-softmax over a 262k vocabulary does not dominate the evaluation."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    q, lo, sc = (torch.from_numpy(np.ascontiguousarray(a)) for a in packed)
+    tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+    nll, kld, top = torch.empty(len(x)), torch.empty(len(x)), torch.empty(len(x), dtype=torch.bool)
+    for r in range(0, len(x), ROWS_PER_SOFTMAX):
+        sl = slice(r, r + ROWS_PER_SOFTMAX)
+        lp = torch.log_softmax(x[sl], dim=-1)
+        rl = torch.log_softmax(lo[sl, None] + q[sl].to(torch.float32) * sc[sl, None], dim=-1)  # renormalised after rounding
+        nll[sl] = -lp.gather(1, tgt[sl, None])[:, 0]
+        kld[sl] = (rl.exp() * (rl - lp)).sum(-1)
+        top[sl] = rl.argmax(-1) == lp.argmax(-1)
+    return nll.numpy(), kld.numpy(), top.numpy()
+
+
 # --- reference cache ------------------------------------------------------------------------
 
 
@@ -203,12 +224,17 @@ class Reference:
     windows: Windows
     ppl: float = 0.0
     nll: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    _maps: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def packed(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Window ``w``'s stored distributions: uint16 codes, per-row offset and step."""
+        if not self._maps:
+            self._maps = [np.load(self.root / f, mmap_mode="r") for f in ("logp_u16.npy", "lo.npy", "scale.npy")]
+        q, lo, sc = (m[w] for m in self._maps)
+        return np.asarray(q), np.asarray(lo), np.asarray(sc)
 
     def logp(self, w: int) -> np.ndarray:
-        q = np.load(self.root / "logp_u16.npy", mmap_mode="r")[w]
-        lo = np.load(self.root / "lo.npy", mmap_mode="r")[w]
-        sc = np.load(self.root / "scale.npy", mmap_mode="r")[w]
-        return unpack_logp(np.asarray(q), np.asarray(lo), np.asarray(sc))
+        return unpack_logp(*self.packed(w))
 
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
@@ -320,11 +346,10 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     ctx = tokens.shape[1]
     nll, kld, top1 = [], [], []
     for w in range(tokens.shape[0]):
-        logp = log_softmax(engine.logits(tokens[w].tolist())[first : ctx - 1])
-        rlogp = ref.logp(w)
-        nll.append(-logp[np.arange(len(logp)), tokens[w, first + 1 :]])
-        kld.append(np.sum(np.exp(rlogp) * (rlogp - logp), axis=1))
-        top1.append(np.argmax(rlogp, 1) == np.argmax(logp, 1))
+        n, k, t = window_metrics(engine.logits(tokens[w].tolist())[first : ctx - 1], ref.packed(w), tokens[w, first + 1 :])
+        nll.append(n)
+        kld.append(k)
+        top1.append(t)
     nll_a, kld_a, top_a = np.concatenate(nll).astype(np.float64), np.concatenate(kld).astype(np.float64), np.concatenate(top1)
     ref_nll = ref.nll.reshape(-1)
     m = len(nll_a)
