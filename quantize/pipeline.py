@@ -25,7 +25,7 @@ from .errors import QuantizeError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("convert", "imatrix", "gguf", "eval")  # then "release": the folder people download
+STAGES = ("convert", "imatrix", "gguf", "awq", "eval")  # then "release": the folder people download
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,34 @@ class BuildLog:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+HASH_CACHE = Path.home() / ".cache" / "quantize" / "sha256.json"
+
+
+def _cached_sha256(f: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime, inode) so unchanged weights are hashed once;
+    a copied or downloaded file (new mtime) is hashed again, so keys stay content-based."""
+    from .atomic import sha256_file
+
+    st = f.stat()
+    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    try:
+        cache = json.loads(HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_file(f)
+        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(HASH_CACHE) as tmp:
+            tmp.write_text(json.dumps(cache))
+    return str(cache[key])
+
+
 def fingerprint(path: Path) -> str:
-    """Content identity of an input file or folder: sha256 of small files, size+mtime of weights."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    """Content identity of an input file or folder (names and sha256 of every file)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".partial-"))
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f.name.encode())
-        if st.st_size < (8 << 20):
-            h.update(f.read_bytes())
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{_cached_sha256(f)};".encode())
     return h.hexdigest()
 
 
@@ -133,7 +150,7 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
                                 lambda q=q, qs=qs: quantize_gguf(f16, q, qs))  # type: ignore[misc]
             quants[t] = q
     awq_dir: Path | None = None
-    if stop >= 2 and awq:
+    if stop >= 3 and awq:
         from .awq import AwqSettings, quantize_awq
 
         awq_dir = out / f"{name}-AWQ"
@@ -142,7 +159,7 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
                                 lambda: quantize_awq(hf_dir, awq_dir, calib, aws))  # type: ignore[arg-type]
     report: dict[str, Path] = {}
     failures: list[str] = []
-    if stop >= 3:
+    if stop >= 4:
         es = EvalSettings(settings.eval_ctx, settings.eval_chunks)
         eval_dir = out / "eval"
         artifacts = [f16, *quants.values(), *([awq_dir] if awq_dir else [])]
