@@ -72,47 +72,45 @@ def demo(session: nox.Session) -> None:
     session.run("quantize", "-v", "demo")
 
 
+def _stage(session: nox.Session, stage: str, command: str | None = None, *extra: str) -> None:
+    """Build $RECIPE up to ``stage`` (steps already up to date are skipped); with posargs, run the
+    stage's own ``quantize <command>`` on them instead."""
+    _install(session)
+    if session.posargs and command:
+        session.run("quantize", command, *session.posargs)
+    else:
+        session.run("quantize", "build", RECIPE, "--until", stage, *extra)
+
+
 @nox.session
 def convert(session: nox.Session) -> None:
-    """HF -> GGUF F16: the demo model by default, or ``nox -s convert -- HF_DIR -o OUT.gguf``."""
-    _install(session)
-    if session.posargs:
-        session.run("quantize", "convert", *session.posargs)
-    else:
-        session.run("quantize", "build", RECIPE, "--until", "convert")
+    """HF -> GGUF F16: the recipe's model, or ``nox -s convert -- HF_DIR -o OUT.gguf``."""
+    _stage(session, "convert", "convert")
 
 
 @nox.session
 def imatrix(session: nox.Session) -> None:
-    """The demo model's importance matrix from its calibration text."""
-    _install(session)
-    session.run("quantize", "build", RECIPE, "--until", "imatrix")
+    """The importance matrix from the recipe's calibration text, or ``nox -s imatrix -- MODEL --text F -o OUT``."""
+    _stage(session, "imatrix", "imatrix")
 
 
 @nox.session
 @nox.parametrize("type", ["Q4_K_M", "Q6_K"])
 def gguf(session: nox.Session, type: str) -> None:
-    """One llama.cpp quantization of the demo model, e.g. ``nox -s "gguf(type='Q4_K_M')"``."""
-    _install(session)
-    session.run("quantize", "build", RECIPE, "--until", "gguf", "--types", type)
+    """One llama.cpp quantization, e.g. ``nox -s "gguf(type='Q4_K_M')"`` (reuses the imatrix)."""
+    _stage(session, "gguf", None, "--types", type)
 
 
 @nox.session
 def awq(session: nox.Session) -> None:
-    """4-bit AWQ of a checkpoint: ``nox -s awq -- HF_DIR -o OUT_DIR [--calib FILE] [--device auto|cuda|cpu]``;
-    without arguments, the demo release's AWQ step."""
-    _install(session)
-    if session.posargs:
-        session.run("quantize", "awq", *session.posargs)
-    else:
-        session.run("quantize", "build", RECIPE, "--until", "awq")
+    """4-bit AWQ: the recipe's, or ``nox -s awq -- HF_DIR -o OUT_DIR [--calib FILE] [--device auto|cuda|cpu]``."""
+    _stage(session, "awq", "awq")
 
 
 @nox.session
 def perplexity(session: nox.Session) -> None:
-    """The quality gate over the demo ladder (perplexity, KL divergence; fails over threshold)."""
-    _install(session)
-    session.run("quantize", "build", RECIPE, "--until", "eval")
+    """The quality gate over the ladder (perplexity, KL divergence; fails over threshold)."""
+    _stage(session, "eval", "eval")
 
 
 @nox.session
