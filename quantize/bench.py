@@ -200,11 +200,34 @@ def bench_demo_quality(out: Path) -> dict[str, Any]:
     return res
 
 
+def bench_awq(out: Path) -> dict[str, Any]:
+    """AWQ calibration time on the CPU (demo model) and the perplexity deltas of AWQ and of plain
+    round-to-nearest against fp16, on the same held-out windows."""
+    from .awq import AwqSettings, quantize_awq, quantize_rtn
+    from .demo import build_demo
+    from .evaluate import EvalSettings, evaluate
+
+    demo = build_demo(out.parent / "demo")
+    res: dict[str, Any] = {}
+    for samples, seq in ((16, 256), (128, 512)):
+        s = AwqSettings(samples=samples, seq_len=seq, device="cpu")
+        t0 = time.perf_counter()
+        awq = quantize_awq(demo.spm, out / f"awq-{samples}x{seq}", demo.text["calib"], s)
+        res[f"awq_{samples}x{seq}_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rtn = quantize_rtn(demo.spm, out / "rtn", AwqSettings(device="cpu"))
+    res["rtn_s"] = time.perf_counter() - t0
+    rep = evaluate(demo.spm, demo.text["eval"], [out / "awq-16x256", awq, rtn], EvalSettings(512, 32), out / "eval-cache")
+    for r, key in zip(rep.results, ("awq_16x256", "awq_128x512", "rtn"), strict=True):
+        res[key] = {"ppl_delta": r.ppl_ratio - 1, "mean_kld": r.mean_kld}
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantize.bench")
     ap.add_argument("--reference-converter", required=True, type=Path)
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
-    ap.add_argument("--only", choices=["convert", "quantize", "quality"], help="run one part")
+    ap.add_argument("--only", choices=["convert", "quantize", "quality", "awq"], help="run one part")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -225,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         e = d["eval_tokens_per_s"]
         print(f"eval throughput: ours {e['ours_gguf']:.0f} tok/s, bare llama-cpp-python forward {e['bare_llama_cpp']:.0f} tok/s "
               f"(overhead {e['overhead']:+.1%}, target <= +10%), torch fp32 reference {e['torch_reference']:.0f} tok/s")
+    if a.only in (None, "awq"):
+        results["awq"] = w = bench_awq(a.out)
+        for key in ("awq_16x256", "awq_128x512"):
+            print(f"AWQ ({key[4:]} calibration tokens, CPU float32): {w[key + '_s']:.0f}s; perplexity delta "
+                  f"{w[key]['ppl_delta']:+.3%} vs round-to-nearest {w['rtn']['ppl_delta']:+.3%} "
+                  f"-> {abs(w[key]['ppl_delta']) / max(abs(w['rtn']['ppl_delta']), 1e-9):.2f}x (goal <= 0.5); "
+                  f"KLD {w[key]['mean_kld']:.5f} vs {w['rtn']['mean_kld']:.5f}")
     (a.out / "bench.json").write_text(json.dumps(results, indent=2))
     return 0
 
