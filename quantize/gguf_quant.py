@@ -24,7 +24,7 @@ import numpy as np
 from . import TOOL_NAME, __version__
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
-from .gguf_info import field_value, open_gguf
+from .gguf_header import read_header
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .imatrix import Imatrix
 from .quant_types import QuantType, quant_type
@@ -50,8 +50,7 @@ def artifact_name(model: str, qtype: str) -> str:
 
 def check_imatrix_fits(im: Imatrix, imatrix_path: Path, model_path: Path) -> None:
     """Every imatrix entry must name a 2-D tensor of the model with the same number of columns."""
-    reader = open_gguf(model_path)
-    cols = {t.name: int(t.shape[0]) for t in reader.tensors if len(t.shape) >= 2}
+    cols = {name: dims[0] for name, (dims, _) in read_header(model_path).tensors.items() if len(dims) >= 2}
     unknown = sorted(set(im.sums) - set(cols))
     if unknown:
         raise QuantizeError(imatrix_path, f"made for a different model: {len(unknown)} entries name tensors {model_path.name} "
@@ -110,7 +109,7 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
 
     from .smooth import smooth_gguf
 
-    open_gguf(src)
+    read_header(src)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".smooth-", dir=out.parent) as scratch:
         sm, smi = Path(scratch) / src.name, Path(scratch) / settings.imatrix.name
@@ -134,10 +133,8 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
     import llama_cpp as L
 
     qt: QuantType = quant_type(settings.type)
-    reader = open_gguf(src)  # refuses non-GGUF and truncated files with a one-line error
-    if field_value(reader, "general.type") == "imatrix":
+    if read_header(src).kv.get("general.type") == "imatrix":  # refuses non-GGUF and truncated files too
         raise QuantizeError(src, "is an importance matrix, not a model")
-    del reader
     if qt.needs_imatrix and settings.imatrix is None:
         raise QuantizeError(src, f"llama.cpp cannot make {qt.name} without an importance matrix; pass --imatrix FILE "
                             "(make one with `quantize imatrix`)")

@@ -1,0 +1,105 @@
+"""A fast, validating read of a GGUF's header: metadata scalars and tensor infos, no tensor data.
+
+gguf-py's ``GGUFReader`` decodes every array (32k-token vocabularies included) into numpy objects,
+which takes about a second per file; the quantize stage only needs to know that its input is a
+whole GGUF, what kind, and its tensors' shapes, so it reads the header itself (GGUF v2/v3 layout,
+ggml's docs/gguf.md) and checks that every tensor's data lies inside the file.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from .errors import QuantizeError
+
+V = gguf.GGUFValueType
+_SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+           V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    kv: dict[str, Any]  # scalars and strings; arrays as their element count
+    tensors: dict[str, tuple[tuple[int, ...], int]]  # name -> (ggml dims, ne0 first; ggml type id)
+    data_end: int  # offset one past the last tensor byte
+    size: int
+
+
+class _Cursor:
+    def __init__(self, buf: bytes) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str) -> Any:
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        s = self.buf[self.pos : self.pos + n]
+        if len(s) < n:
+            raise struct.error("string past end of header")
+        self.pos += n
+        return s.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == V.STRING:
+            return self.string()
+        if vtype == V.ARRAY:
+            etype, count = self.take("<I"), self.take("<Q")
+            if etype == V.STRING:
+                for _ in range(count):
+                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+            elif etype == V.ARRAY:
+                for _ in range(count):
+                    self.value(V.ARRAY)
+            else:
+                self.pos += count * struct.calcsize(_SCALAR[V(etype)])
+            return count
+        return self.take(_SCALAR[V(vtype)])
+
+
+def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            buf = f.read(max_header)
+    except FileNotFoundError:
+        raise QuantizeError(path, "no such file") from None
+    if buf[:4] != b"GGUF":
+        raise QuantizeError(path, "not a valid GGUF file (no GGUF magic); convert it first with `quantize convert`")
+    c = _Cursor(buf)
+    c.pos = 4
+    try:
+        version, n_tensors, n_kv = c.take("<I"), c.take("<Q"), c.take("<Q")
+        if version not in (2, 3):
+            raise QuantizeError(path, f"GGUF version {version} is not supported (2 or 3)")
+        kv = {}
+        for _ in range(n_kv):
+            key = c.string()
+            kv[key] = c.value(c.take("<I"))
+        tensors, ends = {}, []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
+            ttype, offset = c.take("<I"), c.take("<Q")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            n = 1
+            for d in dims:
+                n *= d
+            tensors[name] = (dims, ttype)
+            ends.append(offset + n // block * type_size)
+    except (struct.error, ValueError, KeyError) as exc:
+        raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from None
+    align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    data_start = -(-c.pos // align) * align
+    data_end = data_start + max(ends, default=0)
+    if data_end > size:
+        raise QuantizeError(path, f"not a valid GGUF file or truncated: tensor data ends at byte {data_end}, file has {size}")
+    return GGUFHeader(kv, tensors, data_end, size)
