@@ -209,7 +209,7 @@ def bench_awq(out: Path) -> dict[str, Any]:
 
     demo = build_demo(out.parent / "demo")
     res: dict[str, Any] = {}
-    for samples, seq in ((16, 256), (128, 512)):
+    for samples, seq in ((16, 256), (32, 512)):
         s = AwqSettings(samples=samples, seq_len=seq, device="cpu")
         t0 = time.perf_counter()
         awq = quantize_awq(demo.spm, out / f"awq-{samples}x{seq}", demo.text["calib"], s)
@@ -218,7 +218,7 @@ def bench_awq(out: Path) -> dict[str, Any]:
     rtn = quantize_rtn(demo.spm, out / "rtn", AwqSettings(device="cpu"))
     res["rtn_s"] = time.perf_counter() - t0
     rep = evaluate(demo.spm, demo.text["eval"], [out / "awq-16x256", awq, rtn], EvalSettings(512, 32), out / "eval-cache")
-    for r, key in zip(rep.results, ("awq_16x256", "awq_128x512", "rtn"), strict=True):
+    for r, key in zip(rep.results, ("awq_16x256", "awq_32x512", "rtn"), strict=True):
         res[key] = {"ppl_delta": r.ppl_ratio - 1, "mean_kld": r.mean_kld}
     return res
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(overhead {e['overhead']:+.1%}, target <= +10%), torch fp32 reference {e['torch_reference']:.0f} tok/s")
     if a.only in (None, "awq"):
         results["awq"] = w = bench_awq(a.out)
-        for key in ("awq_16x256", "awq_128x512"):
+        for key in ("awq_16x256", "awq_32x512"):
             print(f"AWQ ({key[4:]} calibration tokens, CPU float32): {w[key + '_s']:.0f}s; perplexity delta "
                   f"{w[key]['ppl_delta']:+.3%} vs round-to-nearest {w['rtn']['ppl_delta']:+.3%} "
                   f"-> {abs(w[key]['ppl_delta']) / max(abs(w['rtn']['ppl_delta']), 1e-9):.2f}x (goal <= 0.5); "
