@@ -7,6 +7,7 @@ ever see a file (or folder) that was written to the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -28,6 +29,10 @@ def _check_writable_dir(folder: Path) -> None:
         raise QuantizeError(folder, "the output folder is not writable; choose another -o path")
 
 
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` if the block succeeds."""
@@ -42,6 +47,13 @@ def atomic_file(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if _disk_full(exc):
+            raise QuantizeError(final, f"the disk filled up while writing it ({exc.strerror}); nothing was kept; "
+                                "free space and re-run") from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -67,6 +79,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc):
+            raise QuantizeError(final, f"the disk filled up while writing it ({exc.strerror}); nothing was kept; "
+                                "free space and re-run") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

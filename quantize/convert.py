@@ -169,7 +169,8 @@ class _StreamedTensor:
             block = arr[r0:r1] if ref.shape else arr
             if p.transform is not None:
                 block = p.transform(block, self.cfg)
-            _convert_rows(block, ref.dtype, p.qtype).tofile(fout)
+            # file.write, not ndarray.tofile: a full disk then raises OSError with its errno
+            fout.write(np.ascontiguousarray(_convert_rows(block, ref.dtype, p.qtype)).data)
             pending.result()
             self.source.release(ref.begin + r1 * row_bytes)
         del arr

@@ -29,6 +29,7 @@ import numpy as np
 from .atomic import atomic_dir, atomic_file, sha256_file
 from .errors import QuantizeError
 from .imatrix import read_text
+from .resources import check_float32_fits
 from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
 log = logging.getLogger(__name__)
@@ -233,9 +234,6 @@ class Reference:
         q, lo, sc = (m[w] for m in self._maps)
         return np.asarray(q), np.asarray(lo), np.asarray(sc)
 
-    def logp(self, w: int) -> np.ndarray:
-        return unpack_logp(*self.packed(w))
-
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
     """Tokenize once, run the reference once, cache its packed distributions; reuse when cached."""
@@ -265,20 +263,9 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
         raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
     from transformers import AutoTokenizer
 
-    _check_fits_in_ram(ref_path)
+    check_float32_fits(ref_path, "the float32 reference")
     tok = AutoTokenizer.from_pretrained(ref_path)
     return (lambda: TorchEngine.from_dir(ref_path)), (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.bos_token_id
-
-
-def _check_fits_in_ram(ref_path: Path) -> None:
-    import psutil
-
-    weights = sum(p.stat().st_size for p in ref_path.glob("*.safetensors"))
-    need = weights * 2 * 1.2  # fp16 on disk -> fp32 in memory, plus activations
-    avail = psutil.virtual_memory().available
-    if need > avail:
-        raise QuantizeError(ref_path, f"the float32 reference needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB free; "
-                            "pass the F16 GGUF as --reference instead (llama.cpp runs it in 16 bits)")
 
 
 def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:

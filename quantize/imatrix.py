@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
+from .resources import check_float32_fits
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ def load_float_model(source: Path) -> tuple[Any, Any]:
         kw, root = {}, source
     else:
         raise QuantizeError(source, "expected an HF checkpoint folder or a .gguf file")
+    if not kw:
+        check_float32_fits(root, "the importance matrix")
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kw)
     tok = AutoTokenizer.from_pretrained(root, **kw)
     return model.eval(), tok

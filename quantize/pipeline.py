@@ -177,15 +177,6 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
     return Ladder(out, f16, im_path, quants, report, failures, steps.log, awq_dir)
 
 
-def build_demo_ladder(artifacts: Path = Path("artifacts"), settings: LadderSettings = LadderSettings()) -> Ladder:
-    """The main job on the embedded demo model (the ChatML Mistral with the real Mistral tokenizer)."""
-    from .demo import build_demo
-
-    demo = build_demo(artifacts / "demo")
-    return build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"],
-                        artifacts / "build" / "Demo-Mistral-ChatML", settings)
-
-
 # --- a whole release from a recipe ----------------------------------------------------------
 
 DEFAULT_RECIPE = Path("recipes") / "demo.toml"
@@ -272,6 +263,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                       lambda: merge_lora(base, adapter, merged, recipe.lora_allow_pickle))
             base = merged
         types = types or tuple(t for t in recipe.ladder.gguf if t != "F16")
+        _preflight(base, build_dir, recipe.name, types, recipe.ladder.awq)
         ls = LadderSettings(types=types, use_imatrix=recipe.ladder.imatrix, smooth=recipe.ladder.smooth,
                             until="eval" if until == "release" else until)
         ladder = build_ladder(base, recipe.name, calib, eval_text, build_dir, ls, recipe.ladder.awq, dict(recipe.thresholds), steps,
@@ -303,6 +295,21 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
 
         steps.run("release", out, rel_key, assemble)
         return Release(out, ladder, [])
+
+
+def _preflight(base: Path, build_dir: Path, name: str, types: tuple[str, ...], awq: bool) -> None:
+    """Refuse before building when the disk cannot hold the artifacts still to be made."""
+    from .gguf_quant import artifact_name
+    from .quant_types import quant_type
+    from .resources import check_free_space
+
+    f16 = sum(p.stat().st_size for p in base.glob("*.safetensors"))  # fp16 weights: the F16 GGUF's size
+    todo = {build_dir / f"{name}.F16.gguf": f16}
+    todo |= {build_dir / artifact_name(name, t): int(f16 * sum(quant_type(t).bpw) / 2 / 16) for t in types}
+    if awq:
+        todo[build_dir / f"{name}-AWQ"] = int(f16 * 0.3)
+    need = sum(size for path, size in todo.items() if not path.exists())
+    check_free_space(build_dir, int(need * 1.1), f"building {name}")
 
 
 def _imatrix_description(imatrix: Path, calib: Path) -> str:

@@ -315,3 +315,31 @@ def test_unwritable_output_folder(where: str, demo: Demo, tmp_path: Path) -> Non
     assert res.stderr.startswith(f"quantize: {folder}") and "not writable" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (folder / "m.gguf").exists()
+
+
+def test_disk_filling_up_midway(demo: Demo, tmp_path: Path) -> None:
+    """A write that fails half way (here: a 5 MB file-size limit, as a full disk would) gives a
+    one-line error and leaves nothing behind, temporary files included."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))
+
+    out = tmp_path / "out" / "m.gguf"
+    res = subprocess.run([sys.executable, "-m", "quantize", "convert", str(demo.spm), "-o", str(out)],
+                         capture_output=True, text=True, preexec_fn=limit)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(f"quantize: {out}: the disk filled up") and len(res.stderr.strip().splitlines()) == 1
+    assert not list(out.parent.iterdir())
+
+
+def test_preflight_refuses_when_the_disk_is_too_small(tmp_path: Path) -> None:
+    from quantize.errors import QuantizeError
+    from quantize.resources import check_free_space
+
+    with pytest.raises(QuantizeError, match="GiB of disk") as e:
+        check_free_space(tmp_path, 1 << 60, "building X")
+    assert str(tmp_path) in str(e.value)
+    check_free_space(tmp_path, 1, "building X")
