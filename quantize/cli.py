@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # gguf-py warns about HF template details that do not affect the output
         logging.getLogger("gguf").setLevel(logging.ERROR)
+    from . import progress
+
+    progress.BARS = sys.stderr.isatty()
     handler: Handler = args.func
     try:
         return handler(args)

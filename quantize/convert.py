@@ -27,6 +27,7 @@ from .atomic import atomic_file, sha256_file
 from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
+from .progress import progress
 from .vocab import Vocab, read_vocab
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plan
             w.write_tensor_data(p.data)
     hashes = []
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        for shard in ckpt.shards:
+        for shard in progress(ckpt.shards, len(ckpt.shards), "convert: shards"):
             h = hashlib.sha256()
             with ShardStream(shard) as stream:
                 pool.submit(h.update, stream.view(0, shard.header_len)).result()

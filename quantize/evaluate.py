@@ -29,6 +29,7 @@ import numpy as np
 from .atomic import atomic_dir, atomic_file, sha256_file
 from .errors import QuantizeError
 from .imatrix import read_text
+from .progress import progress
 from .resources import check_float32_fits
 from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
@@ -277,7 +278,7 @@ def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
         lo = np.zeros((n, rows), np.float32)
         sc = np.zeros((n, rows), np.float32)
         nll = np.zeros((n, rows), np.float64)
-        for w in range(n):
+        for w in progress(range(n), n, "reference log-probabilities"):
             ids = windows.tokens[w].tolist()
             logp = log_softmax(engine.logits(ids)[first : ctx - 1])
             q[w], lo[w], sc[w] = pack_logp(logp)
@@ -332,7 +333,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     tokens, first = ref.windows.tokens, ref.windows.first
     ctx = tokens.shape[1]
     nll, kld, top1 = [], [], []
-    for w in range(tokens.shape[0]):
+    for w in progress(range(tokens.shape[0]), tokens.shape[0], f"eval {path.name}"):
         n, k, t = window_metrics(engine.logits(tokens[w].tolist())[first : ctx - 1], ref.packed(w), tokens[w, first + 1 :])
         nll.append(n)
         kld.append(k)

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
+from .progress import progress
 from .resources import check_float32_fits
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
     bos = tok.bos_token_id
     try:
         with torch.no_grad():
-            for c in range(n_chunks):
+            for c in progress(range(n_chunks), n_chunks, "imatrix"):
                 chunk = ids[c * settings.ctx : (c + 1) * settings.ctx]
                 if bos is not None:
                     chunk = [bos, *chunk[1:]]  # as llama-imatrix: each chunk starts with BOS

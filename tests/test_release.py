@@ -196,3 +196,14 @@ def test_pickled_adapter_needs_opt_in(demo: Demo, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, demo, lora=str(adapter))
     with pytest.raises(QuantizeError, match="is a pickle"):
         build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
+
+
+def test_progress_is_quiet_line_logs_without_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from quantize import progress
+
+    assert progress.BARS is False  # pytest's stderr is not a terminal
+    with caplog.at_level(logging.INFO, logger="quantize.progress"):
+        assert list(progress.progress(range(100), 100, "step")) == list(range(100))
+    assert [r.getMessage() for r in caplog.records] == ["step: 25/100", "step: 50/100", "step: 75/100", "step: 100/100"]
