@@ -52,7 +52,7 @@ class Ladder:
     awq: bool = True
     imatrix: bool = True
     smooth: bool = True
-    split_max_gb: float = 48.0  # GGUF files above this are written as llama.cpp split shards
+    split_max_gb: float = 48.0  # planned: GGUF files above this as llama.cpp split shards (not acted on yet)
     awq_samples: int = 128  # AutoAWQ's defaults: 128 calibration samples of 512 tokens
     awq_seq_len: int = 512
 
