@@ -45,6 +45,7 @@ from . import TOOL_NAME, __version__
 from .atomic import atomic_dir, sha256_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import QuantizeError
+from .imatrix import read_text
 
 if TYPE_CHECKING:
     import torch
@@ -221,7 +222,7 @@ def calibration_samples(tokenizer: Any, text_file: Path, samples: int, seq_len: 
     starts with BOS when the tokenizer has one, as real prompts do, so the attention-sink
     activations a model puts on its first token are part of what AWQ sees.
     """
-    text = _read_text(text_file)
+    text = read_text(text_file, "calibration text", "; pass a UTF-8 text file with --calib")
     ids: list[int] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos = tokenizer.bos_token_id
     body = seq_len - (bos is not None)
@@ -231,15 +232,6 @@ def calibration_samples(tokenizer: Any, text_file: Path, samples: int, seq_len: 
     stride = len(ids) // samples
     head = [bos] if bos is not None else []
     return [head + ids[i * stride : i * stride + body] for i in range(samples)], len(ids)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise QuantizeError(path, "calibration text not found; pass a UTF-8 text file with --calib") from None
-    except UnicodeDecodeError as exc:
-        raise QuantizeError(path, f"calibration text is not UTF-8 (byte {exc.start}); re-encode it") from None
 
 
 # --- the stages --------------------------------------------------------------------------

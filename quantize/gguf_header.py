@@ -28,6 +28,12 @@ class GGUFHeader:
     tensors: dict[str, tuple[tuple[int, ...], int]]  # name -> (ggml dims, ne0 first; ggml type id)
     data_end: int  # offset one past the last tensor byte
     size: int
+    data_bytes: int  # tensor data, padding excluded
+    n_params: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.data_bytes / max(self.n_params, 1)
 
 
 class _Cursor:
@@ -84,7 +90,7 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
         for _ in range(n_kv):
             key = c.string()
             kv[key] = c.value(c.take("<I"))
-        tensors, ends = {}, []
+        tensors, ends, data_bytes, n_params = {}, [], 0, 0
         for _ in range(n_tensors):
             name = c.string()
             dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
@@ -95,6 +101,8 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
                 n *= d
             tensors[name] = (dims, ttype)
             ends.append(offset + n // block * type_size)
+            data_bytes += n // block * type_size
+            n_params += n
     except (struct.error, ValueError, KeyError) as exc:
         raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from None
     align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
@@ -102,4 +110,4 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
     data_end = data_start + max(ends, default=0)
     if data_end > size:
         raise QuantizeError(path, f"not a valid GGUF file or truncated: tensor data ends at byte {data_end}, file has {size}")
-    return GGUFHeader(kv, tensors, data_end, size)
+    return GGUFHeader(kv, tensors, data_end, size, data_bytes, n_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,8 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
         raise QuantizeError(path, "no such file")
     try:
         return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, struct_error()) as exc:
+    except (ValueError, OSError, IndexError, struct.error) as exc:
         raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from exc
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def field_value(reader: gguf.GGUFReader, key: str) -> Any:

@@ -112,13 +112,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, what: str = "text", hint: str = "") -> str:
+    """A UTF-8 text file, or a one-line error naming it (``hint`` says how to pass another)."""
     try:
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise QuantizeError(path, "text file not found") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise QuantizeError(path, f"{what} not found{hint}") from None
     except UnicodeDecodeError as exc:
-        raise QuantizeError(path, f"text is not UTF-8 (byte {exc.start}); re-encode it") from None
+        raise QuantizeError(path, f"{what} is not UTF-8 (byte {exc.start}); re-encode it") from None
 
 
 def load_float_model(source: Path) -> tuple[Any, Any]:
@@ -169,7 +170,7 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
 
     source, text_file = Path(source), Path(text_file)
     check_calibration_text(text_file, Path(eval_text) if eval_text else None)
-    text = read_text(text_file)
+    text = read_text(text_file, "text file")
     model, tok = load_float_model(source)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     n_chunks = len(ids) // settings.ctx

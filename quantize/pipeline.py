@@ -271,6 +271,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
         if until != "release" or ladder.failures:
             return Release(build_dir, ladder, ladder.failures)
         out = artifacts / "release" / recipe.name
+        source = {"source": fingerprint(base)[:16]}
         quality = json.loads(ladder.report["json"].read_text())
         rel_key = steps.key(stage="release", eval=fingerprint(ladder.report["json"]), recipe=fingerprint(recipe.source),
                             files={p.name: fingerprint(p) for p in [ladder.f16, *ladder.quants.values()]})
@@ -281,8 +282,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                 for kind, path in [("F16", ladder.f16), *ladder.quants.items()]:
                     _link_or_copy(path, tmp / path.name)
                     kc = kcpps(tmp, path.name, recipe)
-                    arts.append(Artifact(kind, (Path(path.name), Path(kc.name)), bits_per_weight(path),
-                                         {"source": fingerprint(base)[:16]}))
+                    arts.append(Artifact(kind, (Path(path.name), Path(kc.name)), bits_per_weight(path), source))
                 if ladder.imatrix is not None:
                     _link_or_copy(ladder.imatrix, tmp / ladder.imatrix.name)
                     (tmp / "imatrix.txt").write_text(_imatrix_description(ladder.imatrix, calib))
@@ -290,7 +290,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                 if ladder.awq is not None:
                     _link_or_copy(ladder.awq, tmp / ladder.awq.name)
                     files = tuple(sorted(p.relative_to(tmp) for p in (tmp / ladder.awq.name).rglob("*") if p.is_file()))
-                    arts.append(Artifact("AWQ", files, None, {"source": fingerprint(base)[:16]}))
+                    arts.append(Artifact("AWQ", files, None, source))
                 write_release_files(tmp, recipe, make_manifest(tmp, recipe, arts, quality))
 
         steps.run("release", out, rel_key, assemble)

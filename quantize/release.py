@@ -56,9 +56,9 @@ class Artifact:
 def bits_per_weight(path: Path) -> float | None:
     if path.suffix != ".gguf":
         return None
-    from .gguf_info import summarize
+    from .gguf_header import read_header  # gguf-py's GGUFReader decodes the whole vocabulary: ~1 s a file
 
-    return round(summarize(path).bits_per_weight, 3)
+    return round(read_header(path).bits_per_weight, 3)
 
 
 def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality: dict[str, Any]) -> dict[str, Any]:
