@@ -239,6 +239,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
 
     from .recipe import load_recipe
     from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
+    from .split import GB, place_gguf
 
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
     demo_root = demo_root or artifacts / "demo"
@@ -273,16 +274,19 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
         out = artifacts / "release" / recipe.name
         source = {"source": fingerprint(base)[:16]}
         quality = json.loads(ladder.report["json"].read_text())
+        split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
         rel_key = steps.key(stage="release", eval=fingerprint(ladder.report["json"]), recipe=fingerprint(recipe.source),
-                            files={p.name: fingerprint(p) for p in [ladder.f16, *ladder.quants.values()]})
+                            files={p.name: fingerprint(p) for p in [ladder.f16, *ladder.quants.values()]}, split=split_max)
 
         def assemble() -> None:
+            _check_release_space(out, [ladder.f16, *ladder.quants.values()], split_max)
             with atomic_dir(out) as tmp:
                 arts = []
                 for kind, path in [("F16", ladder.f16), *ladder.quants.items()]:
-                    _link_or_copy(path, tmp / path.name)
-                    kc = kcpps(tmp, path.name, recipe)
-                    arts.append(Artifact(kind, (Path(path.name), Path(kc.name)), bits_per_weight(path), source))
+                    shards = place_gguf(path, tmp, split_max)
+                    kc = kcpps(tmp, shards[0].name, recipe)
+                    files = (*(Path(s.name) for s in shards), Path(kc.name))
+                    arts.append(Artifact(kind, files, bits_per_weight(path), source))
                 if ladder.imatrix is not None:
                     _link_or_copy(ladder.imatrix, tmp / ladder.imatrix.name)
                     (tmp / "imatrix.txt").write_text(_imatrix_description(ladder.imatrix, calib))
@@ -310,6 +314,15 @@ def _preflight(base: Path, build_dir: Path, name: str, types: tuple[str, ...], a
         todo[build_dir / f"{name}-AWQ"] = int(f16 * 0.3)
     need = sum(size for path, size in todo.items() if not path.exists())
     check_free_space(build_dir, int(need * 1.1), f"building {name}")
+
+
+def _check_release_space(out: Path, ggufs: list[Path], split_max: int | None) -> None:
+    """GGUFs are hard-linked into the release; the ones to be split are copied, so need room."""
+    from .resources import check_free_space
+
+    need = sum(p.stat().st_size for p in ggufs if split_max is not None and p.stat().st_size > split_max)
+    if need:
+        check_free_space(out.parent, int(need * 1.05), f"splitting {out.name}'s large GGUFs")
 
 
 def _imatrix_description(imatrix: Path, calib: Path) -> str:

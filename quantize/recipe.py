@@ -22,13 +22,54 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-# Prompt formats a card can document, as data: template with {system}/{prompt}, and stop strings.
-PROMPT_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "chatml": ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
-               ("<|im_end|>",)),
-    "alpaca-extended": ("### Instruction:\n{system}\n\n### Input:\nUser: {prompt}\n\n### Response: (length = medium)\nCharacter:",
-                        ("\n### Input", "\nUser:")),
-    "alpaca": ("### Instruction:\n{prompt}\n\n### Response:\n", ("\n### Instruction",)),
+@dataclass(frozen=True)
+class PromptFormat:
+    template: str  # with {system} and {prompt}
+    stop: tuple[str, ...]
+    # koboldcpp's chat-completions adapter: the text around each role's turn
+    turns: Mapping[str, str]
+
+
+def _turns(system: tuple[str, str], user: tuple[str, str], assistant: tuple[str, str]) -> dict[str, str]:
+    return {"system_start": system[0], "system_end": system[1], "user_start": user[0], "user_end": user[1],
+            "assistant_start": assistant[0], "assistant_end": assistant[1]}
+
+
+# Prompt formats a card can document and a koboldcpp preset can carry, as data.
+PROMPT_FORMATS: dict[str, PromptFormat] = {
+    "chatml": PromptFormat(
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+        ("<|im_end|>",),
+        _turns(("<|im_start|>system\n", "<|im_end|>\n"), ("<|im_start|>user\n", "<|im_end|>\n"),
+               ("<|im_start|>assistant\n", "<|im_end|>\n"))),
+    "alpaca-extended": PromptFormat(
+        "### Instruction:\n{system}\n\n### Input:\nUser: {prompt}\n\n### Response: (length = medium)\nCharacter:",
+        ("\n### Input", "\nUser:"),
+        _turns(("### Instruction:\n", "\n\n"), ("### Input:\nUser: ", "\n\n"),
+               ("### Response: (length = medium)\nCharacter:", "\n\n"))),
+    "alpaca": PromptFormat(
+        "### Instruction:\n{prompt}\n\n### Response:\n", ("\n### Instruction",),
+        _turns(("", "\n\n"), ("### Instruction:\n", "\n\n"), ("### Response:\n", "\n\n"))),
+    # Gemma has no system role: its template puts the system text at the top of the first user turn.
+    "gemma": PromptFormat(
+        "<start_of_turn>user\n{system}\n\n{prompt}<end_of_turn>\n<start_of_turn>model\n", ("<end_of_turn>",),
+        _turns(("<start_of_turn>user\n", "\n\n"), ("<start_of_turn>user\n", "<end_of_turn>\n"),
+               ("<start_of_turn>model\n", "<end_of_turn>\n"))),
+}
+
+# Suggested-settings keys a recipe may use (the names of transformers' GenerationConfig and
+# SillyTavern) -> the generation parameter koboldcpp's API and its --gendefaults take.
+SAMPLERS: dict[str, str] = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "top_a": "top_a",
+    "typical_p": "typical",
+    "tfs": "tfs",
+    "repetition_penalty": "rep_pen",
+    "repetition_penalty_range": "rep_pen_range",
+    "presence_penalty": "presence_penalty",
 }
 
 
@@ -52,7 +93,7 @@ class Ladder:
     awq: bool = True
     imatrix: bool = True
     smooth: bool = True
-    split_max_gb: float = 48.0  # planned: GGUF files above this as llama.cpp split shards (not acted on yet)
+    split_max_gb: float = 48.0  # GGUFs larger than this ship as llama.cpp split shards (0: never split)
     awq_samples: int = 128  # AutoAWQ's defaults: 128 calibration samples of 512 tokens
     awq_seq_len: int = 512
 
@@ -119,6 +160,10 @@ def load_recipe(path: str | Path) -> Recipe:
     _check_keys(path, "card", card_d, Card)
     if card_d.get("prompt_format", "chatml") not in PROMPT_FORMATS:
         raise QuantizeError(path, f"[card] prompt_format {card_d['prompt_format']!r} unknown; known: {', '.join(PROMPT_FORMATS)}")
+    for key, value in card_d.get("sampler", {}).items():
+        if key not in SAMPLERS:
+            raise QuantizeError(path, f"[card.sampler] unknown setting {key!r}; known: {', '.join(SAMPLERS)}")
+        _typed(path, "card.sampler", key, value, (int, float))
     for key in ("stop", "tags"):
         if key in card_d:
             card_d[key] = tuple(_typed(path, "card", key, card_d[key], list))

@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
-from .recipe import PROMPT_FORMATS, Recipe
+from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -143,13 +143,26 @@ def verify(root: str | Path) -> VerifyReport:
 
 
 def kcpps(root: Path, gguf_name: str, recipe: Recipe) -> Path:
-    """A koboldcpp launcher preset next to a GGUF: model file and context from the recipe."""
-    preset = {"model_param": gguf_name, "contextsize": recipe.card.context, "gpulayers": -1, "usemmap": True,
-              "chatcompletionsadapter": "AutoGuess", "quiet": False}
-    out = root / (Path(gguf_name).stem + ".kcpps")
+    """A koboldcpp launcher preset next to a GGUF (the first shard of a split one): the model file,
+    the recipe's context size, its prompt format as a chat-completions adapter, and its suggested
+    sampler settings and stop strings as default generation parameters (``--gendefaults``)."""
+    c = recipe.card
+    fmt = PROMPT_FORMATS[c.prompt_format]
+    gen: dict[str, Any] = {SAMPLERS[k]: v for k, v in c.sampler.items()}
+    gen["stop_sequence"] = list(c.stop or fmt.stop)
+    preset = {"model_param": gguf_name, "contextsize": c.context, "gpulayers": -1, "usemmap": True,
+              "chatcompletionsadapter": dict(fmt.turns), "gendefaults": json.dumps(gen), "quiet": False}
+    out = root / (_unsplit_stem(gguf_name) + ".kcpps")
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(preset, indent=2))
     return out
+
+
+def _unsplit_stem(name: str) -> str:
+    """``X.Q6_K-00001-of-00002.gguf`` -> ``X.Q6_K``: one preset per model, however many shards."""
+    import re
+
+    return re.sub(r"-\d{5}-of-\d{5}$", "", Path(name).stem)
 
 
 def _ram_needed(size: int, context: int) -> str:
@@ -159,7 +172,8 @@ def _ram_needed(size: int, context: int) -> str:
 
 def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     c = recipe.card
-    template, stops = PROMPT_FORMATS[c.prompt_format]
+    fmt = PROMPT_FORMATS[c.prompt_format]
+    template, stops = fmt.template, fmt.stop
     tags = ["gguf", "awq", "quantized", *c.tags]
     front = ["---", f"base_model: {c.base_model or recipe.base}", f"quantized_by: {recipe.quantized_by}",
              f"license: {c.license or 'other'}", "tags:", *[f"- {t}" for t in tags], "---", ""]
@@ -167,6 +181,8 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     for a in manifest["artifacts"]:
         q = a.get("quality") or {}
         name = a["files"][0]["name"] if a["kind"] != "AWQ" else str(Path(a["files"][0]["name"]).parent) + "/"
+        if (parts := sum(f["name"].endswith(".gguf") for f in a["files"])) > 1:
+            name += f" (+{parts - 1} more parts)"
         method = "llama.cpp " + a["kind"] if a["kind"] != "AWQ" else "AutoAWQ 4-bit g128 GEMM"
         bits = f"{a['bits_per_weight']:.2f}" if a.get("bits_per_weight") else ("4" if a["kind"] == "AWQ" else "")
         ratio = f"{q['ppl_ratio']:.4f}" if q.get("ppl_ratio") is not None else "–"
@@ -184,8 +200,10 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         f"Stop strings: {', '.join(repr(s) for s in (c.stop or stops))}", "",
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
         "## Use with koboldcpp", "",
-        f"Download `{first_gguf}` and its `.kcpps` preset, then `koboldcpp --config {Path(first_gguf).stem}.kcpps` "
-        "(or load the GGUF in the launcher). The chat template is embedded; BOS is added once by the backend.", "",
+        f"Download `{first_gguf}` and its `.kcpps` preset, then `koboldcpp --config {_unsplit_stem(first_gguf)}.kcpps` "
+        "(or load the GGUF in the launcher). The preset carries the context size, the prompt format and the suggested "
+        "settings; the chat template is embedded; BOS is added once by the backend. A file listed with more parts is "
+        "split in llama.cpp's `gguf-split` layout: download every part into one folder and open the first.", "",
         "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
         "The GGUFs need llama.cpp from May 2024 or newer (GGUF v3).", "",
         "## Verify a download", "", "```", "sha256sum -c SHA256SUMS   # or: quantize verify .", "```", "",

@@ -23,14 +23,14 @@ from quantize.release import verify
 DEMO_ROOT = ARTIFACTS / "demo"
 
 
-def _recipe(tmp: Path, demo: Demo, **over: str) -> Path:
+def _recipe(tmp: Path, demo: Demo, ladder: str = "", **over: str) -> Path:
     """A small recipe (no AWQ) whose evaluation text is a private copy the test may touch."""
     eval_copy = tmp / "eval.txt"
     if not eval_copy.exists():
         shutil.copyfile(demo.text["eval"], eval_copy)
     fields = {"name": "Tiny", "base": "demo:mistral-spm", "calibration": "demo:calib", "evaluation": str(eval_copy), **over}
     body = "\n".join(f'{k} = "{v}"' for k, v in fields.items())
-    body += '\n[ladder]\ngguf = ["F16", "Q4_K_M"]\nawq = false\n[card]\nprompt_format = "chatml"\ncontext = 1024\n'
+    body += f'\n[ladder]\ngguf = ["F16", "Q4_K_M"]\nawq = false\n{ladder}[card]\nprompt_format = "chatml"\ncontext = 1024\n'
     path = tmp / "tiny.toml"
     path.write_text(body)
     return path
@@ -81,6 +81,63 @@ def test_kcpps_presets_name_existing_ggufs(release) -> None:  # type: ignore[no-
         preset = json.loads(p.read_text())
         assert (release.root / preset["model_param"]).is_file() and preset["model_param"].endswith(".gguf")
         assert preset["contextsize"] == 2048
+        # the recipe's prompt format and suggested settings, in koboldcpp's own keys
+        assert preset["chatcompletionsadapter"]["user_start"] == "<|im_start|>user\n"
+        assert preset["chatcompletionsadapter"]["assistant_end"] == "<|im_end|>\n"
+        assert json.loads(preset["gendefaults"]) == {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "rep_pen": 1.1,
+                                                     "stop_sequence": ["<|im_end|>"]}
+
+
+def test_large_ggufs_ship_as_llama_cpp_split_shards(demo: Demo, tmp_path: Path) -> None:
+    """With a 20 MB cap the 40 MB F16 ships as gguf-split shards that llama.cpp loads from the first
+    file with the same logits; the 14 MB Q4_K_M stays whole."""
+    import numpy as np
+    from conftest import load_llama
+
+    rel = build_release(_recipe(tmp_path, demo, ladder="split_max_gb = 0.02\n"), tmp_path / "s", demo_root=DEMO_ROOT)
+    manifest = json.loads((rel.root / "manifest.json").read_text())
+    files = {a["kind"]: [f["name"] for f in a["files"] if f["name"].endswith(".gguf")] for a in manifest["artifacts"]}
+    assert files["Q4_K_M"] == ["Tiny.Q4_K_M.gguf"]
+    n = len(files["F16"])
+    assert n >= 2 and files["F16"] == [f"Tiny.F16-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert all((rel.root / f).stat().st_size <= 20_000_000 for f in files["F16"])
+    assert verify(rel.root).ok
+    preset = json.loads((rel.root / "Tiny.F16.kcpps").read_text())
+    assert preset["model_param"] == files["F16"][0]
+    assert f"| {files['F16'][0]} (+{n - 1} more parts) |" in (rel.root / "README.md").read_text()
+    whole, split = (load_llama(p, logits_all=True) for p in (rel.ladder.f16, rel.root / files["F16"][0]))
+    toks = whole.tokenize(b"Now is the winter of our discontent")
+    whole.eval(toks)
+    split.eval(toks)
+    assert np.array_equal(np.asarray(whole.scores[: len(toks)]), np.asarray(split.scores[: len(toks)]))
+
+
+def test_split_shards_keep_metadata_and_tensors_exactly(bpe_f16: Path, tmp_path: Path) -> None:
+    from quantize.split import split_gguf
+
+    shards = split_gguf(bpe_f16, tmp_path, int(bpe_f16.stat().st_size * 0.6))
+    src = open_gguf(bpe_f16)
+    readers = [open_gguf(s) for s in shards]
+    split_keys = {"split.no", "split.count", "split.tensors.count"}
+    assert [int(r.fields["split.no"].contents()) for r in readers] == list(range(len(shards)))
+    assert {k for k in readers[0].fields if not k.startswith("GGUF.")} - split_keys == {k for k in src.fields if not k.startswith("GGUF.")}
+    for k, f in src.fields.items():
+        if not k.startswith("GGUF."):
+            assert readers[0].fields[k].contents() == f.contents(), k
+    out = {t.name: t for r in readers for t in r.tensors}
+    assert list(out) == [t.name for t in src.tensors]
+    for t in src.tensors:
+        assert out[t.name].tensor_type == t.tensor_type and bytes(out[t.name].data) == bytes(t.data), t.name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_split_refuses_a_limit_below_one_tensor(bpe_f16: Path, tmp_path: Path) -> None:
+    from quantize.split import split_gguf
+
+    with pytest.raises(QuantizeError, match=r"tensor token_embd.weight alone \(\d+ bytes\) exceeds the split size") as e:
+        split_gguf(bpe_f16, tmp_path, 2_000_000)
+    assert str(bpe_f16) in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_second_run_rebuilds_nothing(release, demo: Demo) -> None:  # type: ignore[no-untyped-def]
@@ -157,6 +214,13 @@ def test_unknown_recipe_key(demo: Demo, tmp_path: Path) -> None:
     with pytest.raises(QuantizeError, match=r"\[ladder\] unknown key 'ggfu'; valid: awq, awq_samples") as e:
         build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
     assert str(recipe) in str(e.value)
+
+
+def test_unknown_sampler_setting(demo: Demo, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, demo)
+    recipe.write_text(recipe.read_text() + "[card.sampler]\ntemprature = 0.7\n")
+    with pytest.raises(QuantizeError, match=r"\[card.sampler\] unknown setting 'temprature'; known: temperature,"):
+        build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
 
 
 def test_recipe_naming_a_missing_model(demo: Demo, tmp_path: Path) -> None:

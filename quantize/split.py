@@ -1,0 +1,135 @@
+"""llama.cpp split shards: a GGUF larger than the Hub's per-file cap, as ``gguf-split`` writes it.
+
+The layout llama.cpp and koboldcpp load when given the first file: ``NAME-00001-of-0000N.gguf`` ...,
+the first shard holding all metadata, every shard carrying ``split.no``, ``split.count`` and
+``split.tensors.count``, tensors kept whole and in their original order.  gguf-py's ``GGUFWriter``
+writes that layout; this module feeds it the source's metadata and streams the tensor bytes from a
+memory map, releasing pages as they are written, so memory stays flat on a 140 GB F16.
+
+The shards are written under temporary names in a hidden folder next to the destination and
+renamed into place only when all of them are complete.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .errors import QuantizeError
+
+GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
+CHUNK = 64 << 20
+# Keys the writer sets itself.
+_OWN_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+             gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}
+
+
+def shard_names(stem: str, count: int) -> list[str]:
+    return [gguf.SHARD_NAME_FORMAT.format(stem, i + 1, count) for i in range(count)]
+
+
+def is_split(path: Path) -> bool:
+    from .gguf_header import read_header
+
+    return int(read_header(path).kv.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)) > 1
+
+
+class _MappedTensor:
+    """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: copies one tensor's bytes from
+    the source map in chunks and drops the source pages behind it."""
+
+    def __init__(self, mm: mmap.mmap, offset: int, nbytes: int) -> None:
+        self.mm, self.offset, self.nbytes = mm, offset, nbytes
+
+    def tofile(self, fout: Any) -> None:
+        view = memoryview(self.mm)
+        try:
+            for start in range(self.offset, self.offset + self.nbytes, CHUNK):
+                end = min(start + CHUNK, self.offset + self.nbytes)
+                fout.write(view[start:end])
+                page = start - start % mmap.PAGESIZE
+                self.mm.madvise(mmap.MADV_DONTNEED, page, end - page)
+        finally:
+            view.release()
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in _OWN_KEYS:
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
+        writer.data_alignment = int(align.contents())
+
+
+@contextmanager
+def _staging(dest: Path) -> Iterator[Path]:
+    tmp = dest / f".split-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
+    """Write ``src`` into folder ``dest`` as llama.cpp split shards of at most ``max_bytes`` each
+    (metadata included).  A file that already fits is not split: the caller links it."""
+    src, dest = Path(src), Path(dest)
+    size = src.stat().st_size
+    if size <= max_bytes:
+        raise QuantizeError(src, f"is {size} bytes, within the {max_bytes}-byte limit; nothing to split")
+    if is_split(src):
+        raise QuantizeError(src, "is already a split shard; split the merged file instead")
+    reader = gguf.GGUFReader(src)
+    header = min(t.data_offset for t in reader.tensors)  # metadata and tensor infos: all in the first shard
+    biggest = max(reader.tensors, key=lambda t: int(t.n_bytes))
+    if int(biggest.n_bytes) + header > max_bytes:
+        raise QuantizeError(src, f"tensor {biggest.name} alone ({int(biggest.n_bytes)} bytes) exceeds the split size "
+                            f"{max_bytes}; raise split_max_gb")
+    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    dest.mkdir(parents=True, exist_ok=True)
+    with _staging(dest) as tmp, open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        # The budget leaves room for the (largest) first shard's metadata and per-tensor alignment.
+        budget = max_bytes - header - len(reader.tensors) * 32
+        w = gguf.GGUFWriter(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
+        _copy_metadata(reader, w)
+        for t in reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            w.write_tensor_data(_MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+        w.close()
+        names = sorted(p.name for p in tmp.iterdir())
+        if len(names) < 2:
+            raise QuantizeError(src, "did not split; the split size is larger than the file")
+        for name in names:
+            (tmp / name).replace(dest / name)
+    return [dest / n for n in names]
+
+
+def place_gguf(src: Path, dest: Path, max_bytes: int | None) -> list[Path]:
+    """Put a GGUF into a release folder: hard-linked as is, or as split shards when it is larger
+    than ``max_bytes``.  Returns the files in load order (the first is the one to open)."""
+    if max_bytes is not None and src.stat().st_size > max_bytes:
+        return split_gguf(src, dest, max_bytes)
+    out = dest / src.name
+    try:
+        os.link(src, out)
+    except OSError:
+        shutil.copyfile(src, out)
+    return [out]
