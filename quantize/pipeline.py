@@ -182,22 +182,52 @@ def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Pat
 DEFAULT_RECIPE = Path("recipes") / "demo.toml"
 
 
-def resolve(spec: str, recipe: Path, demo_root: Path, what: str) -> Path:
-    """A recipe's model/adapter/text reference: ``demo:<part>``, a path (relative to the recipe
-    or the working folder), or a Hugging Face repo id found in the local HF cache (never fetched)."""
-    if spec.startswith("demo:"):
-        from .demo import build_demo
+def _demo_part(part: str, recipe: Path, root: Path, what: str) -> Path:
+    from .demo import build_demo
 
-        demo = build_demo(demo_root)
-        part = spec.removeprefix("demo:")
-        if part == "lora":
-            from .lora import train_demo_lora
+    demo = build_demo(root)
+    if part == "lora":
+        from .lora import train_demo_lora
 
-            return train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
-        found = {**demo.models, **demo.text}.get(part)
-        if found is None:
-            raise QuantizeError(recipe, f"{what} {spec!r}: no such demo part; known: {', '.join([*demo.models, *demo.text, 'lora'])}")
-        return found
+        return train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
+    found = {**demo.models, **demo.text}.get(part)
+    if found is None:
+        raise QuantizeError(recipe, f"{what} 'demo:{part}': no such demo part; known: {', '.join([*demo.models, *demo.text, 'lora'])}")
+    return found
+
+
+def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
+    """The demo's Shakespeare split (``text:calib``, ``text:eval``) without training the demo models."""
+    from .corpus import TextSplit, write_splits
+
+    if part not in ("train", "calib", "eval"):
+        raise QuantizeError(recipe, f"{what} 'text:{part}': no such text; known: train, calib, eval")
+    return write_splits(TextSplit(), root / "corpus")[part]
+
+
+def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
+    from .real import REAL_MODELS, fetch_real
+
+    if part not in REAL_MODELS:
+        raise QuantizeError(recipe, f"{what} 'real:{part}': no such model; known: {', '.join(REAL_MODELS)}")
+    return fetch_real()
+
+
+# Recipe references with a scheme: what the project builds or fetches itself.
+SCHEMES: dict[str, Callable[[str, Path, Path, str], Path]] = {
+    "demo:": _demo_part,
+    "text:": _corpus_text,
+    "real:": _real_model,
+}
+
+
+def resolve(spec: str, recipe: Path, root: Path, what: str) -> Path:
+    """A recipe's model/adapter/text reference: ``demo:<part>``, ``text:<part>``, ``real:<model>``,
+    a path (relative to the recipe or the working folder), or a Hugging Face repo id found in the
+    local HF cache (never fetched).  ``root`` holds what the schemes build (demo models, texts)."""
+    for scheme, build in SCHEMES.items():
+        if spec.startswith(scheme):
+            return build(spec.removeprefix(scheme), recipe, root, what)
     for base in (recipe.parent, Path.cwd()):
         if (base / spec).exists():
             return base / spec

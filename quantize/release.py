@@ -37,6 +37,13 @@ USE_CASES = {
 }
 
 
+# The oldest llama.cpp release that loads each GGUF architecture we write (its model card says so).
+MIN_LLAMA_CPP: dict[str, str] = {
+    "llama": "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-tokenizer key)",
+    "gemma3": "b4875 (12 March 2025, the first with Gemma 3)",
+}
+
+
 def tool_versions() -> dict[str, str]:
     out = {"quantize": __version__, "python": platform.python_version()}
     for pkg in ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq"):
@@ -76,8 +83,15 @@ def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality
             "quality": {k: q.get(k) for k in ("ppl", "ppl_ratio", "mean_kld", "kld_p99", "top1_agreement")} if q else None,
             "verdict": ("pass" if not q.get("failures") else "fail") if q else "not measured",
         })
+    first_gguf = next((root / f for a in artifacts for f in a.files if f.suffix == ".gguf"), None)
+    arch = None
+    if first_gguf is not None:
+        from .gguf_header import read_header
+
+        arch = read_header(first_gguf).kv.get("general.architecture")
     return {
-        "name": recipe.name, "recipe": recipe.source.name, "quantized_by": recipe.quantized_by, "tools": tool_versions(),
+        "name": recipe.name, "recipe": recipe.source.name, "quantized_by": recipe.quantized_by, "architecture": arch,
+        "tools": tool_versions(),
         "reference_ppl": quality.get("reference_ppl"), "evaluation_text_sha256": quality.get("text_sha256"),
         "artifacts": entries,
     }
@@ -205,7 +219,8 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         "settings; the chat template is embedded; BOS is added once by the backend. A file listed with more parts is "
         "split in llama.cpp's `gguf-split` layout: download every part into one folder and open the first.", "",
         "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
-        "The GGUFs need llama.cpp from May 2024 or newer (GGUF v3).", "",
+        f"The GGUFs need llama.cpp {MIN_LLAMA_CPP.get(manifest.get('architecture') or 'llama', MIN_LLAMA_CPP['llama'])} "
+        "or newer, or a koboldcpp built on it.", "",
         "## Verify a download", "", "```", "sha256sum -c SHA256SUMS   # or: quantize verify .", "```", "",
     ]
     if c.credits:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .atomic import atomic_file
 from .errors import QuantizeError
-from .gguf_info import open_gguf
+from .gguf_info import copy_metadata, open_gguf
 from .imatrix import Imatrix
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,6 @@ def plan_smoothing(reader: gguf.GGUFReader, im: Imatrix) -> SmoothPlan:
     return SmoothPlan(scales, readers, alphas)
 
 
-def _copy_fields(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), vtype, sub)
-
-
 def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> SmoothPlan:
     """Write a smoothed copy of the float GGUF ``src`` and the importance matrix rescaled to it."""
     reader = open_gguf(src)
@@ -114,7 +105,7 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
     arch = str(reader.fields["general.architecture"].contents())
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
-        _copy_fields(reader, w)
+        copy_metadata(reader, w)
         for t in reader.tensors:
             data = np.asarray(t.data)
             if t.name in plan.scales:

@@ -24,12 +24,13 @@ import gguf
 import numpy as np
 
 from .errors import QuantizeError
+from .gguf_info import copy_metadata
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
 CHUNK = 64 << 20
-# Keys the writer sets itself.
-_OWN_KEYS = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
-             gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT}
+# Keys the split writer sets on each shard itself.
+_SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+                         gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT})
 
 
 def shard_names(stem: str, count: int) -> list[str]:
@@ -59,17 +60,6 @@ class _MappedTensor:
                 self.mm.madvise(mmap.MADV_DONTNEED, page, end - page)
         finally:
             view.release()
-
-
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in _OWN_KEYS:
-            continue
-        vtype = gguf.GGUFValueType(field.types[0])
-        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-    if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
-        writer.data_alignment = int(align.contents())
 
 
 @contextmanager
@@ -104,7 +94,7 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
         # The budget leaves room for the (largest) first shard's metadata and per-tensor alignment.
         budget = max_bytes - header - len(reader.tensors) * 32
         w = gguf.GGUFWriter(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
-        _copy_metadata(reader, w)
+        copy_metadata(reader, w, _SPLIT_KEYS)
         for t in reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
