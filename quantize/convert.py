@@ -190,7 +190,6 @@ def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cf
         meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
-    _write_sampling_defaults(w, ckpt)
     arch.write_hparams(w, cfg)
     w.add_file_type(outtype.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -202,23 +201,6 @@ def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cf
     files = [s.path.name for s in ckpt.shards] + list(side)
     w.add_array(f"{TOOL_NAME}.source.files", files)
     w.add_array(HASH_KEY, [PLACEHOLDER] * len(ckpt.shards) + list(side.values()))
-
-
-# generation_config.json key -> GGUF general.sampling.* writer, as llama.cpp's converter maps them
-# (gguf-py metadata.py, Metadata.load); llama.cpp uses them as the model's default sampler settings.
-SAMPLING_KEYS: dict[str, Callable[[gguf.GGUFWriter, Any], None]] = {
-    "top_k": lambda w, v: w.add_sampling_top_k(int(v)),
-    "top_p": lambda w, v: w.add_sampling_top_p(float(v)),
-    "min_p": lambda w, v: w.add_sampling_min_p(float(v)),
-    "temperature": lambda w, v: w.add_sampling_temp(float(v)),
-}
-
-
-def _write_sampling_defaults(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
-    gen = ckpt.read_json("generation_config.json") or {}
-    for key, add in SAMPLING_KEYS.items():
-        if gen.get(key) is not None:
-            add(w, gen[key])
 
 
 def _gguf_version() -> str:
