@@ -187,7 +187,6 @@ def check_head_dim(arch: Architecture, c: ModelConfig, tensors: Mapping[str, Ten
                                   f"{q // c.n_head} per head; set head_dim to {q // c.n_head}")
 
 
-
 @dataclass(frozen=True)
 class Architecture:
     hf_name: str
