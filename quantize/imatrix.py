@@ -190,7 +190,14 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
 
         return collect
 
-    handles = [mod.register_forward_hook(hook(names[n])) for n, mod in model.named_modules() if n in names]
+    # The output matrix only needs its input, the decoder's last hidden state: running the decoder
+    # alone and feeding that to the hook skips the logits, which for a 262k-token vocabulary cost
+    # more than the rest of the model.
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    decoder = model.get_decoder() if head_name in names else None
+    handles = [mod.register_forward_hook(hook(names[n])) for n, mod in model.named_modules()
+               if n in names and not (decoder is not None and n == head_name)]
     bos = tok.bos_token_id
     try:
         with torch.no_grad():
@@ -198,7 +205,11 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
                 chunk = ids[c * settings.ctx : (c + 1) * settings.ctx]
                 if bos is not None:
                     chunk = [bos, *chunk[1:]]  # as llama-imatrix: each chunk starts with BOS
-                model(torch.tensor([chunk]))
+                if decoder is None:
+                    model(torch.tensor([chunk]))
+                else:
+                    hidden = decoder(torch.tensor([chunk])).last_hidden_state
+                    hook(names[head_name])(head, (hidden,), None)  # type: ignore[index]
     finally:
         for h in handles:
             h.remove()
