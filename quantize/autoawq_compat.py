@@ -1,4 +1,4 @@
-"""AutoAWQ 0.2.9 as this project runs it: a quiet import, the CPU aliasing fix, CPU pinning.
+"""AutoAWQ 0.2.9 as this project runs it: a quiet import, two fixes, CPU pinning.
 
 AutoAWQ is archived (its last tested pair is torch 2.6 / transformers 4.51).  With transformers 5
 its quantizer runs unchanged once the model is loaded by us (its own ``from_pretrained`` passes
@@ -7,6 +7,8 @@ for anything that is not a folder), so the only changes kept here are:
 
 * :class:`CopyingAwqQuantizer`, AutoAWQ's :class:`AwqQuantizer` whose scale search backs the
   block up with a real copy (see :class:`_CopyingBackup` for the bug);
+* :func:`offset_norms_folded`, which folds AWQ's scales correctly into every norm of the
+  ``x_hat * (1 + w)`` kind (:data:`OFFSET_NORMS`; AutoAWQ knows only Gemma's and Gemma 2's);
 * :func:`pinned_to_cpu`, which makes ``--device cpu`` mean CPU even on a host with a GPU
   (AutoAWQ picks ``cuda``/``mps``/``xpu`` by itself for every block it touches).
 
@@ -20,10 +22,13 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
 # awq/__init__.py warns on import that the project is archived (known: the version is pinned), after
 # resetting the process-wide DeprecationWarning filter to "default", so an "ignore" filter cannot
@@ -45,8 +50,8 @@ for _w in _import_warnings:
     log.debug("on importing AutoAWQ: %s", str(_w.message).strip().splitlines()[0])
 
 __all__ = [
-    "AWQ_CAUSAL_LM_MODEL_MAP", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "CopyingAwqQuantizer", "WQLinear_GEMM",
-    "pinned_to_cpu", "round_to_nearest", "wrap_model",
+    "AWQ_CAUSAL_LM_MODEL_MAP", "OFFSET_NORMS", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "CopyingAwqQuantizer",
+    "WQLinear_GEMM", "offset_norms_folded", "pinned_to_cpu", "round_to_nearest", "scale_ln_fcs", "wrap_model",
 ]
 
 # AutoAWQ modules that call ``get_best_device()`` while quantizing (checked against 0.2.9's source).
@@ -104,6 +109,47 @@ class CopyingAwqQuantizer(AwqQuantizer):
                                            kwargs or {})
 
 
+# Norms computing ``x_hat * (1 + w)`` (Gemma's convention; ``w`` is stored zero-centred) instead of
+# ``x_hat * w``.  Folding AWQ's ``1/s`` into one must give ``(1 + w') = (1 + w) / s``.
+OFFSET_NORMS: tuple[type[nn.Module], ...] = (GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm)
+_stock_scale_ln_fcs = _awq_scale.scale_ln_fcs
+
+
+@torch.no_grad()
+def scale_ln_fcs(ln: Any, fcs: list[nn.Linear], scales: torch.Tensor) -> None:
+    """AutoAWQ's ``scale_ln_fcs`` (fold ``1/s`` into a norm, ``s`` into the linears it feeds), right for every offset norm.
+
+    AutoAWQ 0.2.9 checks ``isinstance(ln, (GemmaRMSNorm, Gemma2RMSNorm))`` and otherwise divides
+    ``w`` itself.  ``apply_scale`` sends anything whose class name contains "rmsnorm" there, so a
+    ``Gemma3RMSNorm`` gets ``w / s``, i.e. a gain of ``1 + w / s`` instead of ``(1 + w) / s``, while
+    the linears are still multiplied by ``s``: the block is silently changed by a factor of about
+    ``s`` per channel.  Offset norms are folded here in float32 (AutoAWQ adds and subtracts 1 in the
+    weight's own dtype); every other norm goes to AutoAWQ's function unchanged.
+    """
+    if not isinstance(ln, OFFSET_NORMS):
+        _stock_scale_ln_fcs(ln, fcs, scales)
+        return
+    w = cast(torch.Tensor, ln.weight)  # the norm's classes type their parameters loosely
+    s = scales.to(w.device, torch.float32)
+    w.copy_((1 + w.float()) / s - 1)
+    for fc in fcs:
+        fc.weight.mul_(s.view(1, -1).to(fc.weight.dtype))
+    for p in (w, *(fc.weight for fc in fcs)):
+        if not torch.isfinite(p).all():
+            raise FloatingPointError(f"folding AWQ scales into {type(ln).__name__} gave non-finite weights")
+
+
+@contextlib.contextmanager
+def offset_norms_folded() -> Iterator[None]:
+    """AutoAWQ's ``apply_scale`` folds into norms with :func:`scale_ln_fcs` for the duration (restored afterwards)."""
+    saved = _awq_scale.scale_ln_fcs
+    try:
+        _awq_scale.scale_ln_fcs = scale_ln_fcs
+        yield
+    finally:
+        _awq_scale.scale_ln_fcs = saved
+
+
 @contextlib.contextmanager
 def pinned_to_cpu() -> Iterator[None]:
     """Keep AutoAWQ on the CPU for the duration, even where torch sees a GPU.
@@ -133,12 +179,6 @@ def _no_cuda() -> bool:
     return False
 
 
-def wrap_model(model: Any, model_type: str) -> BaseAWQForCausalLM:
-    """AutoAWQ's per-family wrapper (layer map, embedding mover) around a model we loaded ourselves."""
-    cls = AWQ_CAUSAL_LM_MODEL_MAP[model_type]
-    return cls(model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)
-
-
 def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int, zero_point: bool, version: str) -> None:
     """Quantize every block's linears with AutoAWQ's own final step and no search: the RTN baseline.
 
@@ -153,3 +193,9 @@ def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int,
     skip = awq_model.quant_config.modules_to_not_convert
     for block in awq_model.get_model_layers(awq_model.model):
         q._apply_quant(block, exclude_layers_to_not_quantize(get_named_linears(block), skip))
+
+
+def wrap_model(model: Any, model_type: str) -> BaseAWQForCausalLM:
+    """AutoAWQ's per-family wrapper (layer map, embedding mover) around a model we loaded ourselves."""
+    cls = AWQ_CAUSAL_LM_MODEL_MAP[model_type]
+    return cls(model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)

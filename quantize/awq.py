@@ -12,7 +12,8 @@ it; this module drives it with:
 * calibration tokens cut from *our* text with the model's own tokenizer (AutoAWQ would otherwise
   download ``mit-han-lab/pile-val-backup``);
 * :class:`quantize.autoawq_compat.CopyingAwqQuantizer`, which fixes a CPU-only aliasing bug in
-  AutoAWQ's scale search;
+  AutoAWQ's scale search, and :func:`quantize.autoawq_compat.offset_norms_folded`, which folds
+  scales correctly into Gemma's ``(1 + w)`` norms;
 
 and writes the folder itself, atomically: packed ``qweight``/``qzeros``/``scales`` (AutoAWQ's GEMM
 layout, what vLLM's and transformers' AWQ kernels read) plus every other tensor in float16, the
@@ -59,6 +60,11 @@ FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
 }
+# What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
+AUTOAWQ_FIXES = (
+    "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
+    "scales fold into (1 + w) norms as (1 + w) / s for Gemma 3 too (offset_norms_folded)",
+)
 
 # Device -> dtype the model is calibrated in.  The CPU has no fast float16 matmul and float16
 # activations overflow on outlier channels; CUDA runs AutoAWQ's float16 path as upstream does.
@@ -268,7 +274,7 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
         "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
         "calibration_dtype": CALIB_DTYPES[device], "calibration": calibration,
         "seconds": {"load": round(t1 - t0, 2), "quantize": round(t2 - t1, 2)},
-        "autoawq_fixes": ["_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)"],
+        "autoawq_fixes": list(AUTOAWQ_FIXES),
         "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
     }
     with atomic_dir(out_dir) as tmp:
@@ -297,7 +303,7 @@ def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, sa
     from . import autoawq_compat as compat
 
     awq_model = compat.wrap_model(model, src.model_type)
-    with compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext():
+    with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
             awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
                                max_calib_seq_len=settings.seq_len, quantizer_cls=compat.CopyingAwqQuantizer)
