@@ -11,9 +11,10 @@ it; this module drives it with:
 * the model loaded by transformers itself, in float32 on the CPU and float16 on CUDA;
 * calibration tokens cut from *our* text with the model's own tokenizer (AutoAWQ would otherwise
   download ``mit-han-lab/pile-val-backup``);
-* :class:`quantize.autoawq_compat.CopyingAwqQuantizer`, which fixes a CPU-only aliasing bug in
-  AutoAWQ's scale search, and :func:`quantize.autoawq_compat.offset_norms_folded`, which folds
-  scales correctly into Gemma's ``(1 + w)`` norms;
+* :class:`quantize.autoawq_compat.BlockKwargsAwqQuantizer`, which fixes a CPU-only aliasing bug in
+  AutoAWQ's scale search and gives each block its own attention mask and rotary embedding, and
+  :func:`quantize.autoawq_compat.offset_norms_folded`, which folds scales correctly into Gemma's
+  ``(1 + w)`` norms;
 
 and writes the folder itself, atomically: packed ``qweight``/``qzeros``/``scales`` (AutoAWQ's GEMM
 layout, what vLLM's and transformers' AWQ kernels read) plus every other tensor in float16, the
@@ -63,6 +64,7 @@ FAMILIES: dict[str, str] = {
 # What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
 AUTOAWQ_FIXES = (
     "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
+    "each block runs with its own mask and rotary embedding, not block 0's (BlockKwargsAwqQuantizer)",
     "scales fold into (1 + w) norms as (1 + w) / s for Gemma 3 too (offset_norms_folded)",
 )
 
@@ -306,7 +308,7 @@ def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, sa
     with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
             awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
-                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.CopyingAwqQuantizer)
+                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.BlockKwargsAwqQuantizer)
         else:
             compat.round_to_nearest(awq_model, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
 
