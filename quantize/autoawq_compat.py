@@ -15,6 +15,8 @@ for anything that is not a folder), so the only changes kept here are:
 * :func:`pinned_to_cpu`, which makes ``--device cpu`` mean CPU even on a host with a GPU
   (AutoAWQ picks ``cuda``/``mps``/``xpu`` by itself for every block it touches).
 
+The per-family layer maps, ours and AutoAWQ's, are looked up in :mod:`quantize.awq_models`.
+
 This module imports torch, transformers and AutoAWQ, so :mod:`quantize.awq` imports it only when
 an AWQ stage actually runs.
 """
@@ -55,7 +57,6 @@ for _w in _import_warnings:
 __all__ = [
     "AWQ_CAUSAL_LM_MODEL_MAP", "OFFSET_NORMS", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "BlockKwargsAwqQuantizer",
     "CopyingAwqQuantizer", "WQLinear_GEMM", "offset_norms_folded", "pinned_to_cpu", "round_to_nearest", "scale_ln_fcs",
-    "wrap_model",
 ]
 
 # AutoAWQ modules that call ``get_best_device()`` while quantizing (checked against 0.2.9's source).
@@ -280,9 +281,3 @@ def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int,
     skip = awq_model.quant_config.modules_to_not_convert
     for block in awq_model.get_model_layers(awq_model.model):
         q._apply_quant(block, exclude_layers_to_not_quantize(get_named_linears(block), skip))
-
-
-def wrap_model(model: Any, model_type: str) -> BaseAWQForCausalLM:
-    """AutoAWQ's per-family wrapper (layer map, embedding mover) around a model we loaded ourselves."""
-    cls = AWQ_CAUSAL_LM_MODEL_MAP[model_type]
-    return cls(model, model_type, is_quantized=False, config=model.config, quant_config=AwqConfig(), processor=None)

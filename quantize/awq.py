@@ -15,6 +15,7 @@ it; this module drives it with:
   AutoAWQ's scale search and gives each block its own attention mask and rotary embedding, and
   :func:`quantize.autoawq_compat.offset_norms_folded`, which folds scales correctly into Gemma's
   ``(1 + w)`` norms;
+* the layer maps of :mod:`quantize.awq_models` (AutoAWQ's, plus ours for Gemma 3);
 
 and writes the folder itself, atomically: packed ``qweight``/``qzeros``/``scales`` (AutoAWQ's GEMM
 layout, what vLLM's and transformers' AWQ kernels read) plus every other tensor in float16, the
@@ -54,12 +55,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# HF architecture -> AutoAWQ model_type (a key of awq.models.auto.AWQ_CAUSAL_LM_MODEL_MAP).  Only the
-# families whose AutoAWQ layer map has been run against transformers 5 here are allowed; AutoAWQ
-# knows more (qwen2, gemma, phi3, ...) and each one is a new row plus a test.
+# HF architecture -> model_type, the key of its layer map in quantize.awq_models.MODEL_CLASSES (ours,
+# then AutoAWQ's).  Only the families whose layer map has been run against transformers 5 here are
+# allowed; AutoAWQ knows more (qwen2, gemma, phi3, ...) and each one is a new row plus a test.
 FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
 }
 # What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
 AUTOAWQ_FIXES = (
@@ -303,8 +305,9 @@ def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, sa
     ``calib_data`` is always our token list: given a string, AutoAWQ would download a hub data set.
     """
     from . import autoawq_compat as compat
+    from .awq_models import wrap_model
 
-    awq_model = compat.wrap_model(model, src.model_type)
+    awq_model = wrap_model(model, src.model_type)
     with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
             awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
