@@ -74,6 +74,12 @@ AUTOAWQ_FIXES = (
 # activations overflow on outlier channels; CUDA runs AutoAWQ's float16 path as upstream does.
 CALIB_DTYPES: dict[str, str] = {"cpu": "float32", "cuda": "float16"}
 DEVICES = ("auto", *CALIB_DTYPES)
+# (model_type, device) -> dtype, where the device's default cannot hold a family's activations.
+# Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
+# on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
+# bfloat16, the dtype Gemma 3 is released in.  (The packed weights are float16 either way:
+# AutoAWQ quantizes every linear in float16.)
+CALIB_DTYPE_OVERRIDES: dict[tuple[str, str], str] = {("gemma3_text", "cuda"): "bfloat16"}
 
 # Settings AutoAWQ's GEMM path can produce and our loader can read back: WQLinear_GEMM packs
 # 4-bit values only and needs zero points; GEMV/Marlin/exllama layouts are not unpacked here.
@@ -127,6 +133,11 @@ class _Source:
     @property
     def root(self) -> Path:
         return self.ckpt.root
+
+
+def calibration_dtype(model_type: str, device: str) -> str:
+    """The dtype a family is calibrated in on ``device`` ("cpu" or "cuda")."""
+    return CALIB_DTYPE_OVERRIDES.get((model_type, device), CALIB_DTYPES[device])
 
 
 # --- checks (all before any heavy work) --------------------------------------------------
@@ -192,14 +203,14 @@ def resolve_device(requested: str, where: Path) -> str:
 def _ram_needed(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> int:
     """Bytes of host RAM a run needs, roughly and on the safe side.
 
-    The whole model is loaded on the host in the calibration dtype (float32 on the CPU, float16 for
-    CUDA, which then takes one block at a time).  On the CPU the calibration activations live in
+    The whole model is loaded on the host in the calibration dtype (float32 on the CPU, float16 or
+    bfloat16 for CUDA, which then takes one block at a time).  On the CPU the calibration activations live in
     RAM too: AutoAWQ keeps a block's inputs and outputs, a copy of every linear's input
     (q, k, v, o, gate, up: ~6x hidden; down: intermediate) and the MLP's intermediates, and runs
     attention on all samples at once (``n_parallel_calib_samples=None``), i.e. a
     samples x heads x seq^2 score matrix.
     """
-    width = 4 if CALIB_DTYPES[device] == "float32" else 2
+    width = 4 if calibration_dtype(src.model_type, device) == "float32" else 2
     weights = src.n_params * width
     if device == "cuda" or not calibrate:
         return int(weights * 1.2) + GiB
@@ -216,7 +227,8 @@ def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool
     need = _ram_needed(src, settings, device, calibrate)
     avail = psutil.virtual_memory().available
     if need > avail:
-        what = f"{src.n_params / 1e9:.2f} B parameters in {CALIB_DTYPES[device]}" + (" plus calibration activations" if calibrate else "")
+        what = f"{src.n_params / 1e9:.2f} B parameters in {calibration_dtype(src.model_type, device)}"
+        what += " plus calibration activations" if calibrate else ""
         hint = "run it on a GPU machine (--device cuda), lower --samples/--seq-len, or free memory" if device == "cpu" else "free memory"
         raise QuantizeError(src.root, f"needs about {need / GiB:.1f} GiB of RAM ({what}) but {avail / GiB:.1f} GiB is available; {hint}")
 
@@ -266,7 +278,8 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
     _check_ram(src, settings, device, calibrate=calib is not None)
     tokenizer, samples, calibration = _calibration(hf_dir, calib, settings) if calib is not None else (None, [], None)
 
-    dtype = getattr(torch, CALIB_DTYPES[device])
+    dtype_name = calibration_dtype(src.model_type, device)
+    dtype = getattr(torch, dtype_name)
     t0 = time.monotonic()
     model = _load_float_model(src, dtype)
     t1 = time.monotonic()
@@ -276,7 +289,7 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
     log.info("%s: %s done in %.1fs", hf_dir, method.upper(), t2 - t1)
     provenance = {
         "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
-        "calibration_dtype": CALIB_DTYPES[device], "calibration": calibration,
+        "calibration_dtype": dtype_name, "calibration": calibration,
         "seconds": {"load": round(t1 - t0, 2), "quantize": round(t2 - t1, 2)},
         "autoawq_fixes": list(AUTOAWQ_FIXES),
         "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
