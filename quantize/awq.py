@@ -11,8 +11,11 @@ it; this module drives it with:
 * the model loaded by transformers itself, in float32 on the CPU and float16 on CUDA;
 * calibration tokens cut from *our* text with the model's own tokenizer (AutoAWQ would otherwise
   download ``mit-han-lab/pile-val-backup``);
-* :class:`quantize.autoawq_compat.CopyingAwqQuantizer`, which fixes a CPU-only aliasing bug in
-  AutoAWQ's scale search;
+* :class:`quantize.autoawq_compat.BlockKwargsAwqQuantizer`, which fixes a CPU-only aliasing bug in
+  AutoAWQ's scale search and gives each block its own attention mask and rotary embedding, and
+  :func:`quantize.autoawq_compat.offset_norms_folded`, which folds scales correctly into Gemma's
+  ``(1 + w)`` norms;
+* the layer maps of :mod:`quantize.awq_models` (AutoAWQ's, plus ours for Gemma 3);
 
 and writes the folder itself, atomically: packed ``qweight``/``qzeros``/``scales`` (AutoAWQ's GEMM
 layout, what vLLM's and transformers' AWQ kernels read) plus every other tensor in float16, the
@@ -52,18 +55,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# HF architecture -> AutoAWQ model_type (a key of awq.models.auto.AWQ_CAUSAL_LM_MODEL_MAP).  Only the
-# families whose AutoAWQ layer map has been run against transformers 5 here are allowed; AutoAWQ
-# knows more (qwen2, gemma, phi3, ...) and each one is a new row plus a test.
+# HF architecture -> model_type, the key of its layer map in quantize.awq_models.MODEL_CLASSES (ours,
+# then AutoAWQ's).  Only the families whose layer map has been run against transformers 5 here are
+# allowed; AutoAWQ knows more (qwen2, gemma, phi3, ...) and each one is a new row plus a test.
 FAMILIES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
 }
+# What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
+AUTOAWQ_FIXES = (
+    "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
+    "each block runs with its own mask and rotary embedding, not block 0's (BlockKwargsAwqQuantizer)",
+    "scales fold into (1 + w) norms as (1 + w) / s for Gemma 3 too (offset_norms_folded)",
+)
 
 # Device -> dtype the model is calibrated in.  The CPU has no fast float16 matmul and float16
 # activations overflow on outlier channels; CUDA runs AutoAWQ's float16 path as upstream does.
 CALIB_DTYPES: dict[str, str] = {"cpu": "float32", "cuda": "float16"}
 DEVICES = ("auto", *CALIB_DTYPES)
+# (model_type, device) -> dtype, where the device's default cannot hold a family's activations.
+# Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
+# on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
+# bfloat16, the dtype Gemma 3 is released in.  (The packed weights are float16 either way:
+# AutoAWQ quantizes every linear in float16.)
+CALIB_DTYPE_OVERRIDES: dict[tuple[str, str], str] = {("gemma3_text", "cuda"): "bfloat16"}
 
 # Settings AutoAWQ's GEMM path can produce and our loader can read back: WQLinear_GEMM packs
 # 4-bit values only and needs zero points; GEMV/Marlin/exllama layouts are not unpacked here.
@@ -117,6 +133,11 @@ class _Source:
     @property
     def root(self) -> Path:
         return self.ckpt.root
+
+
+def calibration_dtype(model_type: str, device: str) -> str:
+    """The dtype a family is calibrated in on ``device`` ("cpu" or "cuda")."""
+    return CALIB_DTYPE_OVERRIDES.get((model_type, device), CALIB_DTYPES[device])
 
 
 # --- checks (all before any heavy work) --------------------------------------------------
@@ -182,14 +203,14 @@ def resolve_device(requested: str, where: Path) -> str:
 def _ram_needed(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> int:
     """Bytes of host RAM a run needs, roughly and on the safe side.
 
-    The whole model is loaded on the host in the calibration dtype (float32 on the CPU, float16 for
-    CUDA, which then takes one block at a time).  On the CPU the calibration activations live in
+    The whole model is loaded on the host in the calibration dtype (float32 on the CPU, float16 or
+    bfloat16 for CUDA, which then takes one block at a time).  On the CPU the calibration activations live in
     RAM too: AutoAWQ keeps a block's inputs and outputs, a copy of every linear's input
     (q, k, v, o, gate, up: ~6x hidden; down: intermediate) and the MLP's intermediates, and runs
     attention on all samples at once (``n_parallel_calib_samples=None``), i.e. a
     samples x heads x seq^2 score matrix.
     """
-    width = 4 if CALIB_DTYPES[device] == "float32" else 2
+    width = 4 if calibration_dtype(src.model_type, device) == "float32" else 2
     weights = src.n_params * width
     if device == "cuda" or not calibrate:
         return int(weights * 1.2) + GiB
@@ -206,7 +227,8 @@ def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool
     need = _ram_needed(src, settings, device, calibrate)
     avail = psutil.virtual_memory().available
     if need > avail:
-        what = f"{src.n_params / 1e9:.2f} B parameters in {CALIB_DTYPES[device]}" + (" plus calibration activations" if calibrate else "")
+        what = f"{src.n_params / 1e9:.2f} B parameters in {calibration_dtype(src.model_type, device)}"
+        what += " plus calibration activations" if calibrate else ""
         hint = "run it on a GPU machine (--device cuda), lower --samples/--seq-len, or free memory" if device == "cpu" else "free memory"
         raise QuantizeError(src.root, f"needs about {need / GiB:.1f} GiB of RAM ({what}) but {avail / GiB:.1f} GiB is available; {hint}")
 
@@ -256,7 +278,8 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
     _check_ram(src, settings, device, calibrate=calib is not None)
     tokenizer, samples, calibration = _calibration(hf_dir, calib, settings) if calib is not None else (None, [], None)
 
-    dtype = getattr(torch, CALIB_DTYPES[device])
+    dtype_name = calibration_dtype(src.model_type, device)
+    dtype = getattr(torch, dtype_name)
     t0 = time.monotonic()
     model = _load_float_model(src, dtype)
     t1 = time.monotonic()
@@ -266,9 +289,9 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
     log.info("%s: %s done in %.1fs", hf_dir, method.upper(), t2 - t1)
     provenance = {
         "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
-        "calibration_dtype": CALIB_DTYPES[device], "calibration": calibration,
+        "calibration_dtype": dtype_name, "calibration": calibration,
         "seconds": {"load": round(t1 - t0, 2), "quantize": round(t2 - t1, 2)},
-        "autoawq_fixes": ["_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)"],
+        "autoawq_fixes": list(AUTOAWQ_FIXES),
         "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
     }
     with atomic_dir(out_dir) as tmp:
@@ -295,12 +318,13 @@ def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, sa
     ``calib_data`` is always our token list: given a string, AutoAWQ would download a hub data set.
     """
     from . import autoawq_compat as compat
+    from .awq_models import wrap_model
 
-    awq_model = compat.wrap_model(model, src.model_type)
-    with compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext():
+    awq_model = wrap_model(model, src.model_type)
+    with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
             awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
-                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.CopyingAwqQuantizer)
+                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.BlockKwargsAwqQuantizer)
         else:
             compat.round_to_nearest(awq_model, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
 

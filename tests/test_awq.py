@@ -189,7 +189,7 @@ def test_awq_beats_round_to_nearest_on_held_out_text(scores: dict[str, Score]) -
 
 def _calibrated(demo: Demo, cls: type) -> tuple[Any, Any, Any]:
     """(model, tokenizer, quantizer) with ``cls``'s constructor run on 2 x 64 calibration tokens."""
-    from quantize.autoawq_compat import wrap_model
+    from quantize.awq_models import wrap_model
 
     model = fp16_reference(demo.spm)
     model.config.use_cache = False
