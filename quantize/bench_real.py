@@ -67,7 +67,7 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
     q = lad.quants
     rows_spec = [
         ("F16", lad.f16.name, secs.get("convert", 0.0)),
-        ("Q6_K" + (" + imatrix" if lad.imatrix else ""), q["Q6_K"].name, secs.get("gguf-Q6_K", 0.0)),
+        ("Q6_K" + (" + imatrix" if lad.imatrix else ""), q["Q6_K"].name, secs.get("gguf-Q6_K", 0.0) + imatrix_s),
         ("Q4_K_M plain", plain.name, plain_s),
         ("Q4_K_M + imatrix" + (" + smoothing" if r.ladder.smooth else ""), q["Q4_K_M"].name,
          secs.get("gguf-Q4_K_M", 0.0) + imatrix_s),

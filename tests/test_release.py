@@ -271,3 +271,11 @@ def test_progress_is_quiet_line_logs_without_a_terminal(caplog: pytest.LogCaptur
     with caplog.at_level(logging.INFO, logger="quantize.progress"):
         assert list(progress.progress(range(100), 100, "step")) == list(range(100))
     assert [r.getMessage() for r in caplog.records] == ["step: 25/100", "step: 50/100", "step: 75/100", "step: 100/100"]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipes_are_valid(recipe: Path) -> None:
+    from quantize.recipe import PROMPT_FORMATS, load_recipe
+
+    r = load_recipe(recipe)
+    assert r.card.prompt_format in PROMPT_FORMATS and r.ladder.gguf and r.name
