@@ -20,6 +20,23 @@ from .errors import QuantizeError
 TMP_PREFIX = ".partial-"
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block; if another process holds it, log
+    ``waiting`` and wait for it (builds of the same thing then run one after the other)."""
+    import fcntl
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).warning("%s; waiting for it", waiting)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _check_writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

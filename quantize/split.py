@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from .errors import QuantizeError
-from .gguf_info import copy_metadata
+from .gguf_info import copy_metadata, open_gguf
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
 CHUNK = 64 << 20
@@ -35,12 +35,6 @@ _SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV
 
 def shard_names(stem: str, count: int) -> list[str]:
     return [gguf.SHARD_NAME_FORMAT.format(stem, i + 1, count) for i in range(count)]
-
-
-def is_split(path: Path) -> bool:
-    from .gguf_header import read_header
-
-    return int(read_header(path).kv.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)) > 1
 
 
 class _MappedTensor:
@@ -80,9 +74,9 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
     size = src.stat().st_size
     if size <= max_bytes:
         raise QuantizeError(src, f"is {size} bytes, within the {max_bytes}-byte limit; nothing to split")
-    if is_split(src):
+    reader = open_gguf(src)
+    if (count := reader.fields.get(gguf.Keys.Split.LLM_KV_SPLIT_COUNT)) is not None and int(count.contents()) > 1:
         raise QuantizeError(src, "is already a split shard; split the merged file instead")
-    reader = gguf.GGUFReader(src)
     header = min(t.data_offset for t in reader.tensors)  # metadata and tensor infos: all in the first shard
     biggest = max(reader.tensors, key=lambda t: int(t.n_bytes))
     if int(biggest.n_bytes) + header > max_bytes:
