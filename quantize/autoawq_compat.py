@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -48,7 +48,12 @@ with warnings.catch_warnings(record=True) as _import_warnings:
     from awq.models.base import BaseAWQForCausalLM
     from awq.modules.linear.gemm import WQLinear_GEMM
     from awq.quantize.quantizer import AwqQuantizer
+    from awq.quantize.scale import apply_clip, apply_scale
+    from awq.utils.calib_data import get_calib_dataset
     from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears
+    from awq.utils.utils import clear_memory
+
+from .stream import Skeleton, record_block_kwargs, to_device
 
 log = logging.getLogger(__name__)
 for _w in _import_warnings:
@@ -56,7 +61,8 @@ for _w in _import_warnings:
 
 __all__ = [
     "AWQ_CAUSAL_LM_MODEL_MAP", "OFFSET_NORMS", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "BlockKwargsAwqQuantizer",
-    "CopyingAwqQuantizer", "WQLinear_GEMM", "offset_norms_folded", "pinned_to_cpu", "round_to_nearest", "scale_ln_fcs",
+    "CopyingAwqQuantizer", "StreamingAwqQuantizer", "WQLinear_GEMM", "offset_norms_folded", "pinned_to_cpu", "round_to_nearest",
+    "round_to_nearest_block", "scale_ln_fcs",
 ]
 
 # AutoAWQ modules that call ``get_best_device()`` while quantizing (checked against 0.2.9's source).
@@ -114,27 +120,6 @@ class CopyingAwqQuantizer(AwqQuantizer):
                                            kwargs or {})
 
 
-class _AllRecorded(Exception):
-    """Raised by the last stand-in block: every block's arguments are known, the rest of the model need not run."""
-
-
-class _StandIn(nn.Module):
-    """Takes a block's place for one forward pass: records its keyword arguments, passes the hidden states on."""
-
-    def __init__(self, record: list[dict[str, Any]], last: bool) -> None:
-        super().__init__()
-        self.record, self.last = record, last
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise TypeError(f"a block was called with {len(args)} positional arguments after the hidden states; "
-                            "BlockKwargsAwqQuantizer records keyword arguments only")
-        self.record.append(kwargs)
-        if self.last:
-            raise _AllRecorded
-        return hidden_states
-
-
 class BlockKwargsAwqQuantizer(CopyingAwqQuantizer):
     """:class:`CopyingAwqQuantizer` that runs each block with that block's own keyword arguments.
 
@@ -155,31 +140,19 @@ class BlockKwargsAwqQuantizer(CopyingAwqQuantizer):
         self.block_kwargs = self._record_block_kwargs(modules, inps)
         return modules, kwargs, inps
 
-    @torch.no_grad()
     def _record_block_kwargs(self, blocks: nn.ModuleList, inps: torch.Tensor) -> list[dict[str, Any]]:
-        record: list[dict[str, Any]] = []
-        originals = list(blocks)
         self.awq_model.move_embed(self.model, inps.device)  # the rotary embedding runs on the inputs' device
         try:
-            for i in range(len(blocks)):
-                blocks[i] = _StandIn(record, last=i == len(blocks) - 1)
-            self.model(inputs_embeds=inps)
-        except _AllRecorded:
-            pass
+            return record_block_kwargs(self.model.get_decoder(), inps)
         finally:
-            for i, block in enumerate(originals):
-                blocks[i] = block
             self.awq_model.move_embed(self.model, "cpu")
-        if len(record) != len(blocks):
-            raise RuntimeError(f"recorded the arguments of {len(record)} of {len(blocks)} blocks")
-        return record
 
     def _sanitize_kwargs(self, inputs_kwargs: dict[str, Any], module: nn.Module) -> dict[str, Any]:
         # AutoAWQ passes its shared block-0 dict (``self.module_kwargs``) for a whole block and for a
         # block's attention in the scale search; a linear alone gets an empty dict of its own.
         if inputs_kwargs is self.module_kwargs:
             device = next(module.parameters()).device
-            inputs_kwargs = {k: _to_device(v, device) for k, v in self.block_kwargs[self._block_index(module)].items()}
+            inputs_kwargs = to_device(self.block_kwargs[self._block_index(module)], device)
         return super()._sanitize_kwargs(inputs_kwargs, module)
 
     def _block_index(self, module: nn.Module) -> int:
@@ -189,12 +162,49 @@ class BlockKwargsAwqQuantizer(CopyingAwqQuantizer):
         raise LookupError(f"{type(module).__name__} is in none of the model's blocks")
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    return value
+class StreamingAwqQuantizer(BlockKwargsAwqQuantizer):
+    """AutoAWQ's per-block AWQ with only one block of the model resident, read from disk when its turn comes.
+
+    The model is a :class:`quantize.stream.Skeleton` (parameters on the meta device).  Calibration
+    samples are cut by AutoAWQ's own ``get_calib_dataset`` and embedded with the embeddings alone
+    resident; each block then gets its own recorded arguments (as in :class:`BlockKwargsAwqQuantizer`).
+    :meth:`quantize` is AutoAWQ 0.2.9's loop, step for step with AutoAWQ's own methods (input
+    features, scale search and application, clip search and application, packing into
+    ``WQLinear_GEMM``), with the block made resident before and handed to ``on_block`` (which
+    writes it) and dropped after.  The device shuffling of AutoAWQ's loop is not needed: a resident
+    block and its inputs are on the skeleton's device.
+    """
+
+    def __init__(self, skeleton: Skeleton, on_block: Callable[[int, nn.Module], None], *args: Any, **kwargs: Any) -> None:
+        self.skeleton, self.on_block = skeleton, on_block
+        super().__init__(*args, **kwargs)
+
+    @torch.no_grad()
+    def init_quant(self, n_samples: int = 128, max_seq_len: int = 512) -> tuple[Any, dict[str, Any], torch.Tensor]:
+        sk = self.skeleton
+        samples = torch.cat(get_calib_dataset(data=self.calib_data, tokenizer=self.tokenizer, n_samples=n_samples,
+                                              max_seq_len=max_seq_len, split=self.split, text_column=self.text_column), dim=0)
+        with sk.resident(sk.embed) as embed:
+            inps = embed(samples.to(sk.device))
+        self.block_kwargs = record_block_kwargs(sk.decoder, inps)
+        return self.awq_model.get_model_layers(self.model), {}, inps
+
+    def quantize(self) -> None:
+        for i, block in enumerate(self.modules):
+            with self.skeleton.resident(block):
+                named_linears = exclude_layers_to_not_quantize(get_named_linears(block), self.modules_to_not_convert)
+                input_feat = self._get_input_feat(block, named_linears)
+                clear_memory()
+                groups = self.awq_model.get_layers_for_scaling(block, input_feat, self.module_kwargs)
+                apply_scale(block, [self._search_best_scale(block, **g) for g in groups], input_feat_dict=input_feat)
+                if self.apply_clip:
+                    apply_clip(block, self._search_best_clip(block, named_linears, input_feat))
+                if not self.export_compatible:
+                    self._apply_quant(block, named_linears)
+                del input_feat
+                self.on_block(i, block)
+            clear_memory()
+            log.info("AWQ: block %d of %d quantized", i + 1, len(self.modules))
 
 
 # Norms computing ``x_hat * (1 + w)`` (Gemma's convention; ``w`` is stored zero-centred) instead of
@@ -267,8 +277,9 @@ def _no_cuda() -> bool:
     return False
 
 
-def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int, zero_point: bool, version: str) -> None:
-    """Quantize every block's linears with AutoAWQ's own final step and no search: the RTN baseline.
+def round_to_nearest_block(block: nn.Module, w_bit: int, group_size: int, zero_point: bool, version: str,
+                           skip: list[str] | None = None) -> None:
+    """Quantize one block's linears with AutoAWQ's own final step and no search: the RTN baseline.
 
     ``AwqQuantizer._apply_quant`` is what AWQ itself ends with (float16 min-max fake-quantization
     per group, then ``WQLinear_GEMM.from_linear`` packing), so the baseline differs from AWQ only
@@ -278,6 +289,10 @@ def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int,
     """
     q = object.__new__(CopyingAwqQuantizer)
     q.w_bit, q.group_size, q.zero_point, q.version = w_bit, group_size, zero_point, version.lower()
-    skip = awq_model.quant_config.modules_to_not_convert
+    q._apply_quant(block, exclude_layers_to_not_quantize(get_named_linears(block), skip))
+
+
+def round_to_nearest(awq_model: BaseAWQForCausalLM, w_bit: int, group_size: int, zero_point: bool, version: str) -> None:
+    """:func:`round_to_nearest_block` on every block of a whole model."""
     for block in awq_model.get_model_layers(awq_model.model):
-        q._apply_quant(block, exclude_layers_to_not_quantize(get_named_linears(block), skip))
+        round_to_nearest_block(block, w_bit, group_size, zero_point, version, awq_model.quant_config.modules_to_not_convert)

@@ -48,7 +48,8 @@ from . import TOOL_NAME, __version__
 from .atomic import atomic_dir, sha256_file
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import QuantizeError
-from .imatrix import read_text
+from .stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
+from .text import read_text
 
 if TYPE_CHECKING:
     import torch
@@ -187,50 +188,39 @@ def _check_linear_shapes(ckpt: Checkpoint, settings: AwqSettings) -> None:
                                 f"need a multiple of {OC_BATCH}")
 
 
-def resolve_device(requested: str, where: Path) -> str:
-    """``auto`` -> ``cuda`` if torch sees a GPU, else ``cpu``; ``cuda`` without one is refused."""
-    import torch
+def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> StreamNeed:
+    """Host RAM a run needs, roughly and on the safe side, with one block resident at a time.
 
-    has_cuda = torch.cuda.is_available()
-    if requested == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if requested == "cuda" and not has_cuda:
-        raise QuantizeError(where, f"--device cuda asked for, but torch {torch.__version__} sees no CUDA GPU here; run on a GPU "
-                            "machine with a CUDA build of torch, or use --device cpu (slower, calibrates in float32)")
-    return requested
-
-
-def _ram_needed(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> int:
-    """Bytes of host RAM a run needs, roughly and on the safe side.
-
-    The whole model is loaded on the host in the calibration dtype (float32 on the CPU, float16 or
-    bfloat16 for CUDA, which then takes one block at a time).  On the CPU the calibration activations live in
-    RAM too: AutoAWQ keeps a block's inputs and outputs, a copy of every linear's input
-    (q, k, v, o, gate, up: ~6x hidden; down: intermediate) and the MLP's intermediates, and runs
-    attention on all samples at once (``n_parallel_calib_samples=None``), i.e. a
-    samples x heads x seq^2 score matrix.
+    One block's weights in the calibration dtype (then its packed copy), the embeddings or the
+    output matrix, and the calibration activations AutoAWQ keeps for the block being searched: its
+    inputs and outputs, a copy of every linear's input (q, k, v, o, gate, up: ~6x hidden; down:
+    intermediate) and the MLP's intermediates, with attention over all samples at once
+    (``n_parallel_calib_samples=None``), i.e. a samples x heads x seq^2 score matrix.  On CUDA the
+    activations live on the GPU and the host holds the block only while it is moved.
     """
-    width = 4 if calibration_dtype(src.model_type, device) == "float32" else 2
-    weights = src.n_params * width
+    dtype = calibration_dtype(src.model_type, device)
+    width = WIDTH[dtype]
+    base = stream_need(CheckpointSource(src.ckpt), src.ckpt.config, dtype, 0, 0)
     if device == "cuda" or not calibrate:
-        return int(weights * 1.2) + GiB
+        return StreamNeed(base.block, base.ends, 0, 0)
     cfg = {**src.ckpt.config, **src.ckpt.config.get("text_config", {})}
     tokens = settings.samples * settings.seq_len
     acts = tokens * (10 * cfg["hidden_size"] + 4 * cfg["intermediate_size"]) * width
     scores = settings.samples * cfg["num_attention_heads"] * settings.seq_len**2 * width
-    return int(weights * 1.2 + acts + scores) + GiB
+    return StreamNeed(base.block, base.ends, tokens * cfg["hidden_size"] * width, acts + scores)
 
 
 def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> None:
     import psutil
 
-    need = _ram_needed(src, settings, device, calibrate)
+    need = ram_need(src, settings, device, calibrate)
     avail = psutil.virtual_memory().available
-    if need > avail:
-        what = f"{src.n_params / 1e9:.2f} B parameters in {calibration_dtype(src.model_type, device)}"
-        what += " plus calibration activations" if calibrate else ""
+    log.info("%s: AWQ RAM needed: %s", src.root.name, need.describe())
+    if need.total > avail:
+        what = f"one block in {calibration_dtype(src.model_type, device)}" + (" plus calibration activations" if calibrate else "")
         hint = "run it on a GPU machine (--device cuda), lower --samples/--seq-len, or free memory" if device == "cpu" else "free memory"
-        raise QuantizeError(src.root, f"needs about {need / GiB:.1f} GiB of RAM ({what}) but {avail / GiB:.1f} GiB is available; {hint}")
+        raise QuantizeError(src.root, f"needs about {need.total / GiB:.1f} GiB of RAM ({what}; {need.describe()}) but "
+                            f"{avail / GiB:.1f} GiB is available; {hint}")
 
 
 # --- calibration text --------------------------------------------------------------------
@@ -270,32 +260,28 @@ def quantize_rtn(hf_dir: str | Path, out_dir: str | Path, settings: AwqSettings 
 
 
 def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings: AwqSettings) -> Path:
-    """Check everything, load, quantize (AWQ or RTN), then write the folder atomically."""
-    import torch
-
+    """Check everything, then quantize (AWQ or RTN) one decoder block at a time, writing each block's
+    packed weights as soon as it is done, into a folder that appears atomically."""
     src = _check_source(hf_dir, out_dir, settings)
     device = resolve_device(settings.device, hf_dir)
     _check_ram(src, settings, device, calibrate=calib is not None)
     tokenizer, samples, calibration = _calibration(hf_dir, calib, settings) if calib is not None else (None, [], None)
-
     dtype_name = calibration_dtype(src.model_type, device)
-    dtype = getattr(torch, dtype_name)
+    log.info("%s: %s on %s in %s, one block at a time", hf_dir, method.upper(), device, dtype_name)
     t0 = time.monotonic()
-    model = _load_float_model(src, dtype)
-    t1 = time.monotonic()
-    log.info("%s: %s on %s in %s (%.1fs to load)", hf_dir, method.upper(), device, dtype, t1 - t0)
-    _quantize_in_place(method, model, src, tokenizer, samples, settings, device)
-    t2 = time.monotonic()
-    log.info("%s: %s done in %.1fs", hf_dir, method.upper(), t2 - t1)
-    provenance = {
-        "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
-        "calibration_dtype": dtype_name, "calibration": calibration,
-        "seconds": {"load": round(t1 - t0, 2), "quantize": round(t2 - t1, 2)},
-        "autoawq_fixes": list(AUTOAWQ_FIXES),
-        "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
-    }
     with atomic_dir(out_dir) as tmp:
-        _write_folder(model, src, settings, provenance, tmp)
+        writer = _ShardWriter(tmp, src, method)
+        model = _quantize_streamed(method, src, tokenizer, samples, settings, device, dtype_name, writer)
+        t1 = time.monotonic()
+        log.info("%s: %s done in %.1fs", hf_dir, method.upper(), t1 - t0)
+        provenance = {
+            "method": method, "tool": f"{TOOL_NAME} {__version__}", "settings": asdict(settings), "device": device,
+            "calibration_dtype": dtype_name, "calibration": calibration, "streamed": "one decoder block resident at a time",
+            "seconds": {"quantize": round(t1 - t0, 2)},
+            "autoawq_fixes": list(AUTOAWQ_FIXES),
+            "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
+        }
+        _write_config(model, src, settings, provenance, tmp)
     log.info("%s: written", out_dir)
     return out_dir
 
@@ -311,46 +297,87 @@ def _calibration(hf_dir: Path, calib: Path, settings: AwqSettings) -> tuple[Any,
     return tokenizer, samples, record
 
 
-def _quantize_in_place(method: str, model: Any, src: _Source, tokenizer: Any, samples: list[list[int]], settings: AwqSettings,
-                       device: str) -> None:
-    """Replace every block linear of ``model`` by a packed ``WQLinear_GEMM``: AutoAWQ's search, or none (RTN).
+def _quantize_streamed(method: str, src: _Source, tokenizer: Any, samples: list[list[int]], settings: AwqSettings, device: str,
+                       dtype: str, writer: _ShardWriter) -> Any:
+    """Replace every block linear by a packed ``WQLinear_GEMM``, block by block (AutoAWQ's search, or none for
+    RTN), handing each finished block to ``writer``; returns the (meta) model for its configuration.
 
     ``calib_data`` is always our token list: given a string, AutoAWQ would download a hub data set.
     """
     from . import autoawq_compat as compat
     from .awq_models import wrap_model
 
-    awq_model = wrap_model(model, src.model_type)
+    sk = Skeleton(src.root, writer.source, StreamSettings(device, dtype))
+    awq_model = wrap_model(sk.model, src.model_type)
+
+    def done(i: int, block: Any) -> None:
+        writer.write(i + 1, sk.name_of(block), block.state_dict())
+
     with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
+            def quantizer(*args: Any, **kwargs: Any) -> Any:
+                return compat.StreamingAwqQuantizer(sk, done, *args, **kwargs)
+
             awq_model.quantize(tokenizer, settings.quant_config(), calib_data=samples, max_calib_samples=settings.samples,
-                               max_calib_seq_len=settings.seq_len, quantizer_cls=compat.BlockKwargsAwqQuantizer)
+                               max_calib_seq_len=settings.seq_len, quantizer_cls=quantizer)
         else:
-            compat.round_to_nearest(awq_model, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
-
-
-def _load_float_model(src: _Source, dtype: torch.dtype) -> Any:
-    """The source model in ``dtype`` through its own transformers class, cache off.
-
-    AutoAWQ's ``from_pretrained`` is bypassed (see :mod:`quantize.autoawq_compat`).  ``use_cache``
-    is switched off because the KV cache AutoAWQ's layer-0 catcher captures would otherwise be
-    handed to every calibration forward and grow with each.
-    """
-    import transformers
-
-    model = getattr(transformers, src.arch).from_pretrained(src.root, dtype=dtype, local_files_only=True)
-    model.config.use_cache = False
-    return model.eval()
+            for i, block in enumerate(sk.layers):
+                with sk.resident(block):
+                    compat.round_to_nearest_block(block, settings.w_bit, settings.group_size, settings.zero_point, settings.version)
+                    done(i, block)
+    writer.finish()
+    return sk.model
 
 
 # --- writing -----------------------------------------------------------------------------
 
 
-def _write_folder(model: Any, src: _Source, settings: AwqSettings, provenance: dict[str, Any], out: Path) -> None:
-    from safetensors.torch import save_file
+class _ShardWriter:
+    """The AWQ folder's weights, written as they are made: one safetensors shard per decoder block
+    (packed int32 for quantized linears, float16 for the rest), then a last shard with every other
+    tensor of the source (embeddings, final norm, untied output matrix) copied in float16, and the
+    shard index.  Only names the source stored are kept (plus the packed triple replacing a
+    quantized ``.weight``), so a tied ``lm_head`` stays implicit, as in the source; every source
+    tensor must be accounted for."""
 
-    save_file(_disk_state_dict(model, set(src.ckpt.tensors)), str(out / "model.safetensors"),
-              metadata={"format": "pt", f"{TOOL_NAME}.method": provenance["method"]})
+    def __init__(self, out: Path, src: _Source, method: str) -> None:
+        self.out, self.method = out, method
+        self.source = CheckpointSource(src.ckpt)
+        self.names = set(src.ckpt.tensors)
+        self.count = 1 + len({n.split(".layers.")[1].split(".")[0] for n in self.names if ".layers." in n})
+        self.covered: set[str] = set()
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write(self, k: int, prefix: str, state: dict[str, Any]) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        shard = f"model-{k:05d}-of-{self.count:05d}.safetensors"
+        out: dict[str, torch.Tensor] = {}
+        for leaf_name, t in state.items():
+            name = f"{prefix}.{leaf_name}" if prefix else leaf_name
+            base, _, leaf = name.rpartition(".")
+            if leaf in PACKED and f"{base}.weight" in self.names:
+                self.covered.add(f"{base}.weight")
+            elif name not in self.names:
+                continue
+            self.covered.add(name)
+            out[name] = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+            self.weight_map[name] = shard
+            self.total += out[name].numel() * out[name].element_size()
+        save_file(out, str(self.out / shard), metadata={"format": "pt", f"{TOOL_NAME}.method": self.method})
+
+    def finish(self) -> None:
+        rest = sorted(self.names - self.covered)
+        if any(".layers." in n for n in rest):
+            raise RuntimeError(f"quantized model lost source tensors: {[n for n in rest if '.layers.' in n][:5]}")
+        self.write(self.count, "", {n: self.source.get(n) for n in rest})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(model: Any, src: _Source, settings: AwqSettings, provenance: dict[str, Any], out: Path) -> None:
     config = dict(src.ckpt.config)
     config["quantization_config"] = settings.transformers_config()
     config["dtype"] = config["torch_dtype"] = "float16"  # "torch_dtype" for readers older than transformers 4.56
@@ -359,31 +386,6 @@ def _write_folder(model: Any, src: _Source, settings: AwqSettings, provenance: d
     if "generation_config.json" not in copied:
         model.generation_config.save_pretrained(out)
     (out / "provenance.json").write_text(json.dumps({**provenance, "copied": copied}, indent=2) + "\n")
-
-
-def _disk_state_dict(model: Any, source_names: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors that go on disk: packed int32 for quantized linears, float16 for everything else.
-
-    Only names the source stored are kept (plus the packed triple replacing a quantized
-    ``.weight``), so a tied ``lm_head`` stays implicit, as in the source, and nothing is lost:
-    every source tensor must be accounted for.
-    """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    covered: set[str] = set()
-    for name, t in model.state_dict().items():
-        base, _, leaf = name.rpartition(".")
-        if leaf in PACKED and f"{base}.weight" in source_names:
-            covered.add(f"{base}.weight")
-        elif name not in source_names:
-            continue
-        covered.add(name)
-        t = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype)
-        out[name] = t.contiguous()
-    if missing := sorted(source_names - covered):
-        raise RuntimeError(f"quantized model lost source tensors: {missing[:5]}")
-    return out
 
 
 def _copy_side_files(src: Path, out: Path) -> list[str]:
@@ -450,49 +452,56 @@ def _pack_columns(values: torch.Tensor, bits: int, order: list[int]) -> torch.Te
     return packed
 
 
-def dequantize_state_dict(tensors: dict[str, torch.Tensor], bits: int, group_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Replace every ``X.qweight/qzeros/scales`` triple by ``X.weight`` ``[out, in]`` in ``dtype``.
+class AwqSource:
+    """An AWQ (or RTN) GEMM folder's tensors as float weights: a packed linear's ``X.weight`` ``[out, in]`` is
+    dequantized when it is read, ``w = (q - z) * s`` per group (AWQ's asymmetric quantizer) by AutoAWQ's
+    ``dequantize_gemm`` in float16, exactly as its CUDA/Triton kernels compute it."""
 
-    ``w = (q - z) * s`` per group (AWQ's asymmetric quantizer), computed by AutoAWQ's
-    ``dequantize_gemm`` in float16 exactly as its CUDA/Triton kernels do, then widened.
-    """
-    from awq.utils.packing_utils import dequantize_gemm
+    def __init__(self, inner: CheckpointSource, bits: int, group_size: int) -> None:
+        self.inner, self.bits, self.group_size = inner, bits, group_size
+        self.root = inner.root
 
-    out = {k: v.to(dtype) for k, v in tensors.items() if k.rpartition(".")[2] not in PACKED}
-    for name in tensors:
-        base, _, leaf = name.rpartition(".")
-        if leaf == "qweight":
-            w = dequantize_gemm(tensors[name], tensors[f"{base}.qzeros"], tensors[f"{base}.scales"], bits, group_size)
-            out[f"{base}.weight"] = w.t().contiguous().to(dtype)
-    return out
+    @classmethod
+    def open(cls, folder: Path) -> AwqSource:
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise QuantizeError(folder, "no config.json; not an AWQ checkpoint folder")
+        qc = json.loads(cfg_path.read_text(encoding="utf-8")).get("quantization_config") or {}
+        if qc.get("quant_method") != "awq" or str(qc.get("version", "")).lower() != "gemm" or qc.get("bits") != 4:
+            raise QuantizeError(cfg_path, f"quantization_config {qc or None} is not 4-bit AWQ GEMM; this loader reads only that")
+        return cls(CheckpointSource.open(folder), int(qc["bits"]), int(qc["group_size"]))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name, shape in self.inner.shapes().items():
+            base, _, leaf = name.rpartition(".")
+            if leaf == "qweight":
+                out[f"{base}.weight"] = (shape[1] * PACK_NUM_BITS // self.bits, shape[0])
+            elif leaf not in PACKED:
+                out[name] = shape
+        return out
+
+    def get(self, name: str) -> Any:
+        from awq.utils.packing_utils import dequantize_gemm
+
+        base = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{base}.qweight" in self.inner.ckpt.tensors:
+            q, z, s = (self.inner.get(f"{base}.{leaf}") for leaf in PACKED)
+            return dequantize_gemm(q, z, s, self.bits, self.group_size).t().contiguous()
+        return self.inner.get(name)
 
 
 def load_awq_as_float(out_dir: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """Read an AWQ (or RTN) GEMM folder from disk into an ordinary transformers model in ``dtype`` (float32 by default).
-
-    For evaluation on machines without AWQ kernels: weights are dequantized once, so the model
-    computes exactly what the packed integers say, in ordinary ``nn.Linear`` layers.
-    """
+    """Read an AWQ (or RTN) GEMM folder from disk into an ordinary transformers model in ``dtype`` (float32 by default),
+    every linear dequantized by :class:`AwqSource` (the whole model in memory: for tests and small models; the
+    quality gate streams the same source block by block)."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(out_dir)
     dtype = dtype or torch.float32
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise QuantizeError(folder, "no config.json; not an AWQ checkpoint folder")
-    qc = json.loads(cfg_path.read_text(encoding="utf-8")).get("quantization_config") or {}
-    if qc.get("quant_method") != "awq" or str(qc.get("version", "")).lower() != "gemm" or qc.get("bits") != 4:
-        raise QuantizeError(cfg_path, f"quantization_config {qc or None} is not 4-bit AWQ GEMM; this loader reads only that")
-    shards = sorted(folder.glob("*.safetensors"))
-    if not shards:
-        raise QuantizeError(folder, "no .safetensors files; the AWQ folder is incomplete")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        tensors.update(load_file(str(shard)))
-    state = dequantize_state_dict(tensors, int(qc["bits"]), int(qc["group_size"]), dtype)
-
+    source = AwqSource.open(folder)
+    state = {name: source.get(name).to(dtype) for name in source.shapes()}
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     del config.quantization_config  # the weights are float now; keep transformers from looking for AWQ kernels
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

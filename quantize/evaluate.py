@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +28,10 @@ import numpy as np
 
 from .atomic import atomic_dir, atomic_file, sha256_file
 from .errors import QuantizeError
-from .imatrix import read_text
+from .fingerprint import fingerprint
 from .progress import progress
-from .resources import check_float32_fits
+from .stream import CheckpointSource, StreamedModel, StreamSettings, TensorSource, check_stream_fits, resolve_device, stream_need
+from .text import read_text, token_windows
 from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
 log = logging.getLogger(__name__)
@@ -44,46 +45,49 @@ class EvalSettings:
     ctx: int = 512
     chunks: int | None = None  # None: every full window of the text
     threads: int = 0
+    device: str = "auto"  # where torch engines (the float32 reference, AWQ folders) run: auto, cuda or cpu
+    batch_tokens: int = 4096  # torch engines: windows per block call
 
 
 class Engine(Protocol):
-    """Something that returns float32 logits (ctx x vocab) for a window of token ids."""
+    """Something that returns, window by window, float32 logits of the scored positions."""
 
     n_vocab: int
 
-    def logits(self, ids: list[int]) -> np.ndarray: ...
+    def scored_logits(self, tokens: np.ndarray, rows: slice) -> Iterator[np.ndarray]: ...
 
 
 # --- engines ------------------------------------------------------------------------------
 
 
-class TorchEngine:
-    """An HF model in float32 on the CPU (the reference), or any torch causal LM."""
+class StreamedEngine:
+    """A Hugging Face model (or an AWQ folder, dequantized tensor by tensor) in torch, one decoder block
+    resident at a time, over all windows at once (:mod:`quantize.stream`)."""
 
-    def __init__(self, model: Any) -> None:
-        self.model = model.eval()
-        self.n_vocab = int(model.config.vocab_size)
+    def __init__(self, folder: Path, settings: EvalSettings, source: TensorSource | None = None, dtype: str = "float32") -> None:
+        self.folder = folder
+        self.source = source or CheckpointSource.open(folder)
+        self.stream = StreamSettings(resolve_device(settings.device, folder), dtype, settings.batch_tokens)
+        self.model = StreamedModel(folder, self.source, self.stream)
+        self.n_vocab = self.model.n_vocab
 
-    @classmethod
-    def from_dir(cls, path: Path) -> TorchEngine:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        return cls(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.model(torch.tensor([ids])).logits[0].float().numpy()
+    def scored_logits(self, tokens: np.ndarray, rows: slice) -> Iterator[np.ndarray]:
+        config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        need = stream_need(self.source, config, self.stream.dtype, tokens.size, self.stream.batch_tokens,
+                           head_rows=len(range(*rows.indices(tokens.shape[1]))))
+        log.info("%s: streamed in torch (%s on %s); RAM needed: %s", self.folder.name, self.stream.dtype, self.stream.device,
+                 need.describe())
+        spill = check_stream_fits(self.folder, need, f"evaluating {self.folder.name}")
+        yield from self.model.logits(tokens, rows, spill)
 
 
 class LlamaCppEngine:
-    """A GGUF in llama.cpp (llama-cpp-python), all logits of the window."""
+    """A GGUF in llama.cpp (llama-cpp-python), from a memory map; all logits of each window."""
 
     def __init__(self, path: Path, ctx: int, threads: int = 0) -> None:
         from llama_cpp import Llama
 
+        _log_mapped_memory(path)
         self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                          verbose=False, n_threads=threads or os.cpu_count() or 1)
         self.n_vocab = self.llm.n_vocab()
@@ -92,6 +96,10 @@ class LlamaCppEngine:
         self.llm.reset()
         self.llm.eval(ids)
         return np.asarray(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def scored_logits(self, tokens: np.ndarray, rows: slice) -> Iterator[np.ndarray]:
+        for w in range(tokens.shape[0]):
+            yield self.logits(tokens[w].tolist())[rows]
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=False, special=False))
@@ -102,10 +110,23 @@ class LlamaCppEngine:
         return None if b < 0 else int(b)
 
 
-def _awq_engine(path: Path, ctx: int, threads: int) -> Engine:
-    from .awq import load_awq_as_float
+def _log_mapped_memory(path: Path) -> None:
+    """State what a GGUF needs: llama.cpp maps it, so it runs at full speed with about its file size of free
+    RAM, and with less still runs, reading pages from disk again for every window (much slower)."""
+    import psutil
 
-    return TorchEngine(load_awq_as_float(path))
+    size, avail = path.stat().st_size, psutil.virtual_memory().available
+    log.info("%s: runs in llama.cpp from a memory map; RAM needed about its size, %.2f GiB (%.1f GiB available)",
+             path.name, size / 2**30, avail / 2**30)
+    if size > avail:
+        log.warning("%s (%.1f GiB) is larger than the free RAM (%.1f GiB): llama.cpp will page it in from disk for every "
+                    "window, much more slowly; the figures are the same", path.name, size / 2**30, avail / 2**30)
+
+
+def _awq_engine(path: Path, settings: EvalSettings) -> Engine:
+    from .awq import AwqSource
+
+    return StreamedEngine(path, settings, AwqSource.open(path))
 
 
 def artifact_kind(path: Path) -> str:
@@ -125,16 +146,16 @@ def artifact_kind(path: Path) -> str:
     return "HF"
 
 
-ENGINES: dict[str, Callable[[Path, int, int], Engine]] = {
-    "gguf": lambda p, ctx, th: LlamaCppEngine(p, ctx, th),
+ENGINES: dict[str, Callable[[Path, EvalSettings], Engine]] = {
+    "gguf": lambda p, s: LlamaCppEngine(p, s.ctx, s.threads),
     "awq": _awq_engine,
-    "hf": lambda p, ctx, th: TorchEngine.from_dir(p),
+    "hf": lambda p, s: StreamedEngine(p, s),
 }
 
 
 def open_engine(path: Path, settings: EvalSettings) -> Engine:
     kind = "gguf" if path.is_file() else ("awq" if artifact_kind(path) in ("AWQ", "RTN") else "hf")
-    return ENGINES[kind](path, settings.ctx, settings.threads)
+    return ENGINES[kind](path, settings)
 
 
 # --- math --------------------------------------------------------------------------------
@@ -191,7 +212,7 @@ def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.
 
 @dataclass(frozen=True)
 class Windows:
-    tokens: np.ndarray  # (n_windows, ctx) int32, BOS already in place
+    tokens: np.ndarray  # (n_windows, ctx), BOS already in place
     text_sha256: str
     n_text_tokens: int
 
@@ -199,23 +220,14 @@ class Windows:
     def first(self) -> int:
         return self.tokens.shape[1] // 2  # score positions first .. ctx-2 (predicting first+1 .. ctx-1)
 
+    @property
+    def rows(self) -> slice:
+        return slice(self.first, self.tokens.shape[1] - 1)
+
 
 def make_windows(ids: list[int], bos: int | None, text_file: Path, settings: EvalSettings) -> Windows:
-    n = len(ids) // settings.ctx
-    if settings.chunks is not None:
-        n = min(n, settings.chunks)
-    if n < 1:
-        raise QuantizeError(text_file, f"has {len(ids)} tokens, shorter than one evaluation window of {settings.ctx}")
-    tokens = np.array(ids[: n * settings.ctx], dtype=np.int32).reshape(n, settings.ctx)
-    if bos is not None:
-        tokens[:, 0] = bos
+    tokens = token_windows(ids, settings.ctx, settings.chunks, bos, text_file, "evaluation window")
     return Windows(tokens, sha256_file(text_file), len(ids))
-
-
-def _files_fingerprint(path: Path) -> str:
-    """Cheap identity of a model on disk (names, sizes, mtimes), for the cache key."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return hashlib.sha256("".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files).encode()).hexdigest()
 
 
 @dataclass
@@ -237,11 +249,11 @@ class Reference:
 
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
-    """Tokenize once, run the reference once, cache its packed distributions; reuse when cached."""
+    """Tokenize once, run the reference once over every window, cache its packed distributions; reuse when cached."""
     engine, tokenize, bos = _reference_engine(ref_path, settings)
     text = read_text(text_file)
     windows = make_windows(tokenize(text), bos, text_file, settings)
-    key = hashlib.sha256(json.dumps([_files_fingerprint(ref_path), windows.text_sha256, settings.ctx,
+    key = hashlib.sha256(json.dumps([fingerprint(ref_path), windows.text_sha256, settings.ctx,
                                      settings.chunks]).encode()).hexdigest()[:20]
     root = cache_root / key
     if not (root / "meta.json").is_file():
@@ -257,30 +269,31 @@ def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, 
 
 
 def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[[], Engine], Callable[[str], list[int]], int | None]:
-    if ref_path.is_file():  # an F16 GGUF in llama.cpp: the reference for models too big for float32 torch
+    if ref_path.is_file():  # an F16 GGUF in llama.cpp
         eng = LlamaCppEngine(ref_path, settings.ctx, settings.threads)
         return (lambda: eng), eng.tokenize, eng.bos
     if not (ref_path / "config.json").is_file():
         raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
     from transformers import AutoTokenizer
 
-    check_float32_fits(ref_path, "the float32 reference")
-    tok = AutoTokenizer.from_pretrained(ref_path)
-    return (lambda: TorchEngine.from_dir(ref_path)), (lambda t: tok(t, add_special_tokens=False)["input_ids"]), tok.bos_token_id
+    CheckpointSource.open(ref_path)  # an incomplete checkpoint is refused before tokenizing
+    tok = AutoTokenizer.from_pretrained(ref_path, local_files_only=True)
+    return ((lambda: StreamedEngine(ref_path, settings)), (lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
+            tok.bos_token_id)
 
 
 def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
+    """Log-softmax of each window's scored rows, packed straight into the 16-bit cache."""
     n, ctx = windows.tokens.shape
-    first = windows.first
-    rows = ctx - 1 - first
+    first, rows = windows.first, ctx - 1 - windows.first
     with atomic_dir(root) as tmp:
         q = np.lib.format.open_memmap(tmp / "logp_u16.npy", mode="w+", dtype=np.uint16, shape=(n, rows, engine.n_vocab))
         lo = np.zeros((n, rows), np.float32)
         sc = np.zeros((n, rows), np.float32)
         nll = np.zeros((n, rows), np.float64)
-        for w in progress(range(n), n, "reference log-probabilities"):
-            ids = windows.tokens[w].tolist()
-            logp = log_softmax(engine.logits(ids)[first : ctx - 1])
+        logits = engine.scored_logits(windows.tokens, windows.rows)
+        for w, window_logits in progress(enumerate(logits), n, "reference log-probabilities"):
+            logp = log_softmax(window_logits)
             q[w], lo[w], sc[w] = pack_logp(logp)
             nll[w] = -logp[np.arange(rows), windows.tokens[w, first + 1 :]]
         q.flush()
@@ -331,10 +344,10 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
         raise QuantizeError(path, f"vocabulary of {engine.n_vocab} tokens differs from the reference's {ref_vocab}; "
                             "not the same model")
     tokens, first = ref.windows.tokens, ref.windows.first
-    ctx = tokens.shape[1]
     nll, kld, top1 = [], [], []
-    for w in progress(range(tokens.shape[0]), tokens.shape[0], f"eval {path.name}"):
-        n, k, t = window_metrics(engine.logits(tokens[w].tolist())[first : ctx - 1], ref.packed(w), tokens[w, first + 1 :])
+    logits = engine.scored_logits(tokens, ref.windows.rows)
+    for w, window_logits in progress(enumerate(logits), tokens.shape[0], f"eval {path.name}"):
+        n, k, t = window_metrics(window_logits, ref.packed(w), tokens[w, first + 1 :])
         nll.append(n)
         kld.append(k)
         top1.append(t)

@@ -3,8 +3,8 @@
 For every weight matrix W (out x in) the quantity ``llama-imatrix`` collects is the per-column
 sum of squared activations ``sum_t x_t[j]^2`` over the calibration tokens, with the token count;
 llama.cpp's quantizers then weight each column's rounding error by the mean ``sum/count``
-(llama.cpp tools/imatrix).  We compute it in torch with forward hooks on the float model, name
-each matrix by its GGUF tensor name through gguf-py's tensor map, and save it in llama.cpp's GGUF
+(llama.cpp tools/imatrix).  We compute it in torch with forward hooks on the float32 model run one
+decoder block at a time over every chunk (:mod:`quantize.stream`), name each matrix by its GGUF tensor name through gguf-py's tensor map, and save it in llama.cpp's GGUF
 imatrix layout (``<tensor>.in_sum2``, ``<tensor>.counts``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``) so ``llama-quantize --imatrix`` reads it too.
 
@@ -13,9 +13,9 @@ Calibration text is never the evaluation text: the same file is refused, a large
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
-import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,17 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
-from .progress import progress
-from .resources import check_float32_fits
+from .text import check_calibration_text, read_text, token_windows
 
 log = logging.getLogger(__name__)
-
-OVERLAP_WARN = 0.10  # fraction of calibration lines also found in the evaluation text
 
 
 @dataclass(frozen=True)
 class ImatrixSettings:
     ctx: int = 512  # tokens per chunk (llama-imatrix's default -c 512)
     chunks: int | None = None  # None: every full chunk of the text
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
+    batch_tokens: int = 4096  # chunks per block call: as many as fit in this many tokens
 
 
 @dataclass
@@ -50,14 +49,6 @@ class Imatrix:
 
     def means(self) -> dict[str, np.ndarray]:
         return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()}
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for k in sorted(self.sums):
-            h.update(k.encode())
-            h.update(self.sums[k].tobytes())
-            h.update(str(self.counts[k]).encode())
-        return h.hexdigest()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -94,53 +85,6 @@ class Imatrix:
                    int(field_value(r, "imatrix.chunk_count") or 0), int(field_value(r, "imatrix.chunk_size") or 0))
 
 
-def check_calibration_text(calib: Path, eval_text: Path | None) -> None:
-    """Refuse calibrating on the evaluation text; warn when they overlap a lot."""
-    if eval_text is None:
-        return
-    if calib.resolve() == eval_text.resolve() or _sha(calib) == _sha(eval_text):
-        raise QuantizeError(calib, f"is the evaluation text ({eval_text}); calibrate on different text")
-    cal = {ln.strip() for ln in calib.read_text(encoding="utf-8").splitlines() if len(ln.strip()) > 20}
-    ev = {ln.strip() for ln in eval_text.read_text(encoding="utf-8").splitlines() if len(ln.strip()) > 20}
-    if cal and len(cal & ev) / len(cal) > OVERLAP_WARN:
-        msg = f"{calib}: {len(cal & ev) / len(cal):.0%} of its lines also appear in {eval_text}; evaluation will flatter the quants"
-        warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_text(path: Path, what: str = "text", hint: str = "") -> str:
-    """A UTF-8 text file, or a one-line error naming it (``hint`` says how to pass another)."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        raise QuantizeError(path, f"{what} not found{hint}") from None
-    except UnicodeDecodeError as exc:
-        raise QuantizeError(path, f"{what} is not UTF-8 (byte {exc.start}); re-encode it") from None
-
-
-def load_float_model(source: Path) -> tuple[Any, Any]:
-    """(model in float32, tokenizer) from an HF folder or an F16/F32 GGUF (dequantized by transformers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if source.is_file() and source.suffix == ".gguf":
-        kw: dict[str, Any] = {"gguf_file": source.name}
-        root = source.parent
-    elif (source / "config.json").is_file():
-        kw, root = {}, source
-    else:
-        raise QuantizeError(source, "expected an HF checkpoint folder or a .gguf file")
-    if not kw:
-        check_float32_fits(root, "the importance matrix")
-    model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(root, **kw)
-    return model.eval(), tok
-
-
 def gguf_matrix_names(model: Any) -> dict[str, str]:
     """HF Linear module name -> GGUF weight name, through gguf-py's tensor map."""
     import torch
@@ -165,54 +109,57 @@ def gguf_matrix_names(model: Any) -> dict[str, str]:
 
 def compute_imatrix(source: str | Path, text_file: str | Path, settings: ImatrixSettings = ImatrixSettings(),
                     eval_text: str | Path | None = None) -> Imatrix:
-    """Collect per-column mean squared activations of every matrix over calibration chunks."""
+    """Collect per-column sums of squared activations of every matrix over calibration chunks,
+    streaming the model one decoder block at a time (:mod:`quantize.stream`)."""
     import torch
+    from transformers import AutoTokenizer
+
+    from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
 
     source, text_file = Path(source), Path(text_file)
+    if source.suffix == ".gguf":
+        raise QuantizeError(source, "the importance matrix runs the fp16 Hugging Face checkpoint one block at a time; "
+                            "pass the checkpoint folder this GGUF was converted from")
+    src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
     check_calibration_text(text_file, Path(eval_text) if eval_text else None)
     text = read_text(text_file, "text file")
-    model, tok = load_float_model(source)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    n_chunks = len(ids) // settings.ctx
-    if settings.chunks is not None:
-        n_chunks = min(n_chunks, settings.chunks)
-    if n_chunks < 1:
-        raise QuantizeError(text_file, f"has {len(ids)} tokens, fewer than one chunk of {settings.ctx}")
-    names = gguf_matrix_names(model)
+    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    tokens = token_windows(tok(text, add_special_tokens=False, verbose=False)["input_ids"], settings.ctx, settings.chunks,
+                           tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
+    stream = StreamSettings(resolve_device(settings.device, source), "float32", settings.batch_tokens)
+    spill = check_stream_fits(source, stream_need(src, src.ckpt.config, "float32", tokens.size, stream.batch_tokens),
+                              "the importance matrix")
+    model = StreamedModel(source, src, stream)
+    names = gguf_matrix_names(model.sk.model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(gname: str) -> Any:
-        def collect(_mod: Any, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
-            sums[gname] = sums.get(gname, 0) + (x * x).sum(0)  # type: ignore[assignment]
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
+    def collect(gname: str, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        sums[gname] = sums[gname] + (x * x).sum(0) if gname in sums else (x * x).sum(0)
+        counts[gname] = counts.get(gname, 0) + x.shape[0]
 
-        return collect
+    @contextlib.contextmanager
+    def hooked(_i: int, block: Any) -> Iterator[None]:
+        prefix = model.sk.name_of(block)
+        handles = [m.register_forward_hook(lambda _m, inp, _o, g=names[f"{prefix}.{n}"]: collect(g, inp[0]))
+                   for n, m in block.named_modules() if f"{prefix}.{n}" in names]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
-    # The output matrix only needs its input, the decoder's last hidden state: running the decoder
-    # alone and feeding that to the hook skips the logits, which for a 262k-token vocabulary cost
-    # more than the rest of the model.
-    head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), None)
-    decoder = model.get_decoder() if head_name in names else None
-    handles = [mod.register_forward_hook(hook(names[n])) for n, mod in model.named_modules()
-               if n in names and not (decoder is not None and n == head_name)]
-    bos = tok.bos_token_id
+    log.info("imatrix: %d chunks of %d tokens, one block at a time on %s", len(tokens), settings.ctx, stream.device)
+    acts = model.forward(tokens, hooked, spill, desc="imatrix")
     try:
-        with torch.no_grad():
-            for c in progress(range(n_chunks), n_chunks, "imatrix"):
-                chunk = ids[c * settings.ctx : (c + 1) * settings.ctx]
-                if bos is not None:
-                    chunk = [bos, *chunk[1:]]  # as llama-imatrix: each chunk starts with BOS
-                if decoder is None:
-                    model(torch.tensor([chunk]))
-                else:
-                    hidden = decoder(torch.tensor([chunk])).last_hidden_state
-                    hook(names[head_name])(head, (hidden,), None)  # type: ignore[index]
+        head_name = names.get(model.sk.name_of(model.sk.head)) if model.sk.head is not None else None
+        if head_name is not None:  # the output matrix reads the final norm's output; no logits are needed
+            with model.final() as norm:
+                for b in model.batches(*tokens.shape):
+                    collect(head_name, norm(acts.get(b, model.sk.device)))
     finally:
-        for h in handles:
-            h.remove()
-    log.info("imatrix: %d chunks of %d tokens, %d matrices", n_chunks, settings.ctx, len(sums))
-    return Imatrix({k: v.numpy().astype(np.float32) for k, v in sums.items()}, counts, [text_file.name],
-                   n_chunks, settings.ctx)
+        acts.close()
+    log.info("imatrix: %d matrices", len(sums))
+    return Imatrix({k: v.cpu().numpy().astype(np.float32) for k, v in sums.items()}, counts, [text_file.name],
+                   len(tokens), settings.ctx)

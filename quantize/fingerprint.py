@@ -1,0 +1,40 @@
+"""Content identity of inputs: what build steps and the reference cache are keyed by.
+
+A file's sha256 is remembered by (path, size, mtime, inode) in ``~/.cache/quantize/sha256.json``,
+so unchanged weights are hashed once; a copied or downloaded file (new mtime) is hashed again, so
+keys stay content-based.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .atomic import TMP_PREFIX, atomic_file, sha256_file
+
+HASH_CACHE = Path.home() / ".cache" / "quantize" / "sha256.json"
+
+
+def cached_sha256(f: Path) -> str:
+    st = f.stat()
+    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    try:
+        cache = json.loads(HASH_CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = sha256_file(f)
+        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(HASH_CACHE) as tmp:
+            tmp.write_text(json.dumps(cache))
+    return str(cache[key])
+
+
+def fingerprint(path: Path) -> str:
+    """Content identity of an input file or folder (names and sha256 of every file, partial files left out)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(path) if f != path else f.name}:{cached_sha256(f)};".encode())
+    return h.hexdigest()

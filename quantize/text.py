@@ -1,0 +1,63 @@
+"""Calibration and evaluation text: reading it, keeping the two apart, cutting it into token windows.
+
+One implementation for every stage that feeds text to a model: the importance matrix (chunks as
+``llama-imatrix`` cuts them), the quality gate (windows as ``llama-perplexity`` cuts them) and the
+streamed forward both take the ``(n, ctx)`` array :func:`token_windows` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+OVERLAP_WARN = 0.10  # fraction of calibration lines also found in the evaluation text
+
+
+def read_text(path: Path, what: str = "text", hint: str = "") -> str:
+    """A UTF-8 text file, or a one-line error naming it (``hint`` says how to pass another)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise QuantizeError(path, f"{what} not found{hint}") from None
+    except UnicodeDecodeError as exc:
+        raise QuantizeError(path, f"{what} is not UTF-8 (byte {exc.start}); re-encode it") from None
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_calibration_text(calib: Path, eval_text: Path | None) -> None:
+    """Refuse calibrating on the evaluation text; warn when they overlap a lot."""
+    if eval_text is None:
+        return
+    if calib.resolve() == eval_text.resolve() or _sha(calib) == _sha(eval_text):
+        raise QuantizeError(calib, f"is the evaluation text ({eval_text}); calibrate on different text")
+    cal = {ln.strip() for ln in read_text(calib, "calibration text").splitlines() if len(ln.strip()) > 20}
+    ev = {ln.strip() for ln in read_text(eval_text, "evaluation text").splitlines() if len(ln.strip()) > 20}
+    if cal and len(cal & ev) / len(cal) > OVERLAP_WARN:
+        msg = f"{calib}: {len(cal & ev) / len(cal):.0%} of its lines also appear in {eval_text}; evaluation will flatter the quants"
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+
+
+def token_windows(ids: list[int], ctx: int, limit: int | None, bos: int | None, text_file: Path, what: str) -> np.ndarray:
+    """Consecutive non-overlapping windows of ``ctx`` tokens (at most ``limit``), each starting with BOS
+    when the model has one (its first text token is replaced, as llama.cpp's tools do): ``(n, ctx)`` int64."""
+    n = len(ids) // ctx
+    if limit is not None:
+        n = min(n, limit)
+    if n < 1:
+        raise QuantizeError(text_file, f"has {len(ids)} tokens, fewer than one {what} of {ctx}; give a longer text")
+    tokens = np.array(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
+    if bos is not None:
+        tokens[:, 0] = bos
+    return tokens
