@@ -210,6 +210,13 @@ def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) 
     return StreamNeed(base.block, base.ends, tokens * cfg["hidden_size"] * width, acts + scores)
 
 
+def ram_need_for(hf_dir: Path, settings: AwqSettings) -> StreamNeed:
+    """:func:`ram_need` of a checkpoint folder for an AWQ run with ``settings``."""
+    ckpt = open_checkpoint(hf_dir)
+    model_type = FAMILIES.get(ckpt.architecture, "")
+    return ram_need(_Source(ckpt, ckpt.architecture, model_type, 0), settings, resolve_device(settings.device, hf_dir), True)
+
+
 def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> None:
     import psutil
 
@@ -472,7 +479,7 @@ class AwqSource:
         return cls(CheckpointSource.open(folder), int(qc["bits"]), int(qc["group_size"]))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        out = {}
+        out: dict[str, tuple[int, ...]] = {}
         for name, shape in self.inner.shapes().items():
             base, _, leaf = name.rpartition(".")
             if leaf == "qweight":

@@ -156,15 +156,15 @@ def bench_demo_quality(out: Path) -> dict[str, Any]:
     """imatrix speed, and KLD of plain / imatrix / imatrix+smoothing Q4_K_M, on the demo model;
     evaluation throughput against a bare llama-cpp-python forward pass over the same windows."""
     from .demo import build_demo
-    from .evaluate import EvalSettings, LlamaCppEngine, TorchEngine, evaluate, reference_logprobs, score_artifact
+    from .evaluate import EvalSettings, LlamaCppEngine, StreamedEngine, evaluate, reference_logprobs, score_artifact
     from .gguf_quant import QuantizeSettings, quantize_gguf
     from .imatrix import ImatrixSettings, compute_imatrix
-    from .pipeline import LadderSettings, build_ladder
+    from .pipeline import BuildSettings, build_ladder
     from .thresholds import DEFAULT_THRESHOLDS
 
     demo = build_demo(out.parent / "demo")
-    lad = build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"], out / "ladder",
-                       LadderSettings(until="gguf"))
+    lad = build_ladder(BuildSettings("Demo-Mistral-ChatML", demo.spm, demo.text["calib"], demo.text["eval"],
+                                     imatrix=ImatrixSettings(512, 64), until="gguf"), out / "ladder")
     t0 = time.perf_counter()
     im = compute_imatrix(demo.spm, demo.text["calib"], ImatrixSettings(512, 32))
     im_s = time.perf_counter() - t0
@@ -190,10 +190,10 @@ def bench_demo_quality(out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     score_artifact(lad.quants["Q4_K_M"], ref, es, DEFAULT_THRESHOLDS, engine)
     ours_s = time.perf_counter() - t0
-    torch_engine = TorchEngine.from_dir(demo.spm)
+    torch_engine = StreamedEngine(demo.spm, es)
     t0 = time.perf_counter()
-    for w in windows:
-        torch_engine.logits(w.tolist())
+    for _ in torch_engine.scored_logits(windows, ref.windows.rows):
+        pass
     torch_s = time.perf_counter() - t0
     res["eval_tokens_per_s"] = {"ours_gguf": n_tok / ours_s, "bare_llama_cpp": n_tok / bare_s, "torch_reference": n_tok / torch_s,
                                 "overhead": ours_s / bare_s - 1}

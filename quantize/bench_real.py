@@ -39,7 +39,7 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
     from .awq import AwqSettings, quantize_rtn
     from .evaluate import EvalSettings, reference_logprobs, score_artifact
     from .gguf_quant import QuantizeSettings, quantize_gguf
-    from .pipeline import LadderSettings, build_release, resolve
+    from .pipeline import build_release, resolve
     from .recipe import load_recipe
     from .thresholds import DEFAULT_THRESHOLDS
 
@@ -55,8 +55,7 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
     plain, plain_s = _timed(lambda: quantize_gguf(lad.f16, extras / f"{r.name}.Q4_K_M.plain.gguf", QuantizeSettings("Q4_K_M")))
     aws = AwqSettings(samples=r.ladder.awq_samples, seq_len=r.ladder.awq_seq_len)
     rtn, rtn_s = _timed(lambda: quantize_rtn(hf, extras / f"{r.name}-RTN", aws))
-    ls = LadderSettings()
-    es = EvalSettings(ls.eval_ctx, ls.eval_chunks)
+    es = EvalSettings(r.ladder.eval_ctx, r.ladder.eval_windows)
     text = resolve(r.evaluation, r.source, artifacts / "demo", "evaluation")
     ref = reference_logprobs(hf, text, es, lad.root.parent / "eval-cache")  # the gate's, cached
     for path in (plain, rtn):

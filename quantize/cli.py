@@ -64,7 +64,7 @@ def _gguf(a: argparse.Namespace) -> int:
 def _imatrix(a: argparse.Namespace) -> int:
     from .imatrix import ImatrixSettings, compute_imatrix
 
-    im = compute_imatrix(a.model, a.text, ImatrixSettings(a.ctx, a.chunks), a.eval_text)
+    im = compute_imatrix(a.model, a.text, ImatrixSettings(a.ctx, a.chunks, a.device), a.eval_text)
     print(im.save(a.output))
     return 0
 
@@ -78,7 +78,7 @@ def _eval(a: argparse.Namespace) -> int:
         kind, _, vals = spec.partition("=")
         ratio, _, kld = vals.partition(",")
         overrides[kind.upper()] = Threshold(float(ratio), float(kld))
-    report = evaluate(a.reference, a.text, a.artifacts, EvalSettings(a.ctx, a.chunks, a.threads), a.cache, overrides)
+    report = evaluate(a.reference, a.text, a.artifacts, EvalSettings(a.ctx, a.chunks, a.threads, a.device), a.cache, overrides)
     paths = write_report(report, Path(a.out_dir))
     if a.json:
         Path(a.json).write_text(paths["json"].read_text())
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
+    from .pipeline import STAGE_NAMES
 
     s = sub.add_parser("demo", help="build (or reuse) the embedded demo checkpoints and text")
     s.add_argument("--root", help="cache folder (default: artifacts/demo)")
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
     s.add_argument("recipe", nargs="?")
     s.add_argument("--artifacts", default="artifacts")
-    s.add_argument("--until", default="release", choices=["convert", "imatrix", "gguf", "awq", "eval", "release"])
+    s.add_argument("--until", default="release", choices=STAGE_NAMES, help="stop after this stage (default: the release folder)")
     s.add_argument("--types", help="only these GGUF types (comma-separated), instead of the recipe's ladder")
     s.add_argument("--demo-root", help="where the demo models are cached (default: ARTIFACTS/demo)")
     s.set_defaults(func=_build)
@@ -158,12 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_gguf)
 
     s = sub.add_parser("imatrix", help="importance matrix from calibration text (llama.cpp's GGUF imatrix format)")
-    s.add_argument("model", help="HF checkpoint folder or F16 GGUF")
+    s.add_argument("model", help="the fp16 HF checkpoint folder (run one decoder block at a time)")
     s.add_argument("--text", required=True, help="calibration text (UTF-8); never the evaluation text")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--eval-text", help="the evaluation text, to refuse/warn on overlap")
     s.add_argument("--ctx", type=int, default=512)
     s.add_argument("--chunks", type=int)
+    s.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     s.set_defaults(func=_imatrix)
 
     s = sub.add_parser("eval", help="perplexity and KL divergence of artifacts against the fp16 reference; gate on thresholds")
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx", type=int, default=512)
     s.add_argument("--chunks", type=int)
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where torch engines run (reference, AWQ)")
     s.add_argument("--json", help="also copy eval.json here")
     s.add_argument("--out-dir", default="artifacts/eval")
     s.add_argument("--cache", default="artifacts/eval-cache", help="where reference log-probabilities are cached")

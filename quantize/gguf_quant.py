@@ -93,16 +93,19 @@ def _imatrix_array(means: dict[str, np.ndarray]) -> tuple[Any, list[object]]:
     return arr, keep
 
 
-def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings = QuantizeSettings()) -> Path:
+def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings = QuantizeSettings(),
+                  origin: Path | None = None, origin_imatrix: Path | None = None) -> Path:
     """Quantize the F16/BF16/F32 GGUF ``src`` to ``settings.type`` at ``out`` (atomic).
 
     With ``smooth``, the float model and its importance matrix are first rewritten by
     :func:`quantize.smooth.smooth_gguf` (same function, outliers moved into the weights), in a
-    scratch folder beside ``out`` that is removed afterwards."""
+    scratch folder beside ``out`` that is removed afterwards.  A build smooths once for every type
+    instead and passes the smoothed pair as ``src`` and ``settings.imatrix``, naming what they were
+    made from as ``origin`` and ``origin_imatrix`` (what the provenance records)."""
     src, out = Path(src), Path(out)
     quant_type(settings.type)  # unknown names fail before any work
     if not settings.smooth:
-        return _quantize(src, out, settings, src)
+        return _quantize(src, out, settings, origin or src, origin_imatrix)
     if settings.imatrix is None:
         raise QuantizeError(src, "--smooth needs the activation statistics of an importance matrix; pass --imatrix FILE")
     import tempfile

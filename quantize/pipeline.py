@@ -1,8 +1,11 @@
-"""The build: every stage in dependency order, each step skipped when its inputs are unchanged.
+"""The build: one table of stages, run in order, each step skipped when its inputs are unchanged.
 
+A stage is a row of :data:`STAGES`: its name, whether the build's settings ask for it, and the
+function that makes its outputs.  ``quantize build --until STAGE`` runs the rows up to that one.
 A step's key is the hash of what it is made from (input fingerprints, parameters, tool version);
 the key is recorded beside the output only once the output is complete (outputs themselves are
-written atomically), so a killed step is simply redone on the next run.
+written atomically), so a killed step is simply redone on the next run.  Steps that stream a
+model record the RAM their preflight computed (``.steps/<step>.preflight.json``).
 
     quantize build [recipes/demo.toml]   # the whole release: ladder, quality gate, release folder
     quantize build --until convert       # stop after a stage (what `nox -s convert` runs)
@@ -14,30 +17,46 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .atomic import atomic_dir, atomic_file, file_lock
 from .errors import QuantizeError
+from .fingerprint import fingerprint
+
+if TYPE_CHECKING:
+    from .awq import AwqSettings
+    from .evaluate import EvalSettings
+    from .imatrix import ImatrixSettings
+    from .recipe import Recipe
+    from .stream import StreamNeed
+    from .thresholds import Threshold
 
 log = logging.getLogger(__name__)
 
-STAGES = ("convert", "imatrix", "gguf", "awq", "eval")  # then "release": the folder people download
-
 
 @dataclass(frozen=True)
-class LadderSettings:
+class BuildSettings:
+    """What to build: the model, its texts and every stage's settings (``None`` leaves a stage out)."""
+
+    name: str
+    base: Path  # the fp16 Hugging Face checkpoint folder
+    calib: Path
+    eval_text: Path
+    lora: Path | None = None
+    lora_allow_pickle: bool = False
     types: tuple[str, ...] = ("Q6_K", "Q4_K_M")
-    use_imatrix: bool = True
-    smooth: bool = True  # move activation outliers into the weights before quantizing (quantize.smooth)
-    calib_ctx: int = 512
-    calib_chunks: int | None = 64
-    eval_ctx: int = 512
-    eval_chunks: int | None = 32
-    until: str = "eval"
+    imatrix: ImatrixSettings | None = None  # None: no importance matrix
+    smooth: bool = True  # move activation outliers into the weights before quantizing (needs the imatrix)
+    awq: AwqSettings | None = None  # None: no AWQ folder
+    eval: EvalSettings | None = None  # None: the gate's defaults
+    thresholds: Mapping[str, Threshold] = field(default_factory=dict)
+    recipe: Recipe | None = None  # with a recipe, the last stage assembles its release folder
+    release_dir: Path | None = None
+    until: str = "release"
 
 
 @dataclass
@@ -45,37 +64,6 @@ class BuildLog:
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-HASH_CACHE = Path.home() / ".cache" / "quantize" / "sha256.json"
-
-
-def _cached_sha256(f: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime, inode) so unchanged weights are hashed once;
-    a copied or downloaded file (new mtime) is hashed again, so keys stay content-based."""
-    from .atomic import sha256_file
-
-    st = f.stat()
-    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-    try:
-        cache = json.loads(HASH_CACHE.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = sha256_file(f)
-        HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(HASH_CACHE) as tmp:
-            tmp.write_text(json.dumps(cache))
-    return str(cache[key])
-
-
-def fingerprint(path: Path) -> str:
-    """Content identity of an input file or folder (names and sha256 of every file)."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".partial-"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(path) if f != path else f.name}:{_cached_sha256(f)};".encode())
-    return h.hexdigest()
 
 
 class Steps:
@@ -88,7 +76,7 @@ class Steps:
     def key(self, **parts: Any) -> str:
         return hashlib.sha256(json.dumps({"tool": __version__, **parts}, sort_keys=True, default=str).encode()).hexdigest()
 
-    def run(self, name: str, out: Path, key: str, make: Callable[[], Any]) -> str:
+    def run(self, name: str, out: Path, key: str, make: Callable[[], Any], need: StreamNeed | None = None) -> str:
         stamp = self.root / ".steps" / f"{name}.key"
         took = stamp.with_suffix(".seconds")
         if out.exists() and stamp.is_file() and stamp.read_text() == key:
@@ -99,6 +87,10 @@ class Steps:
             return key
         t0 = time.time()
         log.info("%s: building", name)
+        if need is not None:
+            log.info("%s: RAM needed (preflight): %s", name, need.describe())
+            with atomic_file(stamp.with_name(f"{name}.preflight.json")) as tmp:
+                tmp.write_text(json.dumps({"need_bytes": need.total, "parts": need.parts()}, indent=2))
         make()
         stamp.parent.mkdir(parents=True, exist_ok=True)
         self.log.built.append(name)
@@ -108,6 +100,166 @@ class Steps:
         with atomic_file(stamp) as tmp:
             tmp.write_text(key)
         return key
+
+
+@dataclass
+class Build:
+    """A build in progress: its settings, its folder, and what each stage made (path and key)."""
+
+    settings: BuildSettings
+    out: Path
+    steps: Steps
+    model: Path = Path()  # the fp16 checkpoint the ladder is made from: the base, or base + LoRA
+    src_key: str = ""
+    f16: Path = Path()
+    imatrix: Path | None = None
+    smoothed: tuple[Path, Path] | None = None  # (F16, importance matrix) with outliers moved into the weights
+    quants: dict[str, Path] = field(default_factory=dict)
+    awq: Path | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Path] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    release: Path | None = None
+
+
+def _merge(b: Build) -> None:
+    from .lora import merge_lora
+
+    s = b.settings
+    assert s.lora is not None
+    merged = b.out / "merged-fp16"
+    b.steps.run("merge", merged, b.steps.key(stage="merge", base=fingerprint(s.base), lora=fingerprint(s.lora)),
+                lambda: merge_lora(s.base, s.lora, merged, s.lora_allow_pickle), _tensor_need(s.base, 3))  # type: ignore[arg-type]
+    b.model = merged
+
+
+def _convert(b: Build) -> None:
+    from .convert import convert
+
+    b.src_key = fingerprint(b.model)
+    b.f16 = b.out / f"{b.settings.name}.F16.gguf"
+    b.keys["F16"] = b.steps.run("convert", b.f16, b.steps.key(stage="convert", src=b.src_key), lambda: convert(b.model, b.f16),
+                                _tensor_need(b.model, 2))
+
+
+def _imatrix(b: Build) -> None:
+    from .imatrix import compute_imatrix
+    from .stream import CheckpointSource, stream_need
+
+    s = b.settings
+    assert s.imatrix is not None
+    ims = s.imatrix
+    b.imatrix = path = b.out / f"{s.name}.imatrix.gguf"
+    src = CheckpointSource.open(b.model)
+    need = stream_need(src, src.ckpt.config, "float32", ims.ctx * (ims.chunks or 64), ims.batch_tokens)
+    b.keys["imatrix"] = b.steps.run("imatrix", path, b.steps.key(stage="imatrix", src=b.src_key, calib=fingerprint(s.calib), s=asdict(ims)),
+                                    lambda: compute_imatrix(b.model, s.calib, ims, s.eval_text).save(path), need)
+
+
+def _smooth(b: Build) -> None:
+    from .smooth import smooth_gguf
+
+    assert b.imatrix is not None
+    name = b.settings.name
+    b.smoothed = f16, im = b.out / f"{name}.F16.smoothed.gguf", b.out / f"{name}.imatrix.smoothed.gguf"
+
+    def make() -> None:
+        smooth_gguf(b.f16, b.imatrix, f16, im)  # type: ignore[arg-type]
+
+    # keyed on both outputs: the smoothed F16 is the step's output, its importance matrix is written first
+    b.keys["smooth"] = b.steps.run("smooth", f16 if im.exists() else im,
+                                   b.steps.key(stage="smooth", f16=b.keys["F16"], imatrix=b.keys["imatrix"]), make,
+                                   _tensor_need(b.model, 6))
+
+
+def _gguf(b: Build) -> None:
+    from .gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
+
+    s = b.settings
+    src, im = b.smoothed if b.smoothed else (b.f16, b.imatrix)
+    for t in s.types:
+        q = b.out / artifact_name(s.name, t)
+        key = b.steps.key(stage="gguf", f16=b.keys["F16"], imatrix=b.keys.get("imatrix", ""), smooth=b.keys.get("smooth", ""), type=t)
+        b.keys[t] = b.steps.run(f"gguf-{t}", q, key, lambda q=q, t=t: quantize_gguf(  # type: ignore[misc]
+            src, q, QuantizeSettings(t, im), origin=b.f16, origin_imatrix=b.imatrix))
+        b.quants[t] = q
+
+
+def _awq(b: Build) -> None:
+    from .awq import quantize_awq, ram_need_for
+
+    s = b.settings
+    assert s.awq is not None
+    aws = s.awq
+    b.awq = out = b.out / f"{s.name}-AWQ"
+    b.keys["AWQ"] = b.steps.run("awq", out, b.steps.key(stage="awq", src=b.src_key, calib=fingerprint(s.calib), s=asdict(aws)),
+                                lambda: quantize_awq(b.model, out, s.calib, aws), ram_need_for(b.model, aws))
+
+
+def _eval(b: Build) -> None:
+    from .evaluate import EvalSettings, evaluate, write_report
+    from .stream import CheckpointSource, stream_need
+
+    s = b.settings
+    es = s.eval or EvalSettings()
+    eval_dir = b.out / "eval"
+    artifacts = [b.f16, *b.quants.values(), *([b.awq] if b.awq else [])]
+    src = CheckpointSource.open(b.model)
+    need = stream_need(src, src.ckpt.config, "float32", es.ctx * (es.chunks or 32), es.batch_tokens, head_rows=es.ctx // 2)
+
+    def run_eval() -> None:
+        rep = evaluate(b.model, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds))
+        write_report(rep, eval_dir)
+
+    b.steps.run("eval", eval_dir / "eval.json",
+                b.steps.key(stage="eval", artifacts={k: v for k, v in b.keys.items() if k not in ("imatrix", "smooth")},
+                            text=fingerprint(s.eval_text), s=asdict(es), th={k: asdict(v) for k, v in s.thresholds.items()}),
+                run_eval, need)
+    b.report = {k: eval_dir / f"eval.{k}" for k in ("json", "md", "png")}
+    data = json.loads(b.report["json"].read_text())
+    b.failures = [f for r in data["results"] for f in r["failures"]]
+
+
+def _release(b: Build) -> None:
+    if b.failures:
+        return  # a failed gate publishes nothing
+    assert b.settings.recipe is not None and b.settings.release_dir is not None
+    b.release = _assemble_release(b, b.settings.recipe, b.settings.release_dir)
+
+
+def _tensor_need(model: Path, copies: int) -> StreamNeed:
+    """A tensor-by-tensor step: the largest tensor, ``copies`` times in float32, plus the runtime."""
+    import numpy as np
+
+    from .stream import CheckpointSource, StreamNeed
+
+    largest = max(int(np.prod(s, dtype=np.int64)) for s in CheckpointSource.open(model).shapes().values())
+    return StreamNeed(0, 0, 0, largest * 4 * copies)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    wanted: Callable[[BuildSettings], bool]
+    run: Callable[[Build], None]
+
+
+def _always(_s: BuildSettings) -> bool:
+    return True
+
+
+# The build, in dependency order; `--until NAME` stops after that row.
+STAGES: tuple[Stage, ...] = (
+    Stage("merge", lambda s: s.lora is not None, _merge),
+    Stage("convert", _always, _convert),
+    Stage("imatrix", lambda s: s.imatrix is not None, _imatrix),
+    Stage("smooth", lambda s: s.smooth and s.imatrix is not None and bool(s.types), _smooth),
+    Stage("gguf", lambda s: bool(s.types), _gguf),
+    Stage("awq", lambda s: s.awq is not None, _awq),
+    Stage("eval", _always, _eval),
+    Stage("release", lambda s: s.recipe is not None, _release),
+)
+STAGE_NAMES = tuple(st.name for st in STAGES)
 
 
 @dataclass(frozen=True)
@@ -120,66 +272,20 @@ class Ladder:
     failures: list[str]
     log: BuildLog
     awq: Path | None = None
+    release: Path | None = None
 
 
-def build_ladder(hf_dir: Path, name: str, calib: Path, eval_text: Path, out: Path,
-                 settings: LadderSettings = LadderSettings(), awq: bool = False,
-                 thresholds: dict[str, Any] | None = None, steps: Steps | None = None,
-                 awq_calibration: tuple[int, int] = (128, 512)) -> Ladder:
-    from .convert import convert
-    from .evaluate import EvalSettings, evaluate, write_report
-    from .gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
-    from .imatrix import ImatrixSettings, compute_imatrix
-
-    if settings.until not in STAGES:
-        raise QuantizeError(None, f"unknown stage {settings.until!r}; stages: {', '.join(STAGES)}")
-    stop = STAGES.index(settings.until)
-    steps = steps or Steps(out)
-    src_key = fingerprint(hf_dir)
-    f16 = out / f"{name}.F16.gguf"
-    k_f16 = steps.run("convert", f16, steps.key(stage="convert", src=src_key), lambda: convert(hf_dir, f16))
-    im_path: Path | None = None
-    k_im = ""
-    if stop >= 1 and settings.use_imatrix:
-        im_path = out / f"{name}.imatrix.gguf"
-        ims = ImatrixSettings(settings.calib_ctx, settings.calib_chunks)
-        k_im = steps.run("imatrix", im_path, steps.key(stage="imatrix", src=src_key, calib=fingerprint(calib), s=asdict(ims)),
-                         lambda: compute_imatrix(hf_dir, calib, ims, eval_text).save(im_path))  # type: ignore[arg-type]
-    quants: dict[str, Path] = {}
-    keys = {"F16": k_f16}
-    if stop >= 2:
-        for t in settings.types:
-            q = out / artifact_name(name, t)
-            qs = QuantizeSettings(t, im_path, 0, settings.smooth and im_path is not None)
-            keys[t] = steps.run(f"gguf-{t}", q, steps.key(stage="gguf", f16=k_f16, imatrix=k_im, type=t, smooth=qs.smooth),
-                                lambda q=q, qs=qs: quantize_gguf(f16, q, qs))  # type: ignore[misc]
-            quants[t] = q
-    awq_dir: Path | None = None
-    if stop >= 3 and awq:
-        from .awq import AwqSettings, quantize_awq
-
-        awq_dir = out / f"{name}-AWQ"
-        aws = AwqSettings(samples=awq_calibration[0], seq_len=awq_calibration[1])
-        keys["AWQ"] = steps.run("awq", awq_dir, steps.key(stage="awq", src=src_key, calib=fingerprint(calib), s=asdict(aws)),
-                                lambda: quantize_awq(hf_dir, awq_dir, calib, aws))  # type: ignore[arg-type]
-    report: dict[str, Path] = {}
-    failures: list[str] = []
-    if stop >= 4:
-        es = EvalSettings(settings.eval_ctx, settings.eval_chunks)
-        eval_dir = out / "eval"
-        artifacts = [f16, *quants.values(), *([awq_dir] if awq_dir else [])]
-
-        def run_eval() -> None:
-            rep = evaluate(hf_dir, eval_text, list(artifacts), es, out.parent / "eval-cache", thresholds)
-            write_report(rep, eval_dir)
-
-        steps.run("eval", eval_dir / "eval.json",
-                  steps.key(stage="eval", artifacts=keys, text=fingerprint(eval_text), s=asdict(es),
-                            th={k: asdict(v) for k, v in (thresholds or {}).items()}), run_eval)
-        report = {k: eval_dir / f"eval.{k}" for k in ("json", "md", "png")}
-        data = json.loads(report["json"].read_text())
-        failures = [f for r in data["results"] for f in r["failures"]]
-    return Ladder(out, f16, im_path, quants, report, failures, steps.log, awq_dir)
+def build_ladder(settings: BuildSettings, out: Path, steps: Steps | None = None) -> Ladder:
+    """Run the stages of :data:`STAGES` the settings ask for, in order, up to ``settings.until``."""
+    if settings.until not in STAGE_NAMES:
+        raise QuantizeError(None, f"unknown stage {settings.until!r}; stages: {', '.join(STAGE_NAMES)}")
+    if settings.smooth and settings.imatrix is None and settings.types:
+        log.info("smoothing needs the importance matrix's statistics; building without it")
+    b = Build(settings, out, steps or Steps(out), model=settings.base)
+    for stage in STAGES[: STAGE_NAMES.index(settings.until) + 1]:
+        if stage.wanted(settings):
+            stage.run(b)
+    return Ladder(out, b.f16, b.imatrix, b.quants, b.report, b.failures, b.steps.log, b.awq, b.release)
 
 
 # --- a whole release from a recipe ----------------------------------------------------------
@@ -267,81 +373,102 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def recipe_settings(recipe: Recipe, demo_root: Path, until: str = "release", types: tuple[str, ...] | None = None,
+                    release_dir: Path | None = None) -> BuildSettings:
+    """A recipe's build: its references resolved to files, its ladder into each stage's settings."""
+    from .awq import AwqSettings
+    from .evaluate import EvalSettings
+    from .imatrix import ImatrixSettings
+
+    lad = recipe.ladder
+    return BuildSettings(
+        name=recipe.name,
+        base=resolve(recipe.base, recipe.source, demo_root, "base"),
+        calib=resolve(recipe.calibration, recipe.source, demo_root, "calibration"),
+        eval_text=resolve(recipe.evaluation, recipe.source, demo_root, "evaluation"),
+        lora=resolve(recipe.lora, recipe.source, demo_root, "lora") if recipe.lora else None,
+        lora_allow_pickle=recipe.lora_allow_pickle,
+        types=types or tuple(t for t in lad.gguf if t != "F16"),
+        imatrix=ImatrixSettings(lad.imatrix_ctx, lad.imatrix_chunks) if lad.imatrix else None,
+        smooth=lad.smooth,
+        awq=AwqSettings(samples=lad.awq_samples, seq_len=lad.awq_seq_len) if lad.awq else None,
+        eval=EvalSettings(lad.eval_ctx, lad.eval_windows),
+        thresholds=dict(recipe.thresholds),
+        recipe=recipe,
+        release_dir=release_dir,
+        until=until,
+    )
+
+
 def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artifacts"),
                   until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
-    """The whole ladder of a recipe, in dependency order, then the release folder (atomically)."""
+    """The stages of a recipe, in dependency order, up to ``until``: by default the release folder (atomically)."""
     from .recipe import load_recipe
-    from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
-    from .split import GB, place_gguf
 
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
-    demo_root = demo_root or artifacts / "demo"
     build_dir = artifacts / "build" / recipe.name
     build_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(build_dir / ".lock", f"another build of {recipe.name} is running"):
-        base = resolve(recipe.base, recipe.source, demo_root, "base")
-        calib = resolve(recipe.calibration, recipe.source, demo_root, "calibration")
-        eval_text = resolve(recipe.evaluation, recipe.source, demo_root, "evaluation")
-        steps = Steps(build_dir)
-        if recipe.lora:
-            from .lora import merge_lora
-
-            adapter = resolve(recipe.lora, recipe.source, demo_root, "lora")
-            merged = build_dir / "merged-fp16"
-            steps.run("merge", merged, steps.key(stage="merge", base=fingerprint(base), lora=fingerprint(adapter)),
-                      lambda: merge_lora(base, adapter, merged, recipe.lora_allow_pickle))
-            base = merged
-        types = types or tuple(t for t in recipe.ladder.gguf if t != "F16")
-        _preflight(base, build_dir, recipe.name, types, recipe.ladder.awq)
-        ls = LadderSettings(types=types, use_imatrix=recipe.ladder.imatrix, smooth=recipe.ladder.smooth,
-                            until="eval" if until == "release" else until)
-        ladder = build_ladder(base, recipe.name, calib, eval_text, build_dir, ls, recipe.ladder.awq, dict(recipe.thresholds), steps,
-                              (recipe.ladder.awq_samples, recipe.ladder.awq_seq_len))
-        if until != "release" or ladder.failures:
-            return Release(build_dir, ladder, ladder.failures)
-        out = artifacts / "release" / recipe.name
-        source = {"source": fingerprint(base)[:16]}
-        quality = json.loads(ladder.report["json"].read_text())
-        split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
-        rel_key = steps.key(stage="release", eval=fingerprint(ladder.report["json"]), recipe=fingerprint(recipe.source),
-                            files={p.name: fingerprint(p) for p in [ladder.f16, *ladder.quants.values()]}, split=split_max)
-
-        def assemble() -> None:
-            _check_release_space(out, [ladder.f16, *ladder.quants.values()], split_max)
-            with atomic_dir(out) as tmp:
-                arts = []
-                for kind, path in [("F16", ladder.f16), *ladder.quants.items()]:
-                    shards = place_gguf(path, tmp, split_max)
-                    kc = kcpps(tmp, shards[0].name, recipe)
-                    files = (*(Path(s.name) for s in shards), Path(kc.name))
-                    arts.append(Artifact(kind, files, bits_per_weight(path), source))
-                if ladder.imatrix is not None:
-                    _link_or_copy(ladder.imatrix, tmp / ladder.imatrix.name)
-                    (tmp / "imatrix.txt").write_text(_imatrix_description(ladder.imatrix, calib))
-                    arts.append(Artifact("imatrix", (Path(ladder.imatrix.name), Path("imatrix.txt")), None, {}))
-                if ladder.awq is not None:
-                    _link_or_copy(ladder.awq, tmp / ladder.awq.name)
-                    files = tuple(sorted(p.relative_to(tmp) for p in (tmp / ladder.awq.name).rglob("*") if p.is_file()))
-                    arts.append(Artifact("AWQ", files, None, source))
-                write_release_files(tmp, recipe, make_manifest(tmp, recipe, arts, quality))
-
-        steps.run("release", out, rel_key, assemble)
-        return Release(out, ladder, [])
+        settings = recipe_settings(recipe, demo_root or artifacts / "demo", until, types, artifacts / "release" / recipe.name)
+        _preflight(settings, build_dir)
+        ladder = build_ladder(settings, build_dir)
+        return Release(ladder.release or build_dir, ladder, ladder.failures)
 
 
-def _preflight(base: Path, build_dir: Path, name: str, types: tuple[str, ...], awq: bool) -> None:
+def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
+    """The release folder: every GGUF (split when large) with its koboldcpp preset, the importance matrix,
+    the AWQ folder, the manifest, checksums and model card; keyed by everything it is made from."""
+    from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
+    from .split import GB, place_gguf
+
+    source = {"source": b.src_key[:16]}
+    quality = json.loads(b.report["json"].read_text())
+    split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
+    ggufs = [("F16", b.f16), *b.quants.items()]
+    rel_key = b.steps.key(stage="release", eval=fingerprint(b.report["json"]), recipe=fingerprint(recipe.source),
+                          files={p.name: fingerprint(p) for _, p in ggufs}, split=split_max,
+                          awq=b.keys.get("AWQ"), imatrix=b.keys.get("imatrix"))
+
+    def assemble() -> None:
+        _check_release_space(out, [p for _, p in ggufs], split_max)
+        with atomic_dir(out) as tmp:
+            arts = []
+            for kind, path in ggufs:
+                shards = place_gguf(path, tmp, split_max)
+                kc = kcpps(tmp, shards[0].name, recipe)
+                files = (*(Path(s.name) for s in shards), Path(kc.name))
+                arts.append(Artifact(kind, files, bits_per_weight(path), source))
+            if b.imatrix is not None:
+                _link_or_copy(b.imatrix, tmp / b.imatrix.name)
+                (tmp / "imatrix.txt").write_text(_imatrix_description(b.imatrix, b.settings.calib))
+                arts.append(Artifact("imatrix", (Path(b.imatrix.name), Path("imatrix.txt")), None, {}))
+            if b.awq is not None:
+                _link_or_copy(b.awq, tmp / b.awq.name)
+                files = tuple(sorted(p.relative_to(tmp) for p in (tmp / b.awq.name).rglob("*") if p.is_file()))
+                arts.append(Artifact("AWQ", files, None, source))
+            write_release_files(tmp, recipe, make_manifest(tmp, recipe, arts, quality))
+
+    b.steps.run("release", out, rel_key, assemble)
+    return out
+
+
+def _preflight(s: BuildSettings, build_dir: Path) -> None:
     """Refuse before building when the disk cannot hold the artifacts still to be made."""
     from .gguf_quant import artifact_name
     from .quant_types import quant_type
     from .resources import check_free_space
 
-    f16 = sum(p.stat().st_size for p in base.glob("*.safetensors"))  # fp16 weights: the F16 GGUF's size
-    todo = {build_dir / f"{name}.F16.gguf": f16}
-    todo |= {build_dir / artifact_name(name, t): int(f16 * sum(quant_type(t).bpw) / 2 / 16) for t in types}
-    if awq:
-        todo[build_dir / f"{name}-AWQ"] = int(f16 * 0.3)
+    f16 = sum(p.stat().st_size for p in s.base.glob("*.safetensors"))  # fp16 weights: the F16 GGUF's size
+    todo = {build_dir / f"{s.name}.F16.gguf": f16}
+    if s.lora is not None:
+        todo[build_dir / "merged-fp16"] = f16
+    if s.smooth and s.imatrix is not None and s.types:
+        todo[build_dir / f"{s.name}.F16.smoothed.gguf"] = f16
+    todo |= {build_dir / artifact_name(s.name, t): int(f16 * sum(quant_type(t).bpw) / 2 / 16) for t in s.types}
+    if s.awq is not None:
+        todo[build_dir / f"{s.name}-AWQ"] = int(f16 * 0.3)
     need = sum(size for path, size in todo.items() if not path.exists())
-    check_free_space(build_dir, int(need * 1.1), f"building {name}")
+    check_free_space(build_dir, int(need * 1.1), f"building {s.name}")
 
 
 def _check_release_space(out: Path, ggufs: list[Path], split_max: int | None) -> None:

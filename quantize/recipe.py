@@ -96,6 +96,10 @@ class Ladder:
     split_max_gb: float = 48.0  # GGUFs larger than this ship as llama.cpp split shards (0: never split)
     awq_samples: int = 128  # AutoAWQ's defaults: 128 calibration samples of 512 tokens
     awq_seq_len: int = 512
+    imatrix_chunks: int = 64  # calibration chunks of imatrix_ctx tokens (llama-imatrix cuts the same way)
+    imatrix_ctx: int = 512
+    eval_windows: int = 32  # quality-gate windows of eval_ctx tokens (llama-perplexity's windows)
+    eval_ctx: int = 512
 
 
 @dataclass(frozen=True)
@@ -150,9 +154,11 @@ def load_recipe(path: str | Path) -> Recipe:
         except QuantizeError as exc:
             raise QuantizeError(path, f"[ladder] gguf: {exc}") from None
     flags = {k: _typed(path, "ladder", k, v, bool) for k, v in ladder_d.items() if k in ("awq", "imatrix", "smooth")}
-    for key in ("awq_samples", "awq_seq_len"):
+    for key in ("awq_samples", "awq_seq_len", "imatrix_chunks", "imatrix_ctx", "eval_windows", "eval_ctx"):
         if key in ladder_d:
             flags[key] = _typed(path, "ladder", key, ladder_d[key], int)
+            if flags[key] < 1:
+                raise QuantizeError(path, f"[ladder] {key} must be a positive integer, got {flags[key]}")
     if "split_max_gb" in ladder_d:
         flags["split_max_gb"] = float(_typed(path, "ladder", "split_max_gb", ladder_d["split_max_gb"], (int, float)))
     ladder = Ladder(gguf=gguf, **flags)

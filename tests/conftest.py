@@ -94,8 +94,10 @@ def load_llama(path: Path, n_ctx: int = 512, logits_all: bool = False):  # type:
 @pytest.fixture(scope="session")
 def ladder(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The demo release ladder (F16, imatrix, smoothed Q6_K and Q4_K_M, quality gate), built once."""
-    from quantize.pipeline import LadderSettings, build_ladder
+    from quantize.evaluate import EvalSettings
+    from quantize.imatrix import ImatrixSettings
+    from quantize.pipeline import BuildSettings, build_ladder
 
     out = tmp_path_factory.mktemp("ladder") / "Demo-Mistral-ChatML"
-    return build_ladder(demo.spm, "Demo-Mistral-ChatML", demo.text["calib"], demo.text["eval"], out,
-                        LadderSettings(eval_chunks=16))
+    return build_ladder(BuildSettings("Demo-Mistral-ChatML", demo.spm, demo.text["calib"], demo.text["eval"],
+                                      imatrix=ImatrixSettings(512, 64), eval=EvalSettings(512, 16), until="eval"), out)
