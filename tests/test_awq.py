@@ -111,7 +111,6 @@ def scores(demo: Demo, built: Built) -> dict[str, Score]:
 
 @pytest.mark.parametrize("kind", ["awq", "rtn"])
 def test_folder_has_weights_config_tokenizer_and_provenance(demo: Demo, built: Built, kind: str) -> None:
-    from safetensors import safe_open
 
     out = getattr(built, kind)
     cfg = json.loads((out / "config.json").read_text())
@@ -122,8 +121,7 @@ def test_folder_has_weights_config_tokenizer_and_provenance(demo: Demo, built: B
     for name in TOKENIZER_FILES:
         assert sha256_file(out / name) == sha256_file(demo.spm / name), name
 
-    with safe_open(out / "model.safetensors", "pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    dtypes = {k: d for k, (d, _) in layout(out).items()}
     assert dtypes["model.layers.0.self_attn.q_proj.qweight"] == dtypes["model.layers.0.mlp.down_proj.qzeros"] == "I32"
     assert "model.layers.0.self_attn.q_proj.weight" not in dtypes
     assert {d for k, d in dtypes.items() if not k.endswith(("qweight", "qzeros"))} == {"F16"}
@@ -141,15 +139,52 @@ def test_folder_has_weights_config_tokenizer_and_provenance(demo: Demo, built: B
     assert not list(out.parent.glob(TMP_PREFIX + "*"))
 
 
-def test_rtn_and_awq_folders_have_the_same_layout(built: Built) -> None:
+def layout(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of a sharded folder (through its index): dtype and shape."""
     from safetensors import safe_open
 
-    def layout(folder: Path) -> dict[str, tuple[str, list[int]]]:
-        with safe_open(folder / "model.safetensors", "pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(folder / shard, "pt") as f:
+            out |= {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert set(out) == set(index)
+    return out
 
+
+def folder_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for shard in folder.glob("*.safetensors"):
+        out |= load_file(str(shard))
+    return out
+
+
+def test_rtn_and_awq_folders_have_the_same_layout(built: Built) -> None:
     assert layout(built.awq) == layout(built.rtn)
     assert sorted(p.name for p in built.awq.iterdir()) == sorted(p.name for p in built.rtn.iterdir())
+
+
+def test_streamed_awq_equals_autoawqs_whole_model_run(demo: Demo, built: Built) -> None:
+    """Block by block from disk (only one block resident), AutoAWQ's own steps give the folder its
+    whole-model run gives: every packed word, zero and scale, and every other tensor, bit for bit."""
+    from quantize import autoawq_compat as compat
+    from quantize.awq import _calibration
+    from quantize.awq_models import wrap_model
+
+    tok, samples, _ = _calibration(demo.spm, demo.text["calib"], FAST)
+    model = fp16_reference(demo.spm)
+    model.config.use_cache = False
+    with compat.offset_norms_folded(), compat.pinned_to_cpu():
+        wrap_model(model, "mistral").quantize(tok, FAST.quant_config(), calib_data=samples, max_calib_samples=FAST.samples,
+                                              max_calib_seq_len=FAST.seq_len, quantizer_cls=compat.BlockKwargsAwqQuantizer)
+    whole = model.state_dict()
+    streamed = folder_tensors(built.awq)
+    assert len(list(built.awq.glob("*.safetensors"))) == 5  # one shard per block, one for the rest
+    differing = [k for k, v in streamed.items() if not torch.equal(whole[k].to(v.dtype), v)]
+    print(f"\n{len(streamed)} tensors, {len(differing)} differ")
+    assert not differing and set(streamed) == {k for k in whole if k != "lm_head.weight" or not model.config.tie_word_embeddings}
 
 
 # --- quality -------------------------------------------------------------------------------
@@ -285,9 +320,7 @@ def test_pinned_to_cpu_restores_device_lookups() -> None:
 
 
 def test_packed_weights_round_trip(built: Built) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(built.awq / "model.safetensors"))
+    tensors = folder_tensors(built.awq)
     for base in ("model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
         qweight, qzeros = tensors[f"{base}.qweight"], tensors[f"{base}.qzeros"]
         iw, iz = unpack_gemm(qweight, qzeros)
@@ -388,11 +421,8 @@ def test_cli_handler_writes_rtn_folder(demo: Demo, tmp_path: Path, capsys: pytes
 @pytest.mark.slow
 def test_awq_of_llama_with_tied_embeddings(demo: Demo, tmp_path: Path) -> None:
     """The other allowed family, with a tied lm_head that must stay implicit on disk and tied on reload."""
-    from safetensors import safe_open
-
     out = quantize_awq(demo.bpe, tmp_path / "llama-bpe-awq", demo.text["calib"], FAST)
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert "lm_head.weight" not in set(f.keys())
+    assert "lm_head.weight" not in layout(out)
     model = load_awq_as_float(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     ref = fp16_reference(demo.bpe)
