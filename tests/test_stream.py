@@ -119,8 +119,53 @@ def test_spilled_activations_give_the_same_logits_within_float16(demo: Demo) -> 
     assert 0 < diff < 0.02 * scale  # float16 hidden states between blocks: close, not identical
 
 
-def test_a_block_that_cannot_fit_is_refused_naming_the_figure(demo: Demo) -> None:
+def sparse_checkpoint(out: Path, tokenizer_from: Path, hidden: int, ff: int) -> Path:
+    """A one-block Mistral whose safetensors declare full-size fp16 tensors in a sparse file: headers and sizes
+    are real (the preflight reads only those), no weight byte is ever written."""
+    import json
+    import shutil
+    import struct
+
+    heads, kv, vocab = hidden // 128, 8, 32002
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "model.layers.0.input_layernorm.weight": (hidden,), "model.layers.0.post_attention_layernorm.weight": (hidden,),
+              "model.layers.0.self_attn.q_proj.weight": (hidden, hidden), "model.layers.0.self_attn.o_proj.weight": (hidden, hidden),
+              "model.layers.0.self_attn.k_proj.weight": (kv * 128, hidden), "model.layers.0.self_attn.v_proj.weight": (kv * 128, hidden),
+              "model.layers.0.mlp.gate_proj.weight": (ff, hidden), "model.layers.0.mlp.up_proj.weight": (ff, hidden),
+              "model.layers.0.mlp.down_proj.weight": (hidden, ff)}
+    header, at = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header).encode()
+    out.mkdir()
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + at)
+    config = json.loads((tokenizer_from / "config.json").read_text())
+    config |= {"hidden_size": hidden, "intermediate_size": ff, "num_attention_heads": heads, "num_key_value_heads": kv,
+               "head_dim": 128, "num_hidden_layers": 1, "vocab_size": vocab}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["imatrix", "reference"])
+def test_a_block_that_cannot_fit_is_refused_naming_the_figure(stage: str, demo: Demo, tmp_path: Path) -> None:
+    import psutil
+
+    hidden, ff = 16384, 131072  # one block: 6.7 G parameters, 27 GB in float32
+    assert 3 * hidden * ff * 4 > psutil.virtual_memory().total
+    model = sparse_checkpoint(tmp_path / "huge", demo.spm, hidden, ff)
     with pytest.raises(QuantizeError) as err:
-        compute_imatrix(demo.spm, demo.text["calib"], ImatrixSettings(CTX, 1, batch_tokens=10**12))
+        if stage == "imatrix":
+            compute_imatrix(model, demo.text["calib"], ImatrixSettings(CTX, 1))
+        else:
+            reference_logprobs(model, demo.text["eval"], EvalSettings(CTX, 1), tmp_path / "cache")
     msg = str(err.value)
-    assert str(demo.spm) in msg and "GiB of RAM even one block at a time" in msg and "\n" not in msg
+    print(f"\n{msg}")
+    assert msg.startswith(f"{model}: ") and "GiB of RAM even one block at a time" in msg and "largest block" in msg
+    assert "\n" not in msg and not [p for p in tmp_path.glob("cache/**/*") if p.is_file()]  # nothing half-written
