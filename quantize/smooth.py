@@ -67,8 +67,22 @@ def _fake_quant_error(w: np.ndarray, x2: np.ndarray, group: int = 32, levels: in
     g = w.reshape(rows, cols // group, group)
     lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
     step = np.maximum(hi - lo, 1e-12) / levels
-    err = (np.rint((g - lo) / step) * step + lo - g).reshape(rows, cols)
-    return float(((err * err) * x2[None, :]).sum())
+    err = g - lo  # rint((g - lo) / step) * step + lo - g, in one float32 buffer
+    err /= step
+    np.rint(err, out=err)
+    err *= step
+    err += lo
+    err -= g
+    err = err.reshape(rows, cols)
+    err *= err
+    return float(np.multiply(err, x2[None, :]).sum())
+
+
+def _sum_sq(w: np.ndarray) -> float:
+    """Sum of squares of ``w``, accumulated in float64."""
+    w64 = w.astype(np.float64)
+    np.square(w64, out=w64)
+    return float(w64.sum())
 
 
 def _act_quant_error(x2: np.ndarray, block: int = 256) -> float:
@@ -132,12 +146,13 @@ def plan_smoothing(source: FloatSource, im: Imatrix) -> SmoothPlan:
             ws = [source.float32(r) for r in rs]
             wmax = np.max([np.abs(w).max(0) for w in ws], axis=0) + 1e-12
             best = (np.inf, 0.0, np.ones_like(x2))
+            power = sum(_sum_sq(w) for w in ws)  # the same for every alpha
             for a in ALPHAS:
                 s = np.sqrt(x2) ** a / wmax ** (1 - a)
                 s = np.exp2(np.rint(np.log2(s / np.exp(np.log(s).mean()))))
                 xs2 = x2 / s**2
                 err = sum(_fake_quant_error(w * s[None, :].astype(np.float32), xs2) for w in ws) / len(ws)
-                err += _act_quant_error(xs2) * sum(float((w.astype(np.float64) ** 2).sum()) for w in ws) / len(ws) / len(x2)
+                err += _act_quant_error(xs2) * power / len(ws) / len(x2)
                 if err < best[0]:
                     best = (err, a, s)
             del ws
