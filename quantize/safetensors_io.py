@@ -22,7 +22,7 @@ from typing import Any
 from .checkpoint import SAFETENSORS_DTYPES, TensorRef
 from .errors import QuantizeError
 
-CHUNK = 64 << 20
+CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
