@@ -6,7 +6,7 @@ dtype (float16, bfloat16 or float32), which is what peft's ``merge_and_unload`` 
 ``modules_to_save`` copies replace their base tensors.  The output has the base's shard files,
 tensor names, order and index; every other file of the base folder (config, tokenizer, generation
 config ...) is copied.  Memory holds one tensor at a time: the base is read with ``pread``, the
-adapter lazily, and the shards are written through :class:`quantize.safetensors_io.SafetensorsWriter`.
+adapter the same way, and the shards are written through :class:`quantize.safetensors_io.SafetensorsWriter`.
 
 Everything is validated before the output folder is created: the adapter's configuration (only
 plain LoRA: no DoRA, no trained biases), every adapted module and ``modules_to_save`` tensor
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import atomic_dir, sha256_file
-from .checkpoint import Checkpoint, TensorRef, open_checkpoint
+from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_shard_header
 from .errors import QuantizeError
 from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range
 
@@ -143,35 +143,42 @@ def adapter_weights_file(adapter: Path, allow_pickle: bool) -> Path:
 
 
 class AdapterWeights:
-    """Shapes of every adapter tensor up front, values one tensor at a time (safetensors lazily
-    through ``safe_open``; a pickle through ``torch.load(weights_only=True)``)."""
+    """Shapes of every adapter tensor up front, values one tensor at a time: safetensors read with
+    ``pread`` through the header parser the base uses (nothing stays mapped), a pickle through
+    ``torch.load(weights_only=True)``."""
 
     def __init__(self, path: Path) -> None:
         import torch
 
         self.path = path
-        self._st: Any = None
+        self._refs: dict[str, TensorRef] = {}
         self._loaded: dict[str, torch.Tensor] = {}
+        if path.suffix == ".safetensors":
+            self._refs = {r.name: r for r in read_shard_header(path).tensors}
+            for ref in self._refs.values():
+                if ref.dtype not in FLOAT_DTYPES:
+                    raise QuantizeError(path, f"tensor {ref.name!r} is {ref.dtype}; LoRA factors are float tensors")
+            self.shapes = {k: r.shape for k, r in self._refs.items()}
+            return
         try:
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._st = safe_open(str(path), framework="pt")
-                self.shapes = {k: tuple(self._st.get_slice(k).get_shape()) for k in self._st.keys()}  # noqa: SIM118
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                    raise QuantizeError(path, "is not a state dict of tensors")
-                self._loaded = state
-                self.shapes = {k: tuple(v.shape) for k, v in state.items()}
-        except QuantizeError:
-            raise
-        except Exception as exc:  # safetensors and torch raise their own types for corrupt files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises its own types for corrupt or unsafe pickles
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise QuantizeError(path, f"cannot read the adapter weights ({first})") from exc
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise QuantizeError(path, "is not a state dict of tensors")
+        self._loaded = state
+        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
 
     def get(self, key: str) -> torch.Tensor:
-        return self._st.get_tensor(key) if self._st is not None else self._loaded[key]
+        if key in self._loaded:
+            return self._loaded[key]
+        ref = self._refs[key]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _tensor_from(read_range(fd, ref.begin, ref.end, self.path), ref)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -247,11 +254,16 @@ def _torch_dtype(st_dtype: str) -> torch.dtype:
     return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[st_dtype]
 
 
-def _base_tensor(fd: int, ref: TensorRef) -> torch.Tensor:
+def _tensor_from(buf: bytearray, ref: TensorRef) -> torch.Tensor:
     import torch
 
-    buf = read_range(fd, ref.begin, ref.end, ref.shard)
+    if not buf:
+        return torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
     return torch.frombuffer(buf, dtype=_torch_dtype(ref.dtype)).reshape(ref.shape)
+
+
+def _base_tensor(fd: int, ref: TensorRef) -> torch.Tensor:
+    return _tensor_from(read_range(fd, ref.begin, ref.end, ref.shard), ref)
 
 
 def merged_tensor(fd: int, ref: TensorRef, pair: LoraPair, weights: AdapterWeights, fan_in_fan_out: bool) -> torch.Tensor:
