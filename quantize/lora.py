@@ -47,10 +47,10 @@ INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 # Adapter key suffix -> the LoRA factor it holds.
 LORA_FACTORS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-# adapter_config.json settings peft applies at merge time that this merge does not reproduce, with
-# the value under which they are inert.
-UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "use_qalora": False,
-               "trainable_token_indices": None}
+# adapter_config.json settings that change what peft merges and that this merge does not reproduce;
+# each is inert when unset, false or empty.
+UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "use_qalora", "trainable_token_indices", "target_parameters",
+               "alora_invocation_tokens")
 FLOAT_DTYPES = ("F16", "BF16", "F32")
 
 
@@ -110,8 +110,8 @@ def read_adapter_config(adapter: Path) -> AdapterConfig:
         raise QuantizeError(path, "expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise QuantizeError(path, f"peft_type {cfg.get('peft_type')!r} is not supported; only LoRA adapters merge")
-    for key, inert in UNSUPPORTED.items():
-        if cfg.get(key, inert) not in (inert, None):
+    for key in UNSUPPORTED:
+        if cfg.get(key):
             raise QuantizeError(path, f"{key} = {cfg[key]!r} is not supported; only plain LoRA adapters merge")
     if cfg.get("bias", "none") != "none":
         raise QuantizeError(path, f"bias = {cfg['bias']!r}: the adapter trains biases, which this merge does not apply; "
