@@ -10,11 +10,12 @@ and multiply column ``j`` of the readers by ``s_j``: the function is unchanged, 
 their outliers and the weights take a share of them.  ``s_j = rms(x_j)^a / max|W_j|^(1-a)``
 (SmoothQuant, Xiao et al. 2023, eq. 4, with the imatrix's mean square as the activation
 statistic), normalised by its geometric mean and rounded to a power of two so the float16
-products stay exact.  ``a`` is searched per norm on a proxy of both errors, as AWQ searches its
+products stay exact (except products below float16's smallest normal, rounded as subnormals).  ``a`` is searched per norm on a proxy of both errors, as AWQ searches its
 scale exponent (Lin et al. 2023).
 
-Memory stays bounded by one norm group's matrices: the plan reads only the matrices of the group
-it is deciding (float32 copies, freed after), and the output is written tensor by tensor, each
+Memory is bounded by one norm group, not the model: the plan reads only the matrices of the group
+it is deciding (float32 copies, freed after; the error proxy adds about four float32-sized buffers
+of one matrix), and the output is written tensor by tensor, each
 rescaled tensor computed just before it is written and every other one copied from the source's
 memory map in chunks; mapped source pages are dropped from this process once read.
 """
