@@ -70,6 +70,7 @@ class Shard:
     header_len: int  # 8 + the JSON header's length: where tensor data starts
     size: int
     tensors: tuple[TensorRef, ...]  # in file order
+    metadata: tuple[tuple[str, str], ...] = ()  # the header's ``__metadata__`` (string pairs), in file order
 
 
 def read_shard_header(path: Path) -> Shard:
@@ -112,7 +113,10 @@ def read_shard_header(path: Path) -> Shard:
             )
         refs.append(ref)
     refs.sort(key=lambda r: r.begin)
-    return Shard(path, base, size, tuple(refs))
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise QuantizeError(path, "corrupt safetensors header (__metadata__ is not an object)")
+    return Shard(path, base, size, tuple(refs), tuple((str(k), str(v)) for k, v in meta.items()))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,21 @@ def _imatrix(a: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(a: argparse.Namespace) -> int:
+    from .lora import merge_lora
+
+    print(merge_lora(a.base, a.adapter, a.output, a.allow_pickle))
+    return 0
+
+
+def _smooth(a: argparse.Namespace) -> int:
+    from .smooth import smooth_gguf
+
+    plan = smooth_gguf(Path(a.input), Path(a.imatrix), Path(a.output), Path(a.imatrix_out))
+    print(f"{a.output}: {len(plan.scales)} norms smoothed; {a.imatrix_out}")
+    return 0
+
+
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import EvalSettings, evaluate, write_report
     from .thresholds import Threshold
@@ -167,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunks", type=int)
     s.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     s.set_defaults(func=_imatrix)
+
+    s = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its fp16/bf16 base, tensor by tensor")
+    s.add_argument("base", help="the base HF checkpoint folder (safetensors)")
+    s.add_argument("adapter", help="the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin (a pickle: only from a trusted source)")
+    s.set_defaults(func=_merge)
+
+    s = sub.add_parser("smooth", help="move activation outliers into the weights of a float GGUF (and rescale its imatrix)")
+    s.add_argument("input", help="F16/BF16/F32 GGUF")
+    s.add_argument("--imatrix", required=True, help="importance matrix GGUF of the input (from `quantize imatrix`)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--imatrix-out", required=True, help="where the importance matrix rescaled to the output goes")
+    s.set_defaults(func=_smooth)
 
     s = sub.add_parser("eval", help="perplexity and KL divergence of artifacts against the fp16 reference; gate on thresholds")
     s.add_argument("artifacts", nargs="+")

@@ -10,13 +10,22 @@ and multiply column ``j`` of the readers by ``s_j``: the function is unchanged, 
 their outliers and the weights take a share of them.  ``s_j = rms(x_j)^a / max|W_j|^(1-a)``
 (SmoothQuant, Xiao et al. 2023, eq. 4, with the imatrix's mean square as the activation
 statistic), normalised by its geometric mean and rounded to a power of two so the float16
-products stay exact.  ``a`` is searched per norm on a proxy of both errors, as AWQ searches its
+products stay exact (except products below float16's smallest normal, rounded as subnormals).  ``a`` is searched per norm on a proxy of both errors, as AWQ searches its
 scale exponent (Lin et al. 2023).
+
+Memory is bounded by one norm group, not the model: the plan reads only the matrices of the group
+it is deciding (float32 copies, freed after; the error proxy adds about four float32-sized buffers
+of one matrix), and the output is written tensor by tensor, each
+rescaled tensor computed just before it is written and every other one copied from the source's
+memory map in chunks; mapped source pages are dropped from this process once read.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +36,13 @@ from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
 from .imatrix import Imatrix
+from .split import MappedTensor
 
 log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+# float tensor type -> numpy dtype of its stored bits (bf16 as uint16, widened by _to_float32)
+STORAGE: dict[Q, np.dtype] = {Q.F32: np.dtype("<f4"), Q.F16: np.dtype("<f2"), Q.BF16: np.dtype("<u2")}
 
 ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
 
@@ -54,8 +68,22 @@ def _fake_quant_error(w: np.ndarray, x2: np.ndarray, group: int = 32, levels: in
     g = w.reshape(rows, cols // group, group)
     lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
     step = np.maximum(hi - lo, 1e-12) / levels
-    err = (np.rint((g - lo) / step) * step + lo - g).reshape(rows, cols)
-    return float(((err * err) * x2[None, :]).sum())
+    err = g - lo  # rint((g - lo) / step) * step + lo - g, in one float32 buffer
+    err /= step
+    np.rint(err, out=err)
+    err *= step
+    err += lo
+    err -= g
+    err = err.reshape(rows, cols)
+    err *= err
+    return float(np.multiply(err, x2[None, :]).sum())
+
+
+def _sum_sq(w: np.ndarray) -> float:
+    """Sum of squares of ``w``, accumulated in float64."""
+    w64 = w.astype(np.float64)
+    np.square(w64, out=w64)
+    return float(w64.sum())
 
 
 def _act_quant_error(x2: np.ndarray, block: int = 256) -> float:
@@ -67,9 +95,47 @@ def _act_quant_error(x2: np.ndarray, block: int = 256) -> float:
     return float((step**2 / 12).sum() * min(block, n))
 
 
-def plan_smoothing(reader: gguf.GGUFReader, im: Imatrix) -> SmoothPlan:
-    tensors = {t.name: t for t in reader.tensors}
+class FloatSource:
+    """A float GGUF's tensors read one at a time from a private memory map: each read is a copy,
+    and the pages it touched are dropped from this process's resident set afterwards."""
+
+    def __init__(self, mm: mmap.mmap, reader: gguf.GGUFReader) -> None:
+        self.mm = mm
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def release(self, t: gguf.ReaderTensor) -> None:
+        begin = int(t.data_offset) - int(t.data_offset) % mmap.PAGESIZE
+        self.mm.madvise(mmap.MADV_DONTNEED, begin, int(t.data_offset) + int(t.n_bytes) - begin)
+
+    def float32(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a float32 copy in numpy order (rows, columns)."""
+        t = self.tensors[name]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        stored = np.frombuffer(self.mm, dtype=STORAGE[t.tensor_type], count=int(t.n_elements), offset=int(t.data_offset))
+        out = _to_float32(stored).reshape(shape)
+        del stored
+        self.release(t)
+        return out
+
+
+def _to_float32(stored: np.ndarray) -> np.ndarray:
+    if stored.dtype == np.uint16:  # bf16 bits: the high half of a float32
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def _from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype == np.uint16:  # to bf16 bits, rounding to nearest even
+        bits = x.view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return x.astype(dtype, copy=False)
+
+
+def plan_smoothing(source: FloatSource, im: Imatrix) -> SmoothPlan:
+    """Choose each norm group's scales, reading only that group's matrices."""
+    tensors = source.tensors
     n_blocks = 1 + max((int(n.split(".")[1]) for n in tensors if n.startswith("blk.")), default=-1)
+    means = im.means()
     scales, readers, alphas = {}, {}, {}
     for norm_t, reader_ts in SMOOTH_GROUPS:
         for bid in range(n_blocks) if "{bid}" in norm_t else [0]:
@@ -77,46 +143,62 @@ def plan_smoothing(reader: gguf.GGUFReader, im: Imatrix) -> SmoothPlan:
             rs = tuple(r.format(bid=bid) for r in reader_ts)
             if norm not in tensors or not all(r in tensors for r in rs) or rs[0] not in im.sums:
                 continue
-            x2 = im.means()[rs[0]].astype(np.float64) + 1e-12
-            ws = [np.asarray(tensors[r].data, dtype=np.float32) for r in rs]
+            x2 = means[rs[0]].astype(np.float64) + 1e-12
+            ws = [source.float32(r) for r in rs]
             wmax = np.max([np.abs(w).max(0) for w in ws], axis=0) + 1e-12
             best = (np.inf, 0.0, np.ones_like(x2))
+            power = sum(_sum_sq(w) for w in ws)  # the same for every alpha
             for a in ALPHAS:
                 s = np.sqrt(x2) ** a / wmax ** (1 - a)
                 s = np.exp2(np.rint(np.log2(s / np.exp(np.log(s).mean()))))
                 xs2 = x2 / s**2
                 err = sum(_fake_quant_error(w * s[None, :].astype(np.float32), xs2) for w in ws) / len(ws)
-                err += _act_quant_error(xs2) * sum(float((w.astype(np.float64) ** 2).sum()) for w in ws) / len(ws) / len(x2)
+                err += _act_quant_error(xs2) * power / len(ws) / len(x2)
                 if err < best[0]:
                     best = (err, a, s)
+            del ws
             scales[norm], readers[norm], alphas[norm] = best[2].astype(np.float32), rs, best[1]
     return SmoothPlan(scales, readers, alphas)
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap]:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        yield mm
 
 
 def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> SmoothPlan:
     """Write a smoothed copy of the float GGUF ``src`` and the importance matrix rescaled to it."""
     reader = open_gguf(src)
     for t in reader.tensors:
-        if t.tensor_type not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16):
+        if t.tensor_type not in STORAGE:
             raise QuantizeError(src, f"smoothing needs a float GGUF; {t.name} is {t.tensor_type.name}")
     im = Imatrix.load(imatrix)
-    plan = plan_smoothing(reader, im)
-    col_scale = {r: plan.scales[n] for n, rs in plan.readers.items() for r in rs}
     arch = str(reader.fields["general.architecture"].contents())
-    with atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
-        copy_metadata(reader, w)
-        for t in reader.tensors:
-            data = np.asarray(t.data)
-            if t.name in plan.scales:
-                data = (data.astype(np.float32) / plan.scales[t.name]).astype(data.dtype)
-            elif t.name in col_scale:
-                data = (data.astype(np.float32) * col_scale[t.name][None, :]).astype(data.dtype)
-            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+    with _mapped(src) as mm:
+        source = FloatSource(mm, reader)
+        plan = plan_smoothing(source, im)
+        col_scale = {r: plan.scales[n] for n, rs in plan.readers.items() for r in rs}
+        with atomic_file(out) as tmp:
+            w = gguf.GGUFWriter(tmp, arch)
+            copy_metadata(reader, w)
+            for t in reader.tensors:
+                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+                w.add_tensor_info(t.name, shape, STORAGE[t.tensor_type], int(t.n_bytes), raw_dtype=t.tensor_type)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            # norms divided by their scales, the columns of their readers multiplied by them
+            rescale = {n: (np.divide, s) for n, s in plan.scales.items()} | {r: (np.multiply, s[None, :]) for r, s in col_scale.items()}
+            for t in reader.tensors:
+                if (op := rescale.get(t.name)) is not None:
+                    data = source.float32(t.name)
+                    op[0](data, op[1], out=data)
+                    w.write_tensor_data(_from_float32(data, STORAGE[t.tensor_type]))
+                    del data
+                else:
+                    w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+            w.close()
     for name in im.sums:
         if name in col_scale:
             im.sums[name] = (im.sums[name] / col_scale[name].astype(np.float64) ** 2).astype(np.float32)

@@ -37,7 +37,7 @@ def shard_names(stem: str, count: int) -> list[str]:
     return [gguf.SHARD_NAME_FORMAT.format(stem, i + 1, count) for i in range(count)]
 
 
-class _MappedTensor:
+class MappedTensor:
     """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: copies one tensor's bytes from
     the source map in chunks and drops the source pages behind it."""
 
@@ -96,7 +96,7 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in reader.tensors:
-            w.write_tensor_data(_MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+            w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
         w.close()
         names = sorted(p.name for p in tmp.iterdir())
         if len(names) < 2:
