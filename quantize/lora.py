@@ -34,7 +34,7 @@ import numpy as np
 from .atomic import atomic_dir, sha256_file
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_shard_header
 from .errors import QuantizeError
-from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range
+from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range, tensor_from, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ class AdapterWeights:
         ref = self._refs[key]
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return _tensor_from(read_range(fd, ref.begin, ref.end, self.path), ref)
+            return tensor_from(read_range(fd, ref.begin, ref.end, self.path), ref)
         finally:
             os.close(fd)
 
@@ -248,22 +248,8 @@ def plan_merge(ckpt: Checkpoint, cfg: AdapterConfig, weights: AdapterWeights, ad
     return MergePlan(lora, replace)
 
 
-def _torch_dtype(st_dtype: str) -> torch.dtype:
-    import torch
-
-    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[st_dtype]
-
-
-def _tensor_from(buf: bytearray, ref: TensorRef) -> torch.Tensor:
-    import torch
-
-    if not buf:
-        return torch.empty(ref.shape, dtype=_torch_dtype(ref.dtype))
-    return torch.frombuffer(buf, dtype=_torch_dtype(ref.dtype)).reshape(ref.shape)
-
-
 def _base_tensor(fd: int, ref: TensorRef) -> torch.Tensor:
-    return _tensor_from(read_range(fd, ref.begin, ref.end, ref.shard), ref)
+    return tensor_from(read_range(fd, ref.begin, ref.end, ref.shard), ref)
 
 
 def merged_tensor(fd: int, ref: TensorRef, pair: LoraPair, weights: AdapterWeights, fan_in_fan_out: bool) -> torch.Tensor:
@@ -310,7 +296,7 @@ def _write_shards(ckpt: Checkpoint, plan: MergePlan, weights: AdapterWeights, cf
                     if (pair := plan.lora.get(ref.name)) is not None:
                         w.write(ref.name, _tensor_bytes(merged_tensor(fd, ref, pair, weights, cfg.fan_in_fan_out)))
                     elif (key := plan.replace.get(ref.name)) is not None:
-                        w.write(ref.name, _tensor_bytes(weights.get(key).to(_torch_dtype(ref.dtype)).contiguous()))
+                        w.write(ref.name, _tensor_bytes(weights.get(key).to(torch_dtype(ref.dtype)).contiguous()))
                     else:
                         w.write(ref.name, iter_range(fd, ref.begin, ref.end, shard.path))
 

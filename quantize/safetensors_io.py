@@ -129,3 +129,29 @@ def iter_range(fd: int, begin: int, end: int, path: Path | None = None) -> Itera
             raise QuantizeError(path, f"file ended at byte {pos}, expected data up to {end}; re-download it")
         yield block
         pos += len(block)
+
+
+# safetensors dtype -> torch dtype name (bf16 stays bf16)
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
+                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def torch_dtype(st_dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[st_dtype])
+
+
+def tensor_from(buf: bytearray, ref: TensorRef) -> Any:
+    """A torch tensor over ``buf`` (no copy) with ``ref``'s dtype and shape."""
+    import torch
+
+    if not buf:
+        return torch.empty(ref.shape, dtype=torch_dtype(ref.dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(ref.dtype)).reshape(ref.shape)
+
+
+def read_tensor(ref: TensorRef) -> Any:
+    """One stored tensor as a torch tensor in its stored dtype, read with ``pread`` (nothing stays mapped)."""
+    with open(ref.shard, "rb", buffering=0) as f:
+        return tensor_from(read_range(f.fileno(), ref.begin, ref.end, ref.shard), ref)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,14 +32,12 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .errors import QuantizeError
 from .progress import progress
+from .safetensors_io import read_tensor
 
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 
-# safetensors dtype -> torch dtype name (read without numpy, so bf16 stays bf16)
-_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32",
-                 "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 WIDTH = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -103,21 +100,7 @@ class CheckpointSource:
         return self.ckpt.tensors[name]
 
     def get(self, name: str) -> Any:
-        import torch
-
-        ref = self.ckpt.tensors[name]
-        buf = bytearray(ref.nbytes)
-        with open(ref.shard, "rb", buffering=0) as f:
-            view, done = memoryview(buf), 0
-            while done < ref.nbytes:
-                n = os.preadv(f.fileno(), [view[done:]], ref.begin + done)
-                if n <= 0:
-                    raise QuantizeError(ref.shard, f"truncated while reading tensor {name!r}; re-download it")
-                done += n
-        dtype = getattr(torch, _TORCH_DTYPES[ref.dtype])
-        if not ref.nbytes:
-            return torch.empty(ref.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(ref.shape)
+        return read_tensor(self.ckpt.tensors[name])
 
 
 # --- the model without its weights ------------------------------------------------------------
