@@ -135,7 +135,7 @@ def test_cli_gate_exit_code(demo: Demo, ladder, tmp_path: Path) -> None:  # type
 def test_text_shorter_than_one_window(demo: Demo, ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.")
-    with pytest.raises(QuantizeError, match="shorter than one evaluation window") as e:
+    with pytest.raises(QuantizeError, match="fewer than one evaluation window") as e:
         evaluate(demo.spm, short, [ladder.f16], EVAL, tmp_path / "cache")
     assert str(short) in str(e.value)
 
