@@ -434,7 +434,7 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
                 assert rc == 0, f"{name}: `{label}` exited {rc}:\n" + "\n".join(log.read_text().splitlines()[-30:])
                 after = _files(work / "artifacts")
-                run.produced |= {f for f, st in after.items() if before.get(f) != st}
+                run.produced |= {f for f, st in after.items() if before.get(f) != st and Path(f).name != ".lock"}  # the build lock is no product
                 run.steps.append(f"ran: {label}")
             runs.append(run)
     return runs
