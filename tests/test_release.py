@@ -225,7 +225,7 @@ def test_unknown_sampler_setting(demo: Demo, tmp_path: Path) -> None:
 
 def test_recipe_naming_a_missing_model(demo: Demo, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, demo, base="nobody/no-such-model-7B")
-    with pytest.raises(QuantizeError, match="neither a local path nor a model in the Hugging Face cache") as e:
+    with pytest.raises(QuantizeError, match="base 'nobody/no-such-model-7B': not in the Hugging Face cache and not downloadable") as e:
         build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
     assert str(recipe) in str(e.value)
 
