@@ -56,8 +56,8 @@ def _gptqmodel(session: nox.Session) -> Path:
     venv = ROOT / ".nox" / "_gptqmodel"
     stamp = venv / ".installed"
     if not stamp.is_file() or stamp.read_text() != repr(GPTQMODEL):
-        session.run("python", "-m", "venv", str(venv), external=True)
-        session.run(str(venv / "bin" / "pip"), "install", "-q", TORCH, *GPTQMODEL, external=True)
+        session.run_install("python", "-m", "venv", str(venv), external=True)
+        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *GPTQMODEL, external=True)
         stamp.write_text(repr(GPTQMODEL))
     return venv / "bin" / "python"
 
