@@ -140,6 +140,29 @@ def _set_tensor(module: Any, name: str, value: Any) -> None:
         module._buffers[leaf] = value
 
 
+def release_free_memory() -> None:
+    """Hand memory freed by the last module back to the system (glibc keeps freed heap pages of tensors under
+    its mmap threshold, e.g. k/v projections, and the resident set would creep up block after block)."""
+
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+        return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 class _StandIn:
     """Takes a block's place for one forward pass: records its keyword arguments and passes the hidden states on."""
 
@@ -279,6 +302,7 @@ class Skeleton:
             for n, b in list(module.named_buffers()):
                 if n not in buffers:
                     _set_tensor(module, n, b.to("meta"))
+            release_free_memory()
 
     def block_kwargs(self, ctx: int) -> list[dict[str, Any]]:
         """Per block, the keyword arguments the decoder gives it for windows of ``ctx`` tokens (batch-broadcastable)."""
