@@ -63,6 +63,19 @@ FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
 }
+# AutoAWQ as the README installs it: `pip install --no-deps` (the `awq` extra in pyproject.toml names the
+# same pin), because its declared requirements (triton, accelerate, ...) would pull CUDA builds we do not use.
+AUTOAWQ = "autoawq==0.2.9"
+
+
+def require_autoawq() -> None:
+    """Refuse, as a one-line error, when AutoAWQ cannot be imported (a plain ``pip install`` lacks it)."""
+    try:
+        import awq  # noqa: F401
+    except ImportError:
+        raise QuantizeError("awq", f"AutoAWQ is not installed; pip install --no-deps {AUTOAWQ} (see README)") from None
+
+
 # What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
 AUTOAWQ_FIXES = (
     "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
@@ -271,6 +284,7 @@ def quantize_rtn(hf_dir: str | Path, out_dir: str | Path, settings: AwqSettings 
 
 def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings: AwqSettings) -> Path:
     """Check everything, load, quantize (AWQ or RTN), then write the folder atomically."""
+    require_autoawq()
     import torch
 
     src = _check_source(hf_dir, out_dir, settings)
@@ -526,6 +540,7 @@ def add_awq_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _awq_command(a: argparse.Namespace) -> int:
+    require_autoawq()
     settings = AwqSettings(group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, device=a.device)
     if a.method == "rtn":
         out = quantize_rtn(a.hf_dir, a.output, settings)
