@@ -271,10 +271,14 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                   until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
     """The whole ladder of a recipe, in dependency order, then the release folder (atomically)."""
     from .recipe import load_recipe
-    from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
+    from .release import Artifact, bits_per_weight, koboldcpp_presets, make_manifest, write_release_files
     from .split import GB, place_gguf
 
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
+    if recipe.ladder.awq and until in ("awq", "eval", "release"):
+        from .awq import require_autoawq
+
+        require_autoawq()  # before any work
     demo_root = demo_root or artifacts / "demo"
     build_dir = artifacts / "build" / recipe.name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -312,8 +316,8 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                 arts = []
                 for kind, path in [("F16", ladder.f16), *ladder.quants.items()]:
                     shards = place_gguf(path, tmp, split_max)
-                    kc = kcpps(tmp, shards[0].name, recipe)
-                    files = (*(Path(s.name) for s in shards), Path(kc.name))
+                    presets = koboldcpp_presets(tmp, shards[0].name, recipe)
+                    files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
                     arts.append(Artifact(kind, files, bits_per_weight(path), source))
                 if ladder.imatrix is not None:
                     _link_or_copy(ladder.imatrix, tmp / ladder.imatrix.name)

@@ -1,0 +1,31 @@
+"""What a plain ``pip install`` of the package gives: commands whose optional dependency is missing
+refuse with one line naming the install command, before doing any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+# Runs the CLI with AutoAWQ made unimportable, as on an install without it.
+WITHOUT_AWQ = "import sys; sys.modules['awq'] = None; from quantize.cli import main; sys.exit(main(sys.argv[1:]))"
+MESSAGE = "quantize: awq: AutoAWQ is not installed; pip install --no-deps autoawq==0.2.9 (see README)\n"
+
+
+def test_awq_without_autoawq_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "model"
+    src.mkdir()
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-c", WITHOUT_AWQ, "awq", str(src), "-o", str(out)], capture_output=True, text=True)
+    assert (res.returncode, res.stderr, res.stdout) == (2, MESSAGE, "")
+    assert not out.exists() and sorted(tmp_path.iterdir()) == [src]
+
+
+def test_build_with_awq_without_autoawq_stops_before_any_work(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "X"\nbase = "demo:mistral-spm"\nevaluation = "text:eval"\n[ladder]\nawq = true\n')
+    art = tmp_path / "artifacts"
+    res = subprocess.run([sys.executable, "-c", WITHOUT_AWQ, "build", str(recipe), "--artifacts", str(art)],
+                         capture_output=True, text=True)
+    assert (res.returncode, res.stderr) == (2, MESSAGE)
+    assert not art.exists()
