@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,20 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
 
 
+def _plain_modes(root: Path) -> None:
+    """Give everything under ``root`` the mode of a plain file or folder under the umask (an executable
+    keeps its execute bits): writers such as safetensors create owner-only files."""
+    files, dirs = plain_mode(is_dir=False), plain_mode(is_dir=True)
+    for here, subdirs, names in os.walk(root):
+        for d in subdirs:
+            os.chmod(os.path.join(here, d), dirs)
+        for n in names:
+            path = os.path.join(here, n)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, files | (dirs & 0o111 if st.st_mode & stat.S_IXUSR else 0))
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Like :func:`atomic_file` for a folder: the old folder, if any, is replaced whole."""
@@ -111,6 +126,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, plain_mode(is_dir=True))
         yield tmp
+        _plain_modes(tmp)
         if final.exists():
             old = final.with_name(TMP_PREFIX + final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
