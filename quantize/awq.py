@@ -487,6 +487,7 @@ def load_awq_as_float(out_dir: str | Path, dtype: torch.dtype | None = None) -> 
     For evaluation on machines without AWQ kernels: weights are dequantized once, so the model
     computes exactly what the packed integers say, in ordinary ``nn.Linear`` layers.
     """
+    require_autoawq()  # its unpacking order
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM

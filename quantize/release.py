@@ -239,7 +239,8 @@ def quality_summary(manifest: dict[str, Any]) -> str:
 def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     c = recipe.card
     fmt = PROMPT_FORMATS[c.prompt_format]
-    convo = ([{"role": "system", "content": c.system}] if c.system else []) + [{"role": "user", "content": "{prompt}"}]
+    convo = ([{"role": "system", "content": c.system}] if c.system else []) + [
+        {"role": "user", "content": "{prompt}"}, {"role": "assistant", "content": "{reply}"}, {"role": "user", "content": "{prompt}"}]
     prompt = render_chat(fmt.turns, convo)
     tags = ["gguf", "awq", "quantized", *c.tags]
     front = ["---", f"base_model: {c.base_model or recipe.base}", f"quantized_by: {recipe.quantized_by}",

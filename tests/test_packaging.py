@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from quantize.demo import Demo
+
 # Runs the CLI with AutoAWQ made unimportable, as on an install without it.
 WITHOUT_AWQ = "import sys; sys.modules['awq'] = None; from quantize.cli import main; sys.exit(main(sys.argv[1:]))"
 MESSAGE = "quantize: awq: AutoAWQ is not installed; pip install --no-deps autoawq==0.2.9 (see README)\n"
@@ -29,3 +31,17 @@ def test_build_with_awq_without_autoawq_stops_before_any_work(tmp_path: Path) ->
                          capture_output=True, text=True)
     assert (res.returncode, res.stderr) == (2, MESSAGE)
     assert not art.exists()
+
+
+def test_evaluating_an_awq_folder_without_autoawq_is_a_one_line_error(demo: Demo, tmp_path: Path) -> None:
+    """The gate reads an AWQ folder with AutoAWQ's unpacking order: one line and no report, not a traceback."""
+    folder = tmp_path / "X-AWQ"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"quantization_config": {"quant_method": "awq"}}')
+    text = tmp_path / "t.txt"
+    text.write_text(demo.text["eval"].read_text()[:4000])
+    res = subprocess.run([sys.executable, "-c", WITHOUT_AWQ, "eval", str(folder), "--reference", str(demo.spm), "--ctx", "128",
+                          "--text", str(text), "--out-dir", str(tmp_path / "eval"), "--cache", str(tmp_path / "cache")],
+                         capture_output=True, text=True)
+    assert (res.returncode, res.stderr) == (2, MESSAGE)
+    assert not (tmp_path / "eval").exists()
