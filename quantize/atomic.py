@@ -1,7 +1,9 @@
 """Write artifacts under a temporary name in their destination folder and rename when complete.
 
 A killed run, an exception or a full disk leaves nothing under the final name: readers only
-ever see a file (or folder) that was written to the end.
+ever see a file (or folder) that was written to the end.  What lands under the final name has
+the permissions a plain ``open()``/``mkdir()`` would give under the user's umask (0644 and 0755
+under umask 0022), not the owner-only 0600/0700 of ``mkstemp``/``mkdtemp``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,22 @@ def file_lock(path: Path, waiting: str) -> Iterator[None]:
         yield
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (read from /proc where the kernel shows it, else set and restored)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(is_dir: bool) -> int:
+    """The mode ``mkdir()`` (``is_dir``) or ``open(..., "w")`` gives a new entry under the current umask."""
+    return (0o777 if is_dir else 0o666) & ~umask()
+
+
 def _check_writable_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,10 +78,14 @@ def atomic_file(final: Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
     except OSError as exc:
         raise QuantizeError(final.parent, f"the output folder is not writable ({exc.strerror}); choose another -o path") from exc
-    os.close(fd)
+    try:
+        os.fchmod(fd, plain_mode(is_dir=False))
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, plain_mode(is_dir=False))  # the block may have replaced the file
         os.replace(tmp, final)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -77,6 +100,20 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
 
 
+def _plain_modes(root: Path) -> None:
+    """Give everything under ``root`` the mode of a plain file or folder under the umask (an executable
+    keeps its execute bits): writers such as safetensors create owner-only files."""
+    files, dirs = plain_mode(is_dir=False), plain_mode(is_dir=True)
+    for here, subdirs, names in os.walk(root):
+        for d in subdirs:
+            os.chmod(os.path.join(here, d), dirs)
+        for n in names:
+            path = os.path.join(here, n)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(path, files | (dirs & 0o111 if st.st_mode & stat.S_IXUSR else 0))
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Like :func:`atomic_file` for a folder: the old folder, if any, is replaced whole."""
@@ -87,7 +124,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except OSError as exc:
         raise QuantizeError(final.parent, f"the output folder is not writable ({exc.strerror}); choose another -o path") from exc
     try:
+        os.chmod(tmp, plain_mode(is_dir=True))
         yield tmp
+        _plain_modes(tmp)
         if final.exists():
             old = final.with_name(TMP_PREFIX + final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

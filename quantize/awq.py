@@ -64,6 +64,19 @@ FAMILIES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
 }
+# AutoAWQ as the README installs it: `pip install --no-deps` (the `awq` extra in pyproject.toml names the
+# same pin), because its declared requirements (triton, accelerate, ...) would pull CUDA builds we do not use.
+AUTOAWQ = "autoawq==0.2.9"
+
+
+def require_autoawq() -> None:
+    """Refuse, as a one-line error, when AutoAWQ cannot be imported (a plain ``pip install`` lacks it)."""
+    try:
+        import awq  # noqa: F401
+    except ImportError:
+        raise QuantizeError("awq", f"AutoAWQ is not installed; pip install --no-deps {AUTOAWQ} (see README)") from None
+
+
 # What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
 AUTOAWQ_FIXES = (
     "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
@@ -269,6 +282,7 @@ def quantize_rtn(hf_dir: str | Path, out_dir: str | Path, settings: AwqSettings 
 def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings: AwqSettings) -> Path:
     """Check everything, then quantize (AWQ or RTN) one decoder block at a time, writing each block's
     packed weights as soon as it is done, into a folder that appears atomically."""
+    require_autoawq()
     src = _check_source(hf_dir, out_dir, settings)
     device = resolve_device(settings.device, hf_dir)
     _check_ram(src, settings, device, calibrate=calib is not None)
@@ -502,6 +516,7 @@ def load_awq_as_float(out_dir: str | Path, dtype: torch.dtype | None = None) -> 
     """Read an AWQ (or RTN) GEMM folder from disk into an ordinary transformers model in ``dtype`` (float32 by default),
     every linear dequantized by :class:`AwqSource` (the whole model in memory: for tests and small models; the
     quality gate streams the same source block by block)."""
+    require_autoawq()  # its unpacking order
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -542,6 +557,7 @@ def add_awq_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _awq_command(a: argparse.Namespace) -> int:
+    require_autoawq()
     settings = AwqSettings(group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, device=a.device)
     if a.method == "rtn":
         out = quantize_rtn(a.hf_dir, a.output, settings)

@@ -407,6 +407,10 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
+    if recipe.ladder.awq and STAGE_NAMES.index(until) >= STAGE_NAMES.index("awq"):
+        from .awq import require_autoawq
+
+        require_autoawq()  # before any work
     build_dir = artifacts / "build" / recipe.name
     build_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(build_dir / ".lock", f"another build of {recipe.name} is running"):
@@ -419,7 +423,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
 def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
     """The release folder: every GGUF (split when large) with its koboldcpp preset, the importance matrix,
     the AWQ folder, the manifest, checksums and model card; keyed by everything it is made from."""
-    from .release import Artifact, bits_per_weight, kcpps, make_manifest, write_release_files
+    from .release import Artifact, bits_per_weight, koboldcpp_presets, make_manifest, write_release_files
     from .split import GB, place_gguf
 
     source = {"source": b.src_key[:16]}
@@ -436,8 +440,8 @@ def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
             arts = []
             for kind, path in ggufs:
                 shards = place_gguf(path, tmp, split_max)
-                kc = kcpps(tmp, shards[0].name, recipe)
-                files = (*(Path(s.name) for s in shards), Path(kc.name))
+                presets = koboldcpp_presets(tmp, shards[0].name, recipe)
+                files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
                 arts.append(Artifact(kind, files, bits_per_weight(path), source))
             if b.imatrix is not None:
                 _link_or_copy(b.imatrix, tmp / b.imatrix.name)

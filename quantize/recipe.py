@@ -6,6 +6,7 @@ Unknown keys, wrong types and missing required keys are refused with the file an
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -24,38 +25,61 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class PromptFormat:
-    template: str  # with {system} and {prompt}
     stop: tuple[str, ...]
-    # koboldcpp's chat-completions adapter: the text around each role's turn
+    # koboldcpp's chat-completions adapter (its kcpp_adapters/*.json keys): the text around each
+    # role's turn, and optionally ``assistant_gen``, the text that opens the reply being generated
+    # when it differs from a past reply's ``assistant_start``.
     turns: Mapping[str, str]
 
 
-def _turns(system: tuple[str, str], user: tuple[str, str], assistant: tuple[str, str]) -> dict[str, str]:
-    return {"system_start": system[0], "system_end": system[1], "user_start": user[0], "user_end": user[1],
-            "assistant_start": assistant[0], "assistant_end": assistant[1]}
+def _turns(system: tuple[str, str], user: tuple[str, str], assistant: tuple[str, str], gen: str | None = None) -> dict[str, str]:
+    out = {"system_start": system[0], "system_end": system[1], "user_start": user[0], "user_end": user[1],
+           "assistant_start": assistant[0], "assistant_end": assistant[1]}
+    if gen is not None:
+        out["assistant_gen"] = gen
+    return out
 
 
 # Prompt formats a card can document and a koboldcpp preset can carry, as data.
 PROMPT_FORMATS: dict[str, PromptFormat] = {
     "chatml": PromptFormat(
-        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
         ("<|im_end|>",),
         _turns(("<|im_start|>system\n", "<|im_end|>\n"), ("<|im_start|>user\n", "<|im_end|>\n"),
                ("<|im_start|>assistant\n", "<|im_end|>\n"))),
+    # LimaRP's extended Alpaca: past replies read "Character: {utterance}"; only the reply being
+    # generated carries the length modifier, and its prompt ends at "Character:" (the model writes the space).
     "alpaca-extended": PromptFormat(
-        "### Instruction:\n{system}\n\n### Input:\nUser: {prompt}\n\n### Response: (length = medium)\nCharacter:",
         ("\n### Input", "\nUser:"),
         _turns(("### Instruction:\n", "\n\n"), ("### Input:\nUser: ", "\n\n"),
-               ("### Response: (length = medium)\nCharacter:", "\n\n"))),
+               ("### Response:\nCharacter: ", "\n\n"), gen="### Response: (length = medium)\nCharacter:")),
     "alpaca": PromptFormat(
-        "### Instruction:\n{prompt}\n\n### Response:\n", ("\n### Instruction",),
+        ("\n### Instruction",),
         _turns(("", "\n\n"), ("### Instruction:\n", "\n\n"), ("### Response:\n", "\n\n"))),
-    # Gemma has no system role: its template puts the system text at the top of the first user turn.
+    # Gemma has no system role.  As koboldcpp's own Gemma adapters do, the system text is a user turn of
+    # its own, closed before the first user message (Gemma's template would merge it into that message).
     "gemma": PromptFormat(
-        "<start_of_turn>user\n{system}\n\n{prompt}<end_of_turn>\n<start_of_turn>model\n", ("<end_of_turn>",),
-        _turns(("<start_of_turn>user\n", "\n\n"), ("<start_of_turn>user\n", "<end_of_turn>\n"),
+        ("<end_of_turn>",),
+        _turns(("<start_of_turn>user\n", "<end_of_turn>\n"), ("<start_of_turn>user\n", "<end_of_turn>\n"),
                ("<start_of_turn>model\n", "<end_of_turn>\n"))),
 }
+
+
+def render_chat(turns: Mapping[str, str], messages: list[dict[str, str]]) -> str:
+    """The prompt koboldcpp builds from an adapter for ``/v1/chat/completions`` (``transform_genparams``,
+    its non-jinja chat branch): ``chat_start``, each message wrapped in its role's start and end, then
+    ``assistant_gen`` (default ``assistant_start``) to open the reply; when the last message is the
+    assistant's, the reply is continued instead (koboldcpp's default ``continue_assistant_turn``)."""
+    out = turns.get("chat_start", "")
+    for m in messages:
+        out += turns[f"{m['role']}_start"] + m["content"] + turns[f"{m['role']}_end"]
+    gen = turns.get("assistant_gen", turns["assistant_start"])
+    if messages and messages[-1]["role"] == "assistant":
+        return out[: len(out) - len(turns["assistant_end"])] if turns["assistant_end"] else out
+    return out + gen
+
+
+# A Hub repo id as the Hub accepts it: owner and name of letters, digits, '-', '_', '.', not starting with '-' or '.'.
+HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 # Suggested-settings keys a recipe may use (the names of transformers' GenerationConfig and
 # SillyTavern) -> the generation parameter koboldcpp's API and its --gendefaults take.
@@ -108,6 +132,7 @@ class Recipe:
     name: str
     base: str  # a folder, "demo:<model>", "real:<model>", or a Hugging Face repo id (quantize.hub)
     quantized_by: str = "quantize"
+    hub_repo: str | None = None  # "owner/name" on the Hugging Face Hub the release is published to
     lora: str | None = None
     lora_allow_pickle: bool = False  # adapter_model.bin is a pickle: only with an explicit opt-in
     calibration: str = "demo:calib"
@@ -181,9 +206,11 @@ def load_recipe(path: str | Path) -> Recipe:
             raise QuantizeError(path, f"[thresholds] {kind} must be {{ ppl_ratio = …, mean_kld = … }}")
         thresholds[kind.upper()] = Threshold(float(th.get("ppl_ratio", 1e9)), float(th.get("mean_kld", 1e9)))
     revision = _revisions(path, data)
-    rest = {k: data[k] for k in ("quantized_by", "lora", "lora_allow_pickle", "calibration", "evaluation") if k in data}
+    rest = {k: data[k] for k in ("quantized_by", "hub_repo", "lora", "lora_allow_pickle", "calibration", "evaluation") if k in data}
     for k, v in rest.items():
         _typed(path, "top level", k, v, bool if k == "lora_allow_pickle" else str)
+    if "hub_repo" in rest and not HUB_REPO.fullmatch(rest["hub_repo"]):
+        raise QuantizeError(path, f"hub_repo {rest['hub_repo']!r} is not a Hugging Face repo id; write it as \"owner/name\"")
     return Recipe(source=path, name=data["name"], base=data["base"], ladder=ladder, thresholds=thresholds, card=Card(**card_d),
                   revision=revision, **rest)
 

@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
-from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe
+from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -68,6 +68,15 @@ def bits_per_weight(path: Path) -> float | None:
     return round(read_header(path).bits_per_weight, 3)
 
 
+def evaluated_name(a: Artifact) -> str:
+    """The name the quality report gives an artifact: the GGUF as evaluated (before any split into
+    shards), or the AWQ folder."""
+    gguf = next((f for f in a.files if f.suffix == ".gguf"), None)
+    if gguf is not None:
+        return _unsplit_stem(gguf.name) + ".gguf"
+    return a.files[0].parts[0]
+
+
 def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality: dict[str, Any]) -> dict[str, Any]:
     """Hash every artifact file (once) and describe it, with its quality figures and verdict."""
     results = {r["name"]: r for r in quality.get("results", [])}
@@ -76,7 +85,7 @@ def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality
         files: list[dict[str, Any]] = []
         for rel in a.files:
             files.append({"name": str(rel), "size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)})
-        q = results.get(a.files[0].name) or results.get(str(a.files[0].parent)) or {}
+        q = results.get(evaluated_name(a)) or {}
         entries.append({
             "kind": a.kind, "files": files, "size": sum(f["size"] for f in files), "bits_per_weight": a.bits_per_weight,
             "inputs": a.inputs,
@@ -156,20 +165,54 @@ def verify(root: str | Path) -> VerifyReport:
 # --- the model card and koboldcpp presets ---------------------------------------------------
 
 
-def kcpps(root: Path, gguf_name: str, recipe: Recipe) -> Path:
-    """A koboldcpp launcher preset next to a GGUF (the first shard of a split one): the model file,
-    the recipe's context size, its prompt format as a chat-completions adapter, and its suggested
-    sampler settings and stop strings as default generation parameters (``--gendefaults``)."""
+# What koboldcpp's ``--exporttemplate`` (``convert_args_to_template``) resets so that a .kcppt carries
+# no device-specific settings: koboldcpp picks the backend and offload for the machine that loads it.
+TEMPLATE_RESETS: dict[str, Any] = {
+    "istemplate": True, "gpulayers": -1, "threads": -1, "hordekey": "", "hordeworkername": "", "sdthreads": 0,
+    "maingpu": -1, "sdmaingpu": -1, "password": None, "adminpassword": None, "usemmap": False, "usemlock": False,
+    "debugmode": 0, "ssl": None, "usecuda": None, "usevulkan": None, "useclblast": None, "usecpu": None,
+    "tensor_split": None, "draftgpusplit": None, "ttsthreads": 0, "nommq": False, "splitmode": "layer",
+}
+# The oldest koboldcpp that applies a preset's gendefaults to text generation (1.102 has no such option
+# for text; older versions keep the key and ignore it).
+MIN_KOBOLDCPP = "1.107"
+
+
+def hub_url(repo: str, name: str) -> str:
+    """The Hub's download URL of a file in a model repo (what koboldcpp fetches when given a URL)."""
+    return f"https://huggingface.co/{repo}/resolve/main/{name}"
+
+
+def koboldcpp_presets(root: Path, gguf_name: str, recipe: Recipe) -> tuple[Path, Path]:
+    """koboldcpp launch files next to a GGUF (the first shard of a split one), both with the recipe's
+    context size, its prompt format as a chat-completions adapter, and its suggested sampler settings
+    and stop strings as default generation parameters (``gendefaults``):
+
+    * ``<Model>.<TYPE>.kcpps``, a settings file naming the GGUF by file name (koboldcpp resolves it
+      against the current folder), with every layer offloaded to a GPU when there is one;
+    * ``<Model>.<TYPE>.kcppt``, a launch template as ``--exporttemplate`` writes it (device settings
+      reset), naming the GGUF by its Hub download URL when the recipe has a ``hub_repo``.
+
+    The stop strings are given twice: ``stop_sequence`` for koboldcpp's own API, and ``stop`` for the
+    OpenAI-compatible endpoints, which replace ``stop_sequence`` with the request's ``stop``."""
     c = recipe.card
     fmt = PROMPT_FORMATS[c.prompt_format]
     gen: dict[str, Any] = {SAMPLERS[k]: v for k, v in c.sampler.items()}
-    gen["stop_sequence"] = list(c.stop or fmt.stop)
-    preset = {"model_param": gguf_name, "contextsize": c.context, "gpulayers": -1, "usemmap": True,
-              "chatcompletionsadapter": dict(fmt.turns), "gendefaults": json.dumps(gen), "quiet": False}
-    out = root / (_unsplit_stem(gguf_name) + ".kcpps")
-    with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(preset, indent=2))
-    return out
+    stops = list(c.stop or fmt.stop)
+    gen["stop_sequence"] = stops
+    gen["stop"] = stops
+    common = {"contextsize": c.context, "chatcompletionsadapter": dict(fmt.turns), "gendefaults": json.dumps(gen)}
+    settings = {"model_param": gguf_name, **common, "gpulayers": -1, "usemmap": True, "quiet": False}
+    template = {"model_param": hub_url(recipe.hub_repo, gguf_name) if recipe.hub_repo else gguf_name, **common,
+                **TEMPLATE_RESETS}
+    stem = _unsplit_stem(gguf_name)
+    out = []
+    for suffix, preset in ((".kcpps", settings), (".kcppt", template)):
+        path = root / (stem + suffix)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(preset, indent=2))
+        out.append(path)
+    return out[0], out[1]
 
 
 def _unsplit_stem(name: str) -> str:
@@ -184,10 +227,21 @@ def _ram_needed(size: int, context: int) -> str:
     return f"{(size * 1.05 + context * 2**20 * 0.25) / 2**30:.1f} GiB"
 
 
+def quality_summary(manifest: dict[str, Any]) -> str:
+    """The card's sentence on the quality gate, from the manifest's verdicts."""
+    gated = [a for a in manifest["artifacts"] if a["kind"] in USE_CASES]
+    if gated and all(a["verdict"] == "pass" for a in gated):
+        return f"Every file passed its threshold ({len(gated)} of {len(gated)})."
+    said = {"pass": "passed its threshold", "fail": "failed its threshold", "not measured": "was not measured"}
+    return " ".join(f"{a['kind']} {said[a['verdict']]}." for a in gated)
+
+
 def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     c = recipe.card
     fmt = PROMPT_FORMATS[c.prompt_format]
-    template, stops = fmt.template, fmt.stop
+    convo = ([{"role": "system", "content": c.system}] if c.system else []) + [
+        {"role": "user", "content": "{prompt}"}, {"role": "assistant", "content": "{reply}"}, {"role": "user", "content": "{prompt}"}]
+    prompt = render_chat(fmt.turns, convo)
     tags = ["gguf", "awq", "quantized", *c.tags]
     front = ["---", f"base_model: {c.base_model or recipe.base}", f"quantized_by: {recipe.quantized_by}",
              f"license: {c.license or 'other'}", "tags:", *[f"- {t}" for t in tags], "---", ""]
@@ -209,15 +263,11 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         f"# {recipe.name} — GGUF and AWQ", "", c.description, "",
         "## Available versions", "", *rows, "",
         f"Quality is measured against the fp16 model on held-out text (reference perplexity {manifest.get('reference_ppl') or 0:.3f}): "
-        "perplexity ratio and mean KL divergence, llama-perplexity's method. Every file passed its threshold.", "",
-        "## Prompt format", "", "```", template.replace("{system}", c.system or "{system}"), "```", "",
-        f"Stop strings: {', '.join(repr(s) for s in (c.stop or stops))}", "",
+        f"perplexity ratio and mean KL divergence, llama-perplexity's method. {quality_summary(manifest)}", "",
+        "## Prompt format", "", "```", prompt, "```", "",
+        f"Stop strings: {', '.join(repr(s) for s in (c.stop or fmt.stop))}", "",
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
-        "## Use with koboldcpp", "",
-        f"Download `{first_gguf}` and its `.kcpps` preset, then `koboldcpp --config {_unsplit_stem(first_gguf)}.kcpps` "
-        "(or load the GGUF in the launcher). The preset carries the context size, the prompt format and the suggested "
-        "settings; the chat template is embedded; BOS is added once by the backend. A file listed with more parts is "
-        "split in llama.cpp's `gguf-split` layout: download every part into one folder and open the first.", "",
+        "## Use with koboldcpp", "", *_koboldcpp_section(recipe, _unsplit_stem(first_gguf)), "",
         "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
         f"The GGUFs need llama.cpp {MIN_LLAMA_CPP.get(manifest.get('architecture') or 'llama', MIN_LLAMA_CPP['llama'])} "
         "or newer, or a koboldcpp built on it.", "",
@@ -226,3 +276,24 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     if c.credits:
         body += ["## Credits", "", c.credits, ""]
     return "\n".join(front + body)
+
+
+def _koboldcpp_section(recipe: Recipe, stem: str) -> list[str]:
+    where = (f"names the GGUF by its download URL, so it works from any folder: "
+             f"`koboldcpp --config {hub_url(recipe.hub_repo, stem + '.kcppt')}` downloads the model (every part of a "
+             "split one) and starts it" if recipe.hub_repo else
+             "names the GGUF by file name, so run it as the `.kcpps` below")
+    return [
+        f"Needs koboldcpp {MIN_KOBOLDCPP} or newer: older versions load the presets but silently ignore their "
+        "suggested settings and stop strings (`gendefaults`).", "",
+        f"- `{stem}.kcppt` is a launch template: no device settings, koboldcpp picks the backend and GPU offload "
+        f"for your machine. It {where}.",
+        f"- `{stem}.kcpps` is a settings file that names the GGUF by file name, which koboldcpp looks up in the "
+        "current folder: run it from the folder holding the files, from anywhere with "
+        f"`cd /path/to/the/files && koboldcpp --config {stem}.kcpps`.",
+        "",
+        "Both carry the context size, the prompt format as a chat-completions adapter, and the suggested settings "
+        "and stop strings as generation defaults (a request that sets its own values keeps them); the chat template "
+        "is embedded in the GGUF too, and BOS is added once by the backend. A file listed with more parts is split in "
+        "llama.cpp's `gguf-split` layout: download every part into one folder and open the first.",
+    ]

@@ -4,8 +4,10 @@ rebuilds, a SIGKILL midway, tampered downloads and bad recipes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -64,6 +66,10 @@ def test_card_table_matches_manifest(release) -> None:  # type: ignore[no-untype
     manifest = json.loads((root / "manifest.json").read_text())
     assert card.startswith("---\nbase_model: ") and "quantized_by: quantize" in card and "license: apache-2.0" in card
     assert "## Available versions" in card and "<|im_start|>system" in card and "koboldcpp" in card
+    # the gate's summary comes from the verdicts; the koboldcpp section names its minimum version and the folder
+    assert "Every file passed its threshold (4 of 4)." in card
+    assert "Needs koboldcpp 1.107 or newer" in card
+    assert "cd /path/to/the/files && koboldcpp --config Demo-Mistral-ChatML.Q4_K_M.kcpps" in card
     rows = [ln for ln in card.splitlines() if ln.startswith("| Demo-Mistral-ChatML")]
     assert len(rows) == len(manifest["artifacts"])
     for row, a in zip(rows, manifest["artifacts"], strict=True):
@@ -74,18 +80,41 @@ def test_card_table_matches_manifest(release) -> None:  # type: ignore[no-untype
             assert cells[6] == f"{a['quality']['mean_kld']:.5f}"
 
 
-def test_kcpps_presets_name_existing_ggufs(release) -> None:  # type: ignore[no-untyped-def]
-    presets = sorted(release.root.glob("*.kcpps"))
-    assert len(presets) == 3
-    for p in presets:
-        preset = json.loads(p.read_text())
-        assert (release.root / preset["model_param"]).is_file() and preset["model_param"].endswith(".gguf")
-        assert preset["contextsize"] == 2048
-        # the recipe's prompt format and suggested settings, in koboldcpp's own keys
-        assert preset["chatcompletionsadapter"]["user_start"] == "<|im_start|>user\n"
-        assert preset["chatcompletionsadapter"]["assistant_end"] == "<|im_end|>\n"
-        assert json.loads(preset["gendefaults"]) == {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "rep_pen": 1.1,
-                                                     "stop_sequence": ["<|im_end|>"]}
+def test_koboldcpp_presets_name_existing_ggufs(release) -> None:  # type: ignore[no-untyped-def]
+    """A .kcpps settings file and a .kcppt launch template beside each GGUF, both listed in the manifest."""
+    root = release.root
+    manifest = json.loads((root / "manifest.json").read_text())
+    listed = {f["name"] for a in manifest["artifacts"] for f in a["files"]}
+    gen_defaults = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "rep_pen": 1.1,
+                    "stop_sequence": ["<|im_end|>"], "stop": ["<|im_end|>"]}
+    for suffix in (".kcpps", ".kcppt"):
+        presets = sorted(root.glob(f"*{suffix}"))
+        assert len(presets) == 3 and {p.name for p in presets} <= listed
+        for p in presets:
+            preset = json.loads(p.read_text())
+            assert p.name == preset["model_param"].removesuffix(".gguf") + suffix  # no hub_repo: the file name
+            assert (root / preset["model_param"]).is_file()
+            assert preset["contextsize"] == 2048
+            assert preset["chatcompletionsadapter"]["user_start"] == "<|im_start|>user\n"
+            assert preset["chatcompletionsadapter"]["assistant_end"] == "<|im_end|>\n"
+            # koboldcpp's API reads stop_sequence; its OpenAI-compatible endpoints replace it with "stop"
+            assert json.loads(preset["gendefaults"]) == gen_defaults
+            if suffix == ".kcppt":  # what koboldcpp's --exporttemplate resets: no device-specific settings
+                assert preset["istemplate"] is True and preset["gpulayers"] == -1 and preset["threads"] == -1
+                assert all(preset[k] is None for k in ("usecuda", "usevulkan", "useclblast", "usecpu", "tensor_split"))
+            else:
+                assert "istemplate" not in preset
+
+
+def test_card_summary_follows_the_verdicts() -> None:
+    from quantize.release import quality_summary
+
+    manifest = {"artifacts": [{"kind": "F16", "verdict": "pass"}, {"kind": "imatrix", "verdict": "not measured"},
+                              {"kind": "Q6_K", "verdict": "not measured"}, {"kind": "Q4_K_M", "verdict": "fail"}]}
+    assert quality_summary(manifest) == ("F16 passed its threshold. Q6_K was not measured. "
+                                         "Q4_K_M failed its threshold.")
+    manifest["artifacts"] = manifest["artifacts"][:2]
+    assert quality_summary(manifest) == "Every file passed its threshold (1 of 1)."
 
 
 def test_large_ggufs_ship_as_llama_cpp_split_shards(demo: Demo, tmp_path: Path) -> None:
@@ -94,7 +123,8 @@ def test_large_ggufs_ship_as_llama_cpp_split_shards(demo: Demo, tmp_path: Path) 
     import numpy as np
     from conftest import load_llama
 
-    rel = build_release(_recipe(tmp_path, demo, ladder="split_max_gb = 0.02\n"), tmp_path / "s", demo_root=DEMO_ROOT)
+    rel = build_release(_recipe(tmp_path, demo, ladder="split_max_gb = 0.02\n", hub_repo="my-org/Tiny-GGUF"), tmp_path / "s",
+                        demo_root=DEMO_ROOT)
     manifest = json.loads((rel.root / "manifest.json").read_text())
     files = {a["kind"]: [f["name"] for f in a["files"] if f["name"].endswith(".gguf")] for a in manifest["artifacts"]}
     assert files["Q4_K_M"] == ["Tiny.Q4_K_M.gguf"]
@@ -102,14 +132,43 @@ def test_large_ggufs_ship_as_llama_cpp_split_shards(demo: Demo, tmp_path: Path) 
     assert n >= 2 and files["F16"] == [f"Tiny.F16-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
     assert all((rel.root / f).stat().st_size <= 20_000_000 for f in files["F16"])
     assert verify(rel.root).ok
+    # Every shard belongs to an entry with its artifact's type, quality figures and verdict: the gate's.
+    gate = {r["kind"]: r for r in json.loads(rel.ladder.report["json"].read_text())["results"]}
+    for a in manifest["artifacts"]:
+        if a["kind"] in gate:
+            assert a["verdict"] == "pass" and a["quality"]["ppl_ratio"] == gate[a["kind"]]["ppl_ratio"], a["kind"]
+            assert a["quality"]["mean_kld"] == gate[a["kind"]]["mean_kld"]
+    card = (rel.root / "README.md").read_text()
+    assert "Every file passed its threshold (2 of 2)." in card
     preset = json.loads((rel.root / "Tiny.F16.kcpps").read_text())
     assert preset["model_param"] == files["F16"][0]
-    assert f"| {files['F16'][0]} (+{n - 1} more parts) |" in (rel.root / "README.md").read_text()
+    template = json.loads((rel.root / "Tiny.F16.kcppt").read_text())
+    assert template["model_param"] == f"https://huggingface.co/my-org/Tiny-GGUF/resolve/main/{files['F16'][0]}"
+    assert "koboldcpp --config https://huggingface.co/my-org/Tiny-GGUF/resolve/main/Tiny.Q4_K_M.kcppt" in card
+    assert f"| {files['F16'][0]} (+{n - 1} more parts) |" in card
     whole, split = (load_llama(p, logits_all=True) for p in (rel.ladder.f16, rel.root / files["F16"][0]))
     toks = whole.tokenize(b"Now is the winter of our discontent")
     whole.eval(toks)
     split.eval(toks)
     assert np.array_equal(np.asarray(whole.scores[: len(toks)]), np.asarray(split.scores[: len(toks)]))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_release_files_get_the_mode_of_plain_files_under_the_umask(demo: Demo, tmp_path: Path, umask: int) -> None:
+    """Every file and folder of a release (GGUFs, split shards, presets, imatrix, the AWQ folder, manifest,
+    card) has the mode open() and mkdir() give under the umask: 0644/0755 under 0022."""
+    recipe = _recipe(tmp_path, demo, ladder="split_max_gb = 0.02\n")
+    recipe.write_text(recipe.read_text().replace("awq = false\n", "awq = true\nawq_samples = 8\nawq_seq_len = 128\n")
+                      + "[thresholds]\nAWQ = { ppl_ratio = 10.0, mean_kld = 10.0 }\n")  # modes are the point here, not quality
+    old = os.umask(umask)
+    try:
+        rel = build_release(recipe, tmp_path / "m", demo_root=DEMO_ROOT)
+    finally:
+        os.umask(old)
+    entries = [rel.root, *rel.root.rglob("*")]
+    assert any(p.is_dir() for p in entries[1:]) and any("-00001-of-" in p.name for p in entries)  # the AWQ folder, shards
+    modes = {str(p.relative_to(rel.root)): stat.S_IMODE(p.stat().st_mode) for p in entries}
+    assert modes == {str(p.relative_to(rel.root)): (0o777 if p.is_dir() else 0o666) & ~umask for p in entries}
 
 
 def test_split_shards_keep_metadata_and_tensors_exactly(bpe_f16: Path, tmp_path: Path) -> None:
