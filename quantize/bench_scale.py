@@ -171,7 +171,15 @@ def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, aw
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    return {k: "recipe" if k in used else "build default (no such recipe key in this build)" for k in asdict(sizes)}
+    return {k: "recipe" if k in used else f"build default {_build_default(k)}" for k in asdict(sizes)}
+
+
+def _build_default(key: str) -> str:
+    """The value a build uses for a size its recipe schema cannot set (read from the ladder settings)."""
+    from . import pipeline
+
+    attr = {"imatrix_chunks": "calib_chunks", "imatrix_ctx": "calib_ctx", "eval_windows": "eval_chunks"}.get(key, key)
+    return str(getattr(getattr(pipeline, "LadderSettings", None), attr, "unknown"))
 
 
 def available_stages() -> tuple[str, ...]:
@@ -297,9 +305,9 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
     src = hi.get("sizes_from", {})
     lines += ["", f"Sizes used: imatrix {sizes.imatrix_chunks} chunks x {sizes.imatrix_ctx} tokens, AWQ {sizes.awq_samples} "
               f"samples x {sizes.awq_seq_len} tokens, gate {sizes.eval_windows} windows x {sizes.eval_ctx} tokens."]
-    not_applied = [k for k, v in src.items() if v != "recipe"]
+    not_applied = [f"{k} ({v})" for k, v in src.items() if v != "recipe"]
     if not_applied:
-        lines.append(f"Not applied (this build's recipe has no such key, its default was used): {', '.join(not_applied)}.")
+        lines.append(f"NOT applied, this build's recipe has no such key, so the build's default was used: {', '.join(not_applied)}.")
     lines += [f"Inputs: checkpoint + adapter generator peak RSS {_fmt_mb(hi['inputs']['peak_rss_mb'])} "
               f"(cached after the first run). Import floor (torch + transformers + quantize): {_fmt_mb(floor_mb)}.",
               "Wall time is one cold run per stage (page cache as the previous stage left it); peak RSS is the kernel's "
