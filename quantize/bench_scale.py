@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,18 +151,13 @@ def make_inputs(root: Path, shape: Shape) -> tuple[Path, Path]:
     return base, lora
 
 
-def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, awq: bool = True) -> dict[str, str]:
-    """The bench's recipe for one depth; returns, per size, where the value used comes from (the
-    recipe, or the build's default when this build's recipe schema has no such key)."""
-    from .recipe import Ladder
-
-    known = {f.name for f in fields(Ladder)}
-    used = {k: v for k, v in asdict(sizes).items() if k in known}
+def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, awq: bool = True) -> None:
+    """The bench's recipe for one depth: the whole ladder with ``sizes`` and wide-open thresholds."""
     lines = [
         "# Written by `nox -s bench-scale`: random weights at Mistral-7B's width; measures time and memory only.",
         f'name = "{name}"', f'base = "{base.resolve()}"', f'lora = "{lora.resolve()}"',
         'calibration = "text:calib"', 'evaluation = "text:eval"', "", "[ladder]", 'gguf = ["F16", "Q6_K", "Q4_K_M"]',
-        f"awq = {str(awq).lower()}", "imatrix = true", "smooth = true", *(f"{k} = {v}" for k, v in used.items()), "",
+        f"awq = {str(awq).lower()}", "imatrix = true", "smooth = true", *(f"{k} = {v}" for k, v in asdict(sizes).items()), "",
         "# Random weights have no meaningful quality: these limits are wide open so that the gate never stops",
         "# the bench, which measures time and peak memory, not quality.", "[thresholds]",
         *(f"{t} = {{ ppl_ratio = 1000.0, mean_kld = 1000.0 }}" for t in ("F16", "Q6_K", "Q4_K_M", "AWQ")), "",
@@ -171,15 +166,6 @@ def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, aw
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-    return {k: "recipe" if k in used else f"build default {_build_default(k)}" for k in asdict(sizes)}
-
-
-def _build_default(key: str) -> str:
-    """The value a build uses for a size its recipe schema cannot set (read from the ladder settings)."""
-    from . import pipeline
-
-    attr = {"imatrix_chunks": "calib_chunks", "imatrix_ctx": "calib_ctx", "eval_windows": "eval_chunks"}.get(key, key)
-    return str(getattr(getattr(pipeline, "LadderSettings", None), attr, "unknown"))
 
 
 def available_stages() -> tuple[str, ...]:
@@ -204,13 +190,13 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
     base, lora = model_paths(root, shape)
     name = f"BenchScale-Mistral-7B-width-{blocks}blocks"
     recipe = root / "recipes" / f"{name}.toml"
-    source = write_recipe(recipe, name, base, lora, sizes, awq=any(s.label == "awq" for s in stages))
+    write_recipe(recipe, name, base, lora, sizes, awq=any(s.label == "awq" for s in stages))
     build_dir, release_dir = root / "build" / name, root / "release" / name
     for d in (build_dir, release_dir, root / "build" / "eval-cache"):
         shutil.rmtree(d, ignore_errors=True)  # measure every step, not reuse a previous run's
     accepted = available_stages()
     res: dict[str, Any] = {"blocks": blocks, "checkpoint_bytes": shape.fp16_bytes, "block_params": shape.block_params,
-                           "inputs": {"seconds": gen.seconds, "peak_rss_mb": gen.peak_rss_mb}, "sizes_from": source, "stages": {}}
+                           "inputs": {"seconds": gen.seconds, "peak_rss_mb": gen.peak_rss_mb}, "stages": {}}
     log = root / "logs" / f"{blocks}blocks-build.log"
     log.unlink(missing_ok=True)
     for st in stages:
@@ -302,12 +288,8 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
         cells.append(_fmt_mb(bound_mb))
         cells.append("n/a" if bound_mb is None else "yes" if per[-1]["peak_rss_mb"] <= bound_mb else "no")
         lines.append("| " + " | ".join(cells) + " |")
-    src = hi.get("sizes_from", {})
     lines += ["", f"Sizes used: imatrix {sizes.imatrix_chunks} chunks x {sizes.imatrix_ctx} tokens, AWQ {sizes.awq_samples} "
               f"samples x {sizes.awq_seq_len} tokens, gate {sizes.eval_windows} windows x {sizes.eval_ctx} tokens."]
-    not_applied = [f"{k} ({v})" for k, v in src.items() if v != "recipe"]
-    if not_applied:
-        lines.append(f"NOT applied, this build's recipe has no such key, so the build's default was used: {', '.join(not_applied)}.")
     lines += [f"Inputs: checkpoint + adapter generator peak RSS {_fmt_mb(hi['inputs']['peak_rss_mb'])} "
               f"(cached after the first run). Import floor (torch + transformers + quantize): {_fmt_mb(floor_mb)}.",
               "Wall time is one cold run per stage (page cache as the previous stage left it); peak RSS is the kernel's "
