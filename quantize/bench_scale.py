@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -180,11 +181,14 @@ def _preflight(build_dir: Path, step: str) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], keep: bool) -> dict[str, Any]:
-    """Every stage of one depth's build, each in its own process, from a clean build folder."""
+def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], keep: bool,
+              saved: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every stage of one depth's build, each in its own process, from a clean build folder; the
+    results so far are handed to ``saved`` after every stage."""
     shape = replace(MISTRAL_7B, layers=blocks)
     gen_log = root / "logs" / f"{blocks}blocks-inputs.log"
     gen_log.parent.mkdir(parents=True, exist_ok=True)
+    cached = (model_paths(root, shape)[1] / "adapter_config.json").is_file()
     gen = measure([PY, "-m", "quantize.bench_scale", "--make-inputs", str(blocks), "--out", str(root)], warm=False, repeat=1,
                   log=gen_log)
     base, lora = model_paths(root, shape)
@@ -196,7 +200,7 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
         shutil.rmtree(d, ignore_errors=True)  # measure every step, not reuse a previous run's
     accepted = available_stages()
     res: dict[str, Any] = {"blocks": blocks, "checkpoint_bytes": shape.fp16_bytes, "block_params": shape.block_params,
-                           "inputs": {"seconds": gen.seconds, "peak_rss_mb": gen.peak_rss_mb}, "stages": {}}
+                           "inputs": {"seconds": gen.seconds, "peak_rss_mb": gen.peak_rss_mb, "cached": cached}, "stages": {}}
     log = root / "logs" / f"{blocks}blocks-build.log"
     log.unlink(missing_ok=True)
     for st in stages:
@@ -211,6 +215,7 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
             res["stages"][st.label] = {"failed": str(exc)[-600:]}
             break
         res["stages"][st.label] = {"seconds": run.seconds, "peak_rss_mb": run.peak_rss_mb, "preflight": _preflight(build_dir, st.step)}
+        saved(res)
         print(f"{blocks} blocks, {st.label}: {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
     if not keep:
         for d in (build_dir, release_dir, root / "build" / "eval-cache"):
@@ -268,7 +273,7 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
         head.append(f"RSS {hi['blocks']}/{lo['blocks']} (target <= {TARGET_RSS_RATIO})")
     head += [f"bound @{hi['blocks']} (preflight)", "peak under bound"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for st in hi["stages"]:
+    for st in [s.label for s in STAGES if any(s.label in r["stages"] for r in runs)]:
         cells = [st]
         per = [r["stages"].get(st, {}) for r in runs]
         if any("missing" in p for p in per):
@@ -290,8 +295,9 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Sizes used: imatrix {sizes.imatrix_chunks} chunks x {sizes.imatrix_ctx} tokens, AWQ {sizes.awq_samples} "
               f"samples x {sizes.awq_seq_len} tokens, gate {sizes.eval_windows} windows x {sizes.eval_ctx} tokens."]
-    lines += [f"Inputs: checkpoint + adapter generator peak RSS {_fmt_mb(hi['inputs']['peak_rss_mb'])} "
-              f"(cached after the first run). Import floor (torch + transformers + quantize): {_fmt_mb(floor_mb)}.",
+    lines += [*(f"Inputs at {r['blocks']} blocks: {'cached' if r['inputs'].get('cached') else 'generated'} in "
+                f"{_fmt_s(r['inputs']['seconds'])}, generator peak RSS {_fmt_mb(r['inputs']['peak_rss_mb'])}." for r in runs),
+              f"Import floor (a process importing torch, transformers and quantize): {_fmt_mb(floor_mb)}.",
               "Wall time is one cold run per stage (page cache as the previous stage left it); peak RSS is the kernel's "
               "high-water mark from wait4.", ""]
     if len(runs) > 1:
@@ -335,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         stages = tuple(s for s in STAGES if s.label in wanted)
         a.out.mkdir(parents=True, exist_ok=True)
         data = {"floor_mb": baseline_rss_mb(), "runs": []}
+        done: list[dict[str, Any]] = []
         for n in sorted(int(b) for b in a.blocks.split(",")):
-            data["runs"].append(run_depth(a.out, n, sizes, stages, a.keep))
-            results_file.write_text(json.dumps(data, indent=2))
+            def saved(res: dict[str, Any]) -> None:
+                data["runs"] = [*done, res]
+                results_file.write_text(json.dumps(data, indent=2))
+
+            done.append(run_depth(a.out, n, sizes, stages, a.keep, saved))
     report = render(data["runs"], sizes, data["floor_mb"])
     (a.out / "bench-scale.md").write_text(report)
     print(report)
