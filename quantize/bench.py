@@ -31,6 +31,7 @@ PY = sys.executable
 class Run:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system time of the median-time run (the work, whatever else shared the cores)
 
 
 def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None = None) -> Run:
@@ -38,7 +39,7 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
     untimed run first fills the page cache; before every run ``sync`` flushes the previous run's
     dirty pages, so no run pays for another's writeback.  The command's stderr goes to ``log``
     (appended; a temporary file without it) and its tail is in the error when it fails."""
-    times, peaks = [], []
+    times, peaks, cpus = [], [], []
     for attempt in range(repeat + (1 if warm else 0)):
         os.sync()
         with open(log, "a+b") if log else tempfile.TemporaryFile() as err:
@@ -55,7 +56,9 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
             continue
         times.append(seconds)
         peaks.append(usage.ru_maxrss / 1024)
-    return Run(sorted(times)[len(times) // 2], max(peaks))
+        cpus.append(usage.ru_utime + usage.ru_stime)
+    median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
+    return Run(times[median], max(peaks), cpus[median])
 
 
 @dataclass(frozen=True)

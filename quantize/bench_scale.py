@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -214,7 +215,8 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
         except RuntimeError as exc:
             res["stages"][st.label] = {"failed": str(exc)[-600:]}
             break
-        res["stages"][st.label] = {"seconds": run.seconds, "peak_rss_mb": run.peak_rss_mb, "preflight": _preflight(build_dir, st.step)}
+        res["stages"][st.label] = {"seconds": run.seconds, "cpu_seconds": run.cpu_seconds, "load_avg": os.getloadavg()[1],
+                                   "peak_rss_mb": run.peak_rss_mb, "preflight": _preflight(build_dir, st.step)}
         saved(res)
         print(f"{blocks} blocks, {st.label}: {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
     if not keep:
@@ -237,6 +239,13 @@ def _fmt_mb(mb: float | None) -> str:
 
 def _fmt_s(s: float | None) -> str:
     return "n/a" if s is None else f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def _fmt_time(stage: dict[str, Any]) -> str:
+    if "seconds" not in stage:
+        return "n/a"
+    cpu, load = stage.get("cpu_seconds"), stage.get("load_avg")
+    return _fmt_s(stage["seconds"]) + (f" ({_fmt_s(cpu)}; {load:.1f})" if cpu is not None and load is not None else "")
 
 
 def extrapolate(lo: dict[str, Any], hi: dict[str, Any], floor_mb: float, target: Shape) -> dict[str, dict[str, float]]:
@@ -266,9 +275,9 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
     lo, hi = runs[0], runs[-1]
     depths = [r["blocks"] for r in runs]
     lines = ["# bench-scale: every stage at Mistral-7B's width (random weights), each in its own process", "",
-             "## Measured on this machine (" + ", ".join(f"{r['blocks']} blocks: {r['checkpoint_bytes'] / GB:.2f} GB fp16" for r in runs)
+             "## Measured on this machine (" + ", ".join(f"{r['blocks']} blocks: {r['checkpoint_bytes'] / 2**30:.2f} GiB fp16" for r in runs)
              + "; LoRA r=16 merged first)", ""]
-    head = ["stage", *(f"time @{n}" for n in depths), *(f"peak RSS @{n}" for n in depths)]
+    head = ["stage", *(f"time @{n} (CPU; load)" for n in depths), *(f"peak RSS @{n}" for n in depths)]
     if len(runs) > 1:
         head.append(f"RSS {hi['blocks']}/{lo['blocks']} (target <= {TARGET_RSS_RATIO})")
     head += [f"bound @{hi['blocks']} (preflight)", "peak under bound"]
@@ -284,7 +293,7 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
             fail = next(p["failed"] for p in per if "failed" in p).strip().splitlines()[-1][:200].replace("|", "/")
             lines.append(f"| {st} | failed: {fail} |" + " |" * (len(head) - 2))
             continue
-        cells += [_fmt_s(p.get("seconds")) for p in per] + [_fmt_mb(p.get("peak_rss_mb")) for p in per]
+        cells += [_fmt_time(p) for p in per] + [_fmt_mb(p.get("peak_rss_mb")) for p in per]
         if len(runs) > 1:
             a, b = per[0].get("peak_rss_mb"), per[-1].get("peak_rss_mb")
             cells.append(f"{b / a:.2f}" + ("" if b / a <= TARGET_RSS_RATIO else " (over)") if a and b else "n/a")
@@ -298,8 +307,9 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
     lines += [*(f"Inputs at {r['blocks']} blocks: {'cached' if r['inputs'].get('cached') else 'generated'} in "
                 f"{_fmt_s(r['inputs']['seconds'])}, generator peak RSS {_fmt_mb(r['inputs']['peak_rss_mb'])}." for r in runs),
               f"Import floor (a process importing torch, transformers and quantize): {_fmt_mb(floor_mb)}.",
-              "Wall time is one cold run per stage (page cache as the previous stage left it); peak RSS is the kernel's "
-              "high-water mark from wait4.", ""]
+              "Time is the wall time of one cold run per stage (page cache as the previous stage left it), then the stage "
+              "process's CPU time (user + system) and the machine's 5-minute load average (2 cores): wall time depends on "
+              "what else shares the cores, CPU time much less. Peak RSS is the kernel's high-water mark from wait4.", ""]
     if len(runs) > 1:
         lines += [f"## Extrapolated (not measured) for the seed shapes on this machine's CPU, from the {lo['blocks']}- and "
                   f"{hi['blocks']}-block runs", "",
@@ -308,7 +318,9 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
                   f"(hidden 8192, intermediate 28672, 64/8 heads: {LLAMA2_70B.block_params / MISTRAL_7B.block_params:.2f}x the "
                   "parameters per block) the per-block time, the growth and the peak above the import floor are scaled by "
                   "that ratio (the embeddings and output matrix, 2x wider, are inside that term, so conservatively). "
-                  "No GPU figure: none is measured here. Same small calibration/evaluation sizes as above.", "",
+                  "No GPU figure: none is measured here. Same small calibration/evaluation sizes as above. Built on wall times: "
+                  "when the load average above exceeds the 2 cores, other jobs' work is in them and the per-block figures "
+                  "are noisy; re-run on an idle machine before planning by them.", "",
                   "| stage | scales with | Mistral-7B (32 blocks) time | peak RAM | Llama-2-70B (80 blocks) time | peak RAM |",
                   "|---|---|---|---|---|---|"]
         m7, m70 = extrapolate(lo, hi, floor_mb, MISTRAL_7B), extrapolate(lo, hi, floor_mb, LLAMA2_70B)
