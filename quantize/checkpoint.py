@@ -135,21 +135,16 @@ class Checkpoint:
             raise QuantizeError(self.root / "config.json", "no 'architectures' entry; cannot tell the model family")
         return str(archs[0])
 
-    def file(self, name: str) -> Path | None:
-        p = self.root / name
-        return p if p.is_file() else None
 
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        p = self.file(name)
-        if p is None:
-            return None
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise QuantizeError(p, f"not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise QuantizeError(p, "expected a JSON object")
-        return data
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object, or a one-line error naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QuantizeError(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise QuantizeError(path, "expected a JSON object")
+    return data
 
 
 def _shard_paths(root: Path) -> list[Path]:
@@ -180,10 +175,7 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(cfg_path, "missing; a Hugging Face checkpoint needs its config.json")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QuantizeError(cfg_path, f"not valid JSON ({exc})") from exc
+    config = read_json_object(cfg_path)
     shards = tuple(read_shard_header(p) for p in _shard_paths(root))
     tensors: dict[str, TensorRef] = {}
     for shard in shards:

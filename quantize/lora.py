@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import atomic_dir, sha256_file
-from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_shard_header
+from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_json_object, read_shard_header
 from .errors import QuantizeError
 from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range, tensor_from, torch_dtype
 
@@ -102,12 +102,7 @@ def read_adapter_config(adapter: Path) -> AdapterConfig:
     path = adapter / "adapter_config.json"
     if not path.is_file():
         raise QuantizeError(adapter, "no adapter_config.json; not a PEFT adapter folder")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QuantizeError(path, f"not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise QuantizeError(path, "expected a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise QuantizeError(path, f"peft_type {cfg.get('peft_type')!r} is not supported; only LoRA adapters merge")
     for key in UNSUPPORTED:
