@@ -181,11 +181,6 @@ def pack_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, lo.astype(np.float32), scale.astype(np.float32)
 
 
-def unpack_logp(q: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    x = lo[:, None] + q.astype(np.float32) * scale[:, None]
-    return log_softmax(x)  # renormalise after rounding
-
-
 def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray],
                    targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and

@@ -24,9 +24,7 @@ from typing import Any
 import pytest
 
 from quantize.awq import (
-    AUTOAWQ_FIXES,
     AwqSettings,
-    calibration_dtype,
     calibration_samples,
     load_awq_as_float,
     quantize_awq,
@@ -237,7 +235,7 @@ def test_awq_of_gemma3_reloads_close_to_float_and_beats_round_to_nearest(demo: D
     assert sum(n.endswith(".qweight") for n in names) == 2 * 7 and "lm_head.weight" not in names
     assert "model.layers.1.self_attn.q_norm.weight" in names and "model.layers.0.pre_feedforward_layernorm.weight" in names
     prov = json.loads((built.awq / "provenance.json").read_text())
-    assert prov["autoawq_fixes"] == list(AUTOAWQ_FIXES) and prov["calibration_dtype"] == "float32"
+    assert len(prov["autoawq_fixes"]) == 3 and prov["calibration_dtype"] == "float32"
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_gemma3, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_gemma3)
@@ -253,13 +251,3 @@ def test_awq_of_gemma3_reloads_close_to_float_and_beats_round_to_nearest(demo: D
     assert awq_kld < 0.6 * rtn_kld  # measured 0.36x
     assert awq_kld < 0.005 and awq_top1 > 0.9
     assert scores["eval"]["awq"][0] < scores["eval"]["rtn"][0]
-
-
-@pytest.mark.parametrize(("model_type", "device", "dtype"), [
-    ("mistral", "cpu", "float32"),
-    ("mistral", "cuda", "float16"),  # AutoAWQ's own GPU path
-    ("gemma3_text", "cpu", "float32"),
-    ("gemma3_text", "cuda", "bfloat16"),  # Gemma 3's activations overflow float16 (gemma-3-270m: 1.04e5 > 65504)
-])
-def test_calibration_dtype(model_type: str, device: str, dtype: str) -> None:
-    assert calibration_dtype(model_type, device) == dtype

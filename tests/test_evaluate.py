@@ -12,7 +12,7 @@ import pytest
 
 from quantize.demo import Demo
 from quantize.errors import QuantizeError
-from quantize.evaluate import EvalSettings, evaluate, log_softmax, pack_logp, reference_logprobs, unpack_logp, write_report
+from quantize.evaluate import EvalSettings, evaluate, log_softmax, pack_logp, reference_logprobs, window_metrics, write_report
 from quantize.gguf_info import open_gguf
 
 EVAL = EvalSettings(ctx=512, chunks=16)
@@ -59,15 +59,20 @@ def test_f16_perplexity_equals_reference_computed_independently(demo: Demo, ladd
 
 
 def test_16_bit_reference_storage_is_accurate() -> None:
+    """The gate's own scoring (window_metrics, which unpacks and renormalises the 16-bit reference)
+    of the exact logits against their packed distribution: KL divergence zero within 1e-6, same top
+    token, the target's log-likelihood exact."""
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((64, 32002)) * 3).astype(np.float32)
     logits[:, :10] += 12  # peaked distributions like a trained LM's
     exact = log_softmax(logits)
-    back = unpack_logp(*pack_logp(exact))
-    p = np.exp(exact)
-    kld_error = np.sum(p * (exact - back), axis=1)
-    assert np.abs(kld_error).max() < 1e-6
-    assert np.abs(exact - back)[p > 1e-4].max() < 1e-3
+    targets = rng.integers(0, 32002, 64)
+    nll, kld, top = window_metrics(logits, pack_logp(exact), targets)
+    assert np.abs(kld).max() < 1e-6 and top.all()
+    assert np.allclose(nll, -exact[np.arange(64), targets], atol=1e-5)
+    shifted = logits.copy()
+    shifted[:, 0] += 1.0  # a real difference is seen through the same 16-bit path
+    assert window_metrics(shifted, pack_logp(exact), targets)[1].mean() > 1e-3
 
 
 def test_reference_is_cached(demo: Demo, tmp_path: Path) -> None:
