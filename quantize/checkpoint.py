@@ -189,8 +189,9 @@ def open_checkpoint(root: str | Path) -> Checkpoint:
 class ShardStream:
     """Memory-map one shard and hand out its tensors' bytes in file order.
 
-    Every byte of the file passes through ``on_bytes`` exactly once, in order (used to hash the
-    shard in the same pass that converts it).  Pages are released from this process once a
+    :meth:`tensors` yields, for each tensor in file order, the bytes since the previous one (gaps
+    included) beside the tensor's own bytes, and :meth:`tail` what follows the last, so a caller sees
+    every byte once, in order (the converter hashes the shard in the same pass).  Pages are released from this process once a
     tensor is consumed, so resident memory stays bounded by the largest tensor, not the file.
     """
 

@@ -91,9 +91,6 @@ class Demo:
     def bpe(self) -> Path:
         return self.models["llama-bpe"]
 
-    def report(self) -> dict[str, Any]:
-        return json.loads((self.root / "report.json").read_text())
-
 
 def default_root() -> Path:
     return Path.cwd() / "artifacts" / "demo"

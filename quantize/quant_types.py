@@ -61,8 +61,6 @@ QUANT_TYPES: dict[str, QuantType] = {
     )
 }
 
-DEFAULT_TYPES = ("Q4_K_M", "Q6_K")
-
 
 def quant_type(name: str) -> QuantType:
     try:

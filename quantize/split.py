@@ -33,10 +33,6 @@ _SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV
                          gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT})
 
 
-def shard_names(stem: str, count: int) -> list[str]:
-    return [gguf.SHARD_NAME_FORMAT.format(stem, i + 1, count) for i in range(count)]
-
-
 class MappedTensor:
     """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: copies one tensor's bytes from
     the source map in chunks and drops the source pages behind it."""
