@@ -117,6 +117,12 @@ def imatrix(session: nox.Session) -> None:
 
 
 @nox.session
+def smooth(session: nox.Session) -> None:
+    """Outliers moved into the weights once, for every GGUF type: the recipe's, or ``nox -s smooth -- F16 --imatrix IM -o OUT ...``."""
+    _stage(session, "smooth", "smooth")
+
+
+@nox.session
 @nox.parametrize("type", ["Q4_K_M", "Q6_K"])
 def gguf(session: nox.Session, type: str) -> None:
     """One llama.cpp quantization, e.g. ``nox -s "gguf(type='Q4_K_M')"`` (reuses the imatrix)."""

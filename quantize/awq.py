@@ -484,6 +484,7 @@ class AwqSource:
 
     @classmethod
     def open(cls, folder: Path) -> AwqSource:
+        require_autoawq()  # its unpacking order
         cfg_path = folder / "config.json"
         if not cfg_path.is_file():
             raise QuantizeError(folder, "no config.json; not an AWQ checkpoint folder")
