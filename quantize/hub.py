@@ -60,3 +60,9 @@ def fetch(repo_id: str, what: str, recipe: Path, revision: str | None = None, al
 def snapshot_revision(folder: Path) -> str | None:
     """The commit sha of a Hugging Face cache snapshot folder (``…/snapshots/<sha>``), else None."""
     return folder.name if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+
+
+def source_record(spec: str, folder: Path, pinned: str | None) -> dict[str, str | None]:
+    """What a manifest says of a model input: the recipe's reference, the revision it pinned, and the
+    commit it resolved to (None for a local folder)."""
+    return {"spec": spec, "pinned": pinned, "commit": snapshot_revision(folder)}

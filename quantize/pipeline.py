@@ -423,6 +423,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
 def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
     """The release folder: every GGUF (split when large) with its koboldcpp preset, the importance matrix,
     the AWQ folder, the manifest, checksums and model card; keyed by everything it is made from."""
+    from .hub import source_record
     from .release import Artifact, bits_per_weight, koboldcpp_presets, make_manifest, write_release_files
     from .split import GB, place_gguf
 
@@ -451,7 +452,11 @@ def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
                 _link_or_copy(b.awq, tmp / b.awq.name)
                 files = tuple(sorted(p.relative_to(tmp) for p in (tmp / b.awq.name).rglob("*") if p.is_file()))
                 arts.append(Artifact("AWQ", files, None, source))
-            write_release_files(tmp, recipe, make_manifest(tmp, recipe, arts, quality))
+            manifest = make_manifest(tmp, recipe, arts, quality)
+            manifest["sources"] = {part: source_record(spec, path, recipe.revision.get(part))
+                                   for part, spec, path in (("base", recipe.base, b.settings.base), ("lora", recipe.lora, b.settings.lora))
+                                   if spec and path}
+            write_release_files(tmp, recipe, manifest)
 
     b.steps.run("release", out, rel_key, assemble)
     return out

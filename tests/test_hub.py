@@ -87,9 +87,12 @@ def test_pinned_revision_is_honoured(hf_home: Path, demo: Demo, tmp_path: Path) 
     folder = Path(out.stdout.strip())
     assert folder.name == REV_PINNED
     assert json.loads((folder / "config.json").read_text()) == json.loads((demo.bpe / "config.json").read_text())
-    from quantize.hub import snapshot_revision
+    from quantize.hub import snapshot_revision, source_record
 
     assert snapshot_revision(folder) == REV_PINNED
+    # what the release manifest records of it
+    assert source_record("demo-org/mistral-spm", folder, REV_PINNED) == {"spec": "demo-org/mistral-spm", "pinned": REV_PINNED,
+                                                                         "commit": REV_PINNED}
 
 
 @pytest.mark.parametrize(("spec", "extra", "names"), [

@@ -52,6 +52,8 @@ def test_demo_release_is_complete_and_verifies(release) -> None:  # type: ignore
     assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] != "imatrix")
     assert verify(root).ok
     assert manifest["tools"]["llama-cpp-python"] and manifest["evaluation_text_sha256"]
+    assert manifest["sources"] == {"base": {"spec": "demo:mistral-spm", "pinned": None, "commit": None},
+                                   "lora": {"spec": "demo:lora", "pinned": None, "commit": None}}
     # The merge happened: the release was built from base + LoRA.
     assert "merge" in release.ladder.log.built
     # sha256sum's own format
