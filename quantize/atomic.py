@@ -153,3 +153,14 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` as a hard link (no extra disk), or a copy where the filesystem cannot link; a folder is copied."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

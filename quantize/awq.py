@@ -35,12 +35,10 @@ import contextlib
 import json
 import logging
 import math
-import platform
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +48,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import QuantizeError
 from .stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
 from .text import read_text
+from .versions import tool_versions
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +299,7 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
             "calibration_dtype": dtype_name, "calibration": calibration, "streamed": "one decoder block resident at a time",
             "seconds": {"quantize": round(t1 - t0, 2)},
             "autoawq_fixes": list(AUTOAWQ_FIXES),
-            "versions": _versions(), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
+            "versions": tool_versions(VERSIONED_PACKAGES), "source": {"path": str(hf_dir), "sha256": _source_hashes(hf_dir)},
         }
         _write_config(model, src, settings, provenance, tmp)
     log.info("%s: written", out_dir)
@@ -419,16 +418,6 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
 
 def _source_hashes(root: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(root.iterdir()) if p.is_file()}
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for pkg in VERSIONED_PACKAGES:
-        try:
-            found[pkg] = version(pkg)
-        except PackageNotFoundError:
-            found[pkg] = "absent"
-    return found
 
 
 # --- reading back ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_check
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .progress import progress
+from .versions import package_version
 from .vocab import Vocab, read_vocab
 
 log = logging.getLogger(__name__)
@@ -196,17 +197,11 @@ def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cf
     vocab.write(w)
     # Provenance under our own namespace: llama.cpp defines no keys for these.
     w.add_string(f"{TOOL_NAME}.version", __version__)
-    w.add_string(f"{TOOL_NAME}.gguf_py_version", _gguf_version())
+    w.add_string(f"{TOOL_NAME}.gguf_py_version", package_version("gguf"))
     w.add_string(f"{TOOL_NAME}.source.architecture", arch.hf_name)
     files = [s.path.name for s in ckpt.shards] + list(side)
     w.add_array(f"{TOOL_NAME}.source.files", files)
     w.add_array(HASH_KEY, [PLACEHOLDER] * len(ckpt.shards) + list(side.values()))
-
-
-def _gguf_version() -> str:
-    from importlib.metadata import version
-
-    return version("gguf")
 
 
 def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str | None = None) -> ConvertResult:

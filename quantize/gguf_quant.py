@@ -15,7 +15,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from .gguf_header import read_header
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .imatrix import Imatrix
 from .quant_types import QuantType, quant_type
+from .versions import package_version
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
         f"{TOOL_NAME}.gguf.type": qt.name,
         INPUT_HASH_KEY: PLACEHOLDER,  # hashed on a second thread while llama.cpp quantizes
         f"{TOOL_NAME}.gguf.smoothed": int(origin != src),
-        f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {version('llama-cpp-python')}",
+        f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {package_version('llama-cpp-python')}",
     }
     keep: list[object] = []
     params = L.llama_model_quantize_default_params()

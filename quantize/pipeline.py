@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .atomic import atomic_dir, atomic_file, file_lock
+from .atomic import atomic_dir, atomic_file, file_lock, link_or_copy
 from .errors import QuantizeError
 from .fingerprint import fingerprint
 
@@ -361,19 +361,6 @@ class Release:
     failures: list[str]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    import os
-    import shutil
-
-    if src.is_dir():
-        shutil.copytree(src, dst)
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def recipe_settings(recipe: Recipe, demo_root: Path, until: str = "release", types: tuple[str, ...] | None = None,
                     release_dir: Path | None = None) -> BuildSettings:
     """A recipe's build: its references resolved to files, its ladder into each stage's settings."""
@@ -445,11 +432,11 @@ def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
                 files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
                 arts.append(Artifact(kind, files, bits_per_weight(path), source))
             if b.imatrix is not None:
-                _link_or_copy(b.imatrix, tmp / b.imatrix.name)
+                link_or_copy(b.imatrix, tmp / b.imatrix.name)
                 (tmp / "imatrix.txt").write_text(_imatrix_description(b.imatrix, b.settings.calib))
                 arts.append(Artifact("imatrix", (Path(b.imatrix.name), Path("imatrix.txt")), None, {}))
             if b.awq is not None:
-                _link_or_copy(b.awq, tmp / b.awq.name)
+                link_or_copy(b.awq, tmp / b.awq.name)
                 files = tuple(sorted(p.relative_to(tmp) for p in (tmp / b.awq.name).rglob("*") if p.is_file()))
                 arts.append(Artifact("AWQ", files, None, source))
             manifest = make_manifest(tmp, recipe, arts, quality)

@@ -9,18 +9,15 @@ extra, wrong-size and wrong-hash files.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import platform
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
 from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
+from .versions import tool_versions
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -37,19 +34,13 @@ USE_CASES = {
 }
 
 
+MANIFEST_PACKAGES = ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq")
+
 # The oldest llama.cpp release that loads each GGUF architecture we write (its model card says so).
 MIN_LLAMA_CPP: dict[str, str] = {
     "llama": "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-tokenizer key)",
     "gemma3": "b4875 (12 March 2025, the first with Gemma 3)",
 }
-
-
-def tool_versions() -> dict[str, str]:
-    out = {"quantize": __version__, "python": platform.python_version()}
-    for pkg in ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    return out
 
 
 @dataclass(frozen=True)
@@ -100,7 +91,7 @@ def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality
         arch = read_header(first_gguf).kv.get("general.architecture")
     return {
         "name": recipe.name, "recipe": recipe.source.name, "quantized_by": recipe.quantized_by, "architecture": arch,
-        "tools": tool_versions(),
+        "tools": tool_versions(MANIFEST_PACKAGES),
         "reference_ppl": quality.get("reference_ppl"), "evaluation_text_sha256": quality.get("text_sha256"),
         "artifacts": entries,
     }

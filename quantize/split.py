@@ -23,6 +23,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from .atomic import link_or_copy
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
 
@@ -108,8 +109,5 @@ def place_gguf(src: Path, dest: Path, max_bytes: int | None) -> list[Path]:
     if max_bytes is not None and src.stat().st_size > max_bytes:
         return split_gguf(src, dest, max_bytes)
     out = dest / src.name
-    try:
-        os.link(src, out)
-    except OSError:
-        shutil.copyfile(src, out)
+    link_or_copy(src, out)
     return [out]
