@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,10 +77,14 @@ class Steps:
     def key(self, **parts: Any) -> str:
         return hashlib.sha256(json.dumps({"tool": __version__, **parts}, sort_keys=True, default=str).encode()).hexdigest()
 
-    def run(self, name: str, out: Path, key: str, make: Callable[[], Any], need: StreamNeed | None = None) -> str:
+    def run(self, name: str, out: Path | tuple[Path, ...], key: str, make: Callable[[], Any],
+            need: Callable[[], StreamNeed] | None = None) -> str:
+        """Reuse the step when every output exists and its recorded key is ``key``; else make it (``need``,
+        the step's RAM preflight, is computed only then)."""
         stamp = self.root / ".steps" / f"{name}.key"
         took = stamp.with_suffix(".seconds")
-        if out.exists() and stamp.is_file() and stamp.read_text() == key:
+        outs = out if isinstance(out, tuple) else (out,)
+        if all(o.exists() for o in outs) and stamp.is_file() and stamp.read_text() == key:
             log.info("%s: up to date", name)
             self.log.reused.append(name)
             if took.is_file():  # how long it took when it was built
@@ -88,9 +93,10 @@ class Steps:
         t0 = time.time()
         log.info("%s: building", name)
         if need is not None:
-            log.info("%s: RAM needed (preflight): %s", name, need.describe())
+            figure = need()
+            log.info("%s: RAM needed (preflight): %s", name, figure.describe())
             with atomic_file(stamp.with_name(f"{name}.preflight.json")) as tmp:
-                tmp.write_text(json.dumps({"need_bytes": need.total, "parts": need.parts()}, indent=2))
+                tmp.write_text(json.dumps({"need_bytes": figure.total, "parts": figure.parts()}, indent=2))
         make()
         stamp.parent.mkdir(parents=True, exist_ok=True)
         self.log.built.append(name)
@@ -129,7 +135,7 @@ def _merge(b: Build) -> None:
     assert s.lora is not None
     merged = b.out / "merged-fp16"
     b.steps.run("merge", merged, b.steps.key(stage="merge", base=fingerprint(s.base), lora=fingerprint(s.lora)),
-                lambda: merge_lora(s.base, s.lora, merged, s.lora_allow_pickle), _tensor_need(s.base, 3))  # type: ignore[arg-type]
+                lambda: merge_lora(s.base, s.lora, merged, s.lora_allow_pickle), lambda: _tensor_need(s.base, 3))  # type: ignore[arg-type]
     b.model = merged
 
 
@@ -139,19 +145,17 @@ def _convert(b: Build) -> None:
     b.src_key = fingerprint(b.model)
     b.f16 = b.out / f"{b.settings.name}.F16.gguf"
     b.keys["F16"] = b.steps.run("convert", b.f16, b.steps.key(stage="convert", src=b.src_key), lambda: convert(b.model, b.f16),
-                                _tensor_need(b.model, 2))
+                                lambda: _tensor_need(b.model, 2))
 
 
 def _imatrix(b: Build) -> None:
     from .imatrix import compute_imatrix
-    from .stream import CheckpointSource, stream_need
 
     s = b.settings
     assert s.imatrix is not None
     ims = s.imatrix
     b.imatrix = path = b.out / f"{s.name}.imatrix.gguf"
-    src = CheckpointSource.open(b.model)
-    need = stream_need(src, src.ckpt.config, "float32", ims.ctx * (ims.chunks or 64), ims.batch_tokens)
+    need = partial(_stream_need, b.model, ims.ctx * (ims.chunks or 64), ims.batch_tokens, 0)
     b.keys["imatrix"] = b.steps.run("imatrix", path, b.steps.key(stage="imatrix", src=b.src_key, calib=fingerprint(s.calib), s=asdict(ims)),
                                     lambda: compute_imatrix(b.model, s.calib, ims, s.eval_text).save(path), need)
 
@@ -166,10 +170,8 @@ def _smooth(b: Build) -> None:
     def make() -> None:
         smooth_gguf(b.f16, b.imatrix, f16, im)  # type: ignore[arg-type]
 
-    # keyed on both outputs: the smoothed F16 is the step's output, its importance matrix is written first
-    b.keys["smooth"] = b.steps.run("smooth", f16 if im.exists() else im,
-                                   b.steps.key(stage="smooth", f16=b.keys["F16"], imatrix=b.keys["imatrix"]), make,
-                                   _tensor_need(b.model, 6))
+    b.keys["smooth"] = b.steps.run("smooth", (f16, im), b.steps.key(stage="smooth", f16=b.keys["F16"], imatrix=b.keys["imatrix"]),
+                                   make, lambda: _tensor_need(b.model, 6))
 
 
 def _gguf(b: Build) -> None:
@@ -193,19 +195,17 @@ def _awq(b: Build) -> None:
     aws = s.awq
     b.awq = out = b.out / f"{s.name}-AWQ"
     b.keys["AWQ"] = b.steps.run("awq", out, b.steps.key(stage="awq", src=b.src_key, calib=fingerprint(s.calib), s=asdict(aws)),
-                                lambda: quantize_awq(b.model, out, s.calib, aws), ram_need_for(b.model, aws))
+                                lambda: quantize_awq(b.model, out, s.calib, aws), partial(ram_need_for, b.model, aws))
 
 
 def _eval(b: Build) -> None:
     from .evaluate import EvalSettings, evaluate, write_report
-    from .stream import CheckpointSource, stream_need
 
     s = b.settings
     es = s.eval or EvalSettings()
     eval_dir = b.out / "eval"
     artifacts = [b.f16, *b.quants.values(), *([b.awq] if b.awq else [])]
-    src = CheckpointSource.open(b.model)
-    need = stream_need(src, src.ckpt.config, "float32", es.ctx * (es.chunks or 32), es.batch_tokens, head_rows=es.ctx // 2)
+    need = partial(_stream_need, b.model, es.ctx * (es.chunks or 32), es.batch_tokens, es.ctx // 2)
 
     def run_eval() -> None:
         rep = evaluate(b.model, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds))
@@ -225,6 +225,14 @@ def _release(b: Build) -> None:
         return  # a failed gate publishes nothing
     assert b.settings.recipe is not None and b.settings.release_dir is not None
     b.release = _assemble_release(b, b.settings.recipe, b.settings.release_dir)
+
+
+def _stream_need(model: Path, tokens: int, batch_tokens: int, head_rows: int) -> StreamNeed:
+    """A float32 streamed pass over ``tokens`` tokens of ``model`` (:func:`quantize.stream.stream_need`)."""
+    from .stream import CheckpointSource, stream_need
+
+    src = CheckpointSource.open(model)
+    return stream_need(src, src.ckpt.config, "float32", tokens, batch_tokens, head_rows=head_rows)
 
 
 def _tensor_need(model: Path, copies: int) -> StreamNeed:

