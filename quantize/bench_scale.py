@@ -48,8 +48,8 @@ class Sizes:
 
     imatrix_chunks: int = 16
     imatrix_ctx: int = 512
-    awq_samples: int = 16
-    awq_seq_len: int = 256
+    awq_samples: int = 8  # AutoAWQ's 20-point scale grid runs every calibration token through each group, 20 times
+    awq_seq_len: int = 128
     eval_windows: int = 8
     eval_ctx: int = 512
 
@@ -153,13 +153,16 @@ def make_inputs(root: Path, shape: Shape) -> tuple[Path, Path]:
     return base, lora
 
 
-def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, awq: bool = True) -> None:
-    """The bench's recipe for one depth: the whole ladder with ``sizes`` and wide-open thresholds."""
+def write_recipe(path: Path, name: str, base: Path, lora: Path, sizes: Sizes, stages: tuple[Stage, ...] = STAGES) -> None:
+    """The bench's recipe for one depth: the ladder ``stages`` ask for (a stage left out is turned off,
+    not built in the next stage's process), with ``sizes`` and wide-open thresholds."""
+    labels = {s.label for s in stages}
+    gguf = ["F16", *(s.types for s in STAGES if s.types and s.label in labels)]
     lines = [
         "# Written by `nox -s bench-scale`: random weights at Mistral-7B's width; measures time and memory only.",
         f'name = "{name}"', f'base = "{base.resolve()}"', f'lora = "{lora.resolve()}"',
-        'calibration = "text:calib"', 'evaluation = "text:eval"', "", "[ladder]", 'gguf = ["F16", "Q6_K", "Q4_K_M"]',
-        f"awq = {str(awq).lower()}", "imatrix = true", "smooth = true", *(f"{k} = {v}" for k, v in asdict(sizes).items()), "",
+        'calibration = "text:calib"', 'evaluation = "text:eval"', "", "[ladder]", f"gguf = {json.dumps(gguf)}",
+        *(f"{k} = {str(k in labels).lower()}" for k in ("awq", "imatrix", "smooth")), *(f"{k} = {v}" for k, v in asdict(sizes).items()), "",
         "# Random weights have no meaningful quality: these limits are wide open so that the gate never stops",
         "# the bench, which measures time and peak memory, not quality.", "[thresholds]",
         *(f"{t} = {{ ppl_ratio = 1000.0, mean_kld = 1000.0 }}" for t in ("F16", "Q6_K", "Q4_K_M", "AWQ")), "",
@@ -195,7 +198,7 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
     base, lora = model_paths(root, shape)
     name = f"BenchScale-Mistral-7B-width-{blocks}blocks"
     recipe = root / "recipes" / f"{name}.toml"
-    write_recipe(recipe, name, base, lora, sizes, awq=any(s.label == "awq" for s in stages))
+    write_recipe(recipe, name, base, lora, sizes, stages)
     build_dir, release_dir = root / "build" / name, root / "release" / name
     for d in (build_dir, release_dir, root / "build" / "eval-cache"):
         shutil.rmtree(d, ignore_errors=True)  # measure every step, not reuse a previous run's
@@ -336,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantize.bench_scale")
     ap.add_argument("--out", default=Path("artifacts/bench-scale"), type=Path)
     ap.add_argument("--blocks", default="2,4", help="decoder blocks per run, comma-separated (32: the full Mistral-7B depth)")
-    ap.add_argument("--stages", help="only these stages (comma-separated labels); without awq the recipe turns AWQ off")
+    ap.add_argument("--stages", help="only these stages (comma-separated labels); the recipe turns the others off")
+    ap.add_argument("--size", action="append", default=[], metavar="KEY=N",
+                    help=f"a calibration or evaluation size other than the default ({', '.join(f'{k}={v}' for k, v in asdict(Sizes()).items())})")
     ap.add_argument("--keep", action="store_true", help="keep each depth's build and release folders")
     ap.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.json")
     ap.add_argument("--make-inputs", type=int, metavar="BLOCKS", help=argparse.SUPPRESS)  # the generator's own process
@@ -344,15 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.make_inputs is not None:
         make_inputs(a.out, replace(MISTRAL_7B, layers=a.make_inputs))
         return 0
-    sizes = Sizes()
+    try:
+        sizes = replace(Sizes(), **{k: int(v) for k, v in (kv.split("=", 1) for kv in a.size)})
+    except (TypeError, ValueError) as exc:
+        ap.error(f"--size: {exc}")
     results_file = a.out / "results.json"
     if a.report_only:
         data = json.loads(results_file.read_text())
+        sizes = Sizes(**data.get("sizes", {}))
     else:
         wanted = set(a.stages.split(",")) if a.stages else {s.label for s in STAGES}
         stages = tuple(s for s in STAGES if s.label in wanted)
         a.out.mkdir(parents=True, exist_ok=True)
-        data = {"floor_mb": baseline_rss_mb(), "runs": []}
+        data = {"floor_mb": baseline_rss_mb(), "sizes": asdict(sizes), "runs": []}
         done: list[dict[str, Any]] = []
         for n in sorted(int(b) for b in a.blocks.split(",")):
             def saved(res: dict[str, Any]) -> None:
