@@ -305,6 +305,40 @@ def test_cached_linear_inputs_are_separate_tensors(demo: Demo) -> None:
     assert len({feats[n].untyped_storage().data_ptr() for n in names}) == len(names)
 
 
+def test_clip_search_chooses_as_autoawqs_own(demo: Demo) -> None:
+    """The bounded clip search (one batched product per group) picks AutoAWQ 0.2.9's clipping
+    thresholds: on block 0's real activations, for every linear AutoAWQ clips, the same threshold
+    for all but a few (channel, group) pairs, and where they differ, a tie: the exact (float64)
+    error of either choice within 1e-3 of the other's."""
+    from awq.quantize.quantizer import AwqQuantizer
+    from awq.utils.module import get_named_linears
+
+    from quantize.autoawq_compat import CopyingAwqQuantizer
+
+    model, _, q = _calibrated(demo, CopyingAwqQuantizer)
+    q.module_kwargs["position_embeddings"] = model.model.rotary_emb(q.inps, q.module_kwargs["position_ids"])
+    linears = get_named_linears(q.modules[0])
+    feats = q._get_input_feat(q.modules[0], linears)
+    total = same = 0
+    for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        w, x = linears[name].weight.data, feats[name]
+        ours, theirs = q._compute_best_clip(w, x), AwqQuantizer._compute_best_clip(q, w, x)
+        assert ours.shape == theirs.shape == (w.shape[0], w.shape[1] // 128, 1)
+        total, same = total + ours.numel(), same + int((ours == theirs).sum())
+
+        def error(max_val: torch.Tensor, w: torch.Tensor = w, x: torch.Tensor = x) -> torch.Tensor:
+            wg = w.reshape(w.shape[0], -1, 128)
+            change = q.pseudo_quantize_tensor(torch.clamp(wg, -max_val, max_val))[0].double() - wg.double()
+            xg = x.reshape(-1, w.shape[1] // 128, 128).double().transpose(0, 1)
+            return torch.bmm(xg, change.permute(1, 2, 0)).pow(2).mean(dim=1).T  # [out, n_group]
+
+        e_ours, e_theirs = error(ours), error(theirs)
+        differ = (ours != theirs).squeeze(-1)
+        assert torch.allclose(e_ours[differ], e_theirs[differ], rtol=1e-3, atol=0), name
+    print(f"\n{same} of {total} (channel, group) thresholds identical")
+    assert same >= 0.99 * total
+
+
 def test_pinned_to_cpu_restores_device_lookups() -> None:
     import awq.quantize.quantizer as awq_quantizer
 
