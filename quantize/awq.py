@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import TOOL_NAME, __version__
 from .atomic import atomic_dir, sha256_file
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, copy_tokenizer_files, open_checkpoint
 from .errors import QuantizeError
 from .stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
 from .text import read_text
@@ -102,12 +101,6 @@ PACKED = ("qweight", "qzeros", "scales")  # what replaces a quantized linear's "
 OC_BATCH = 64  # AutoAWQ's clip search walks output channels 64 (or 256) at a time and asserts it divides
 PACK_NUM_BITS = 32  # values are packed into int32 words
 
-# Files of the source copied as they are: the tokenizer (every format transformers writes or
-# reads), chat templates and generation defaults.
-SIDE_FILE_PATTERNS = (
-    "tokenizer*", "*.model", "*.tiktoken", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
-    "merges.txt", "chat_template*", "additional_chat_templates", "generation_config.json",
-)
 VERSIONED_PACKAGES = ("autoawq", "torch", "transformers", "tokenizers", "safetensors", "accelerate")
 GiB = 1 << 30
 
@@ -402,18 +395,10 @@ def _write_config(model: Any, src: _Source, settings: AwqSettings, provenance: d
     config["quantization_config"] = settings.transformers_config()
     config["dtype"] = config["torch_dtype"] = "float16"  # "torch_dtype" for readers older than transformers 4.56
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    copied = _copy_side_files(src.root, out)
+    copied = copy_tokenizer_files(src.root, out)
     if "generation_config.json" not in copied:
         model.generation_config.save_pretrained(out)
     (out / "provenance.json").write_text(json.dumps({**provenance, "copied": copied}, indent=2) + "\n")
-
-
-def _copy_side_files(src: Path, out: Path) -> list[str]:
-    names = sorted({p.name for pattern in SIDE_FILE_PATTERNS for p in src.glob(pattern)})
-    for name in names:
-        copy = shutil.copytree if (src / name).is_dir() else shutil.copy2
-        copy(src / name, out / name)
-    return names
 
 
 def _source_hashes(root: Path) -> dict[str, str]:

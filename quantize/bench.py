@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_dir
+from .checkpoint import copy_tokenizer_files
 
 PY = sys.executable
 
@@ -113,8 +113,6 @@ class Shape:
 
 # The checkpoint `nox -s bench` converts: hidden 2048, GQA 16/4 heads, ~120 MB per layer, the demo's ChatML vocabulary.
 BENCH_SHAPE = Shape(2048, 5632, 16, 4, 32002, layers=0, eos_token_id=32001)
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
 ROWS_PER_DRAW = 1024  # random rows drawn in float32 at a time, so a tensor is never held in float32
 
 
@@ -163,9 +161,7 @@ def random_checkpoint(out: Path, shape: Shape, tokenizer: Path, shard_bytes: int
         index = {"metadata": {"total_size": shape.fp16_bytes}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(shape.config(), indent=2))
-        for f in TOKENIZER_FILES:
-            if (tokenizer / f).is_file():
-                shutil.copyfile(tokenizer / f, tmp / f)
+        copy_tokenizer_files(tokenizer, tmp)
     return out
 
 

@@ -136,6 +136,30 @@ class Checkpoint:
         return str(archs[0])
 
 
+# A checkpoint's files that travel with its weights: the tokenizer in every format transformers
+# writes or reads, chat templates and generation defaults (config.json is not among them).
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "*.model", "*.tiktoken", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+    "merges.txt", "chat_template*", "additional_chat_templates", "generation_config.json",
+)
+
+
+def tokenizer_files(root: Path) -> list[Path]:
+    """The files (or template folders) of ``root`` that :data:`TOKENIZER_PATTERNS` match, sorted by name."""
+    return sorted({p for pattern in TOKENIZER_PATTERNS for p in root.glob(pattern)}, key=lambda p: p.name)
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
+    """Copy :func:`tokenizer_files` of ``src`` into ``out``; their names."""
+    import shutil
+
+    names = []
+    for p in tokenizer_files(src):
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
+        names.append(p.name)
+    return names
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object, or a one-line error naming it."""
     try:

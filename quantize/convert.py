@@ -24,7 +24,7 @@ import numpy as np
 from . import TOOL_NAME, __version__
 from .architectures import BLOCK_TENSORS, Architecture, ModelConfig, Transform, llama3_rope_factors, lookup
 from .atomic import atomic_file, sha256_file
-from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint
+from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .progress import progress
@@ -48,9 +48,6 @@ OUTTYPES: dict[str, OutType] = {
     "f32": OutType(Q.F32, gguf.LlamaFileType.ALL_F32),
 }
 
-# Tokenizer and config files hashed into the provenance record alongside the weight shards.
-SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-              "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 HASH_KEY = f"{TOOL_NAME}.source.sha256"
 CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes at a time
 
@@ -217,7 +214,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
         check(arch, cfg, ckpt.tensors, cfg_path)
     plans = plan_tensors(ckpt, arch, cfg, ot)
     vocab = read_vocab(ckpt.root, cfg.n_vocab, arch.unembedded_tokens)
-    side = {f: sha256_file(ckpt.root / f) for f in SIDE_FILES if (ckpt.root / f).is_file()}
+    side = {p.name: sha256_file(p) for p in [ckpt.root / "config.json", *tokenizer_files(ckpt.root)] if p.is_file()}
     out = Path(out)
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch.arch_name)
