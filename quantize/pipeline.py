@@ -27,6 +27,7 @@ from . import __version__
 from .atomic import atomic_dir, atomic_file, file_lock, link_or_copy
 from .errors import QuantizeError
 from .fingerprint import fingerprint
+from .recipe import Ladder as RecipeLadder
 
 if TYPE_CHECKING:
     from .awq import AwqSettings
@@ -49,7 +50,7 @@ class BuildSettings:
     eval_text: Path
     lora: Path | None = None
     lora_allow_pickle: bool = False
-    types: tuple[str, ...] = ("Q6_K", "Q4_K_M")
+    types: tuple[str, ...] = tuple(t for t in RecipeLadder.gguf if t != "F16")  # the recipe ladder's quantizations
     imatrix: ImatrixSettings | None = None  # None: no importance matrix
     smooth: bool = True  # move activation outliers into the weights before quantizing (needs the imatrix)
     awq: AwqSettings | None = None  # None: no AWQ folder
