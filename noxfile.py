@@ -2,7 +2,7 @@
 
     nox -s tests                      # every test, slow ones included (what .ci/run calls)
     nox -s release                    # the main job: the whole demo ladder, built and gated
-    nox -s demo | convert | imatrix | "gguf(type='Q4_K_M')" | perplexity | bench | lint
+    nox -s demo | convert | imatrix | gguf [-- Q4_K_M] | perplexity | bench | lint
 
 Stage sessions run ``quantize build --until STAGE`` on the demo model: each step is keyed by the
 hash of its inputs, so the importance matrix is computed once and reused by every type.
@@ -123,10 +123,11 @@ def smooth(session: nox.Session) -> None:
 
 
 @nox.session
-@nox.parametrize("type", ["Q4_K_M", "Q6_K"])
-def gguf(session: nox.Session, type: str) -> None:
-    """One llama.cpp quantization, e.g. ``nox -s "gguf(type='Q4_K_M')"`` (reuses the imatrix)."""
-    _stage(session, "gguf", None, "--types", type)
+def gguf(session: nox.Session) -> None:
+    """The recipe's llama.cpp quantizations, or only some: ``nox -s gguf -- Q4_K_M[,Q6_K]`` (reuses the imatrix)."""
+    _install(session)
+    types = ("--types", ",".join(session.posargs)) if session.posargs else ()
+    session.run("quantize", "build", RECIPE, "--until", "gguf", *types)
 
 
 @nox.session

@@ -235,3 +235,26 @@ def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
             raise QuantizeError(path, f"[revision] {part}: {part} {spec!r} is not a Hugging Face repo id, so it has no revision")
         out[part] = rev
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m quantize.recipe RECIPE``: the recipe's GGUF quantizations (its ladder's types but
+    F16) as a JSON list on one line; the standard library is all it needs, so a CI job can plan its
+    matrix before installing anything."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m quantize.recipe", description=main.__doc__)
+    ap.add_argument("recipe", type=Path)
+    a = ap.parse_args(argv)
+    try:
+        recipe = load_recipe(a.recipe)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps([t for t in recipe.ladder.gguf if t != "F16"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

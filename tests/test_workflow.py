@@ -112,6 +112,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "endswith": lambda s, p: _text(s).lower().endswith(_text(p).lower()),
     "contains": lambda s, p: any(_eq(x, p) for x in s) if isinstance(s, list) else _text(p).lower() in _text(s).lower(),
     "format": lambda f, *a: re.sub(r"\{(\d+)\}", lambda m: _text(a[int(m.group(1))]), _text(f)),
+    "fromjson": lambda s: json.loads(_text(s)),
     "success": lambda: True, "always": lambda: True, "failure": lambda: False, "cancelled": lambda: False,
 }
 
@@ -216,13 +217,17 @@ def evaluate(text: str, ctx: dict[str, Any]) -> Any:
 
 
 def interpolate(value: Any, ctx: dict[str, Any]) -> Any:
-    """``${{ }}`` replaced in a string (recursively in mappings and lists)."""
+    """``${{ }}`` replaced in a string (recursively in mappings and lists); a value that is one
+    expression and nothing else takes the expression's own type (a list for a matrix axis)."""
     if isinstance(value, dict):
         return {k: interpolate(v, ctx) for k, v in value.items()}
     if isinstance(value, list):
         return [interpolate(v, ctx) for v in value]
     if not isinstance(value, str):
         return value
+    whole = re.fullmatch(r"\s*\$\{\{((?:(?!\}\}).)*)\}\}\s*", value, flags=re.S)
+    if whole:
+        return evaluate(whole.group(1), ctx)
     return re.sub(r"\$\{\{(.*?)\}\}", lambda m: _text(evaluate(m.group(1), ctx)), value)
 
 
@@ -247,11 +252,13 @@ def condition(text: Any, ctx: dict[str, Any]) -> bool:
     ("startsWith(github.ref, 'refs/tags/')", False),
     ("startsWith(github.ref, 'REFS/heads/')", True),
     ("!(1 == 2) && format('{0}-{1}', 'a', matrix.type)", "a-Q6_K"),
-    ("fromJSON('{}')", None),
+    ("fromJSON('[\"Q4_K_M\", \"Q6_K\"]')", ["Q4_K_M", "Q6_K"]),
+    ("needs.convert.outputs.types", '["Q6_K"]'),
+    ("hashFiles('x')", None),
 ])
 def test_expression_evaluator_follows_github_semantics(expr: str, want: Any) -> None:
     ctx = {"inputs": {"recipe": "recipes/x.toml"}, "vars": {}, "env": {"EMPTY": "", "SET": "tok"},
-           "github": {"ref": "refs/heads/main"}, "matrix": {"type": "Q6_K"}}
+           "github": {"ref": "refs/heads/main"}, "matrix": {"type": "Q6_K"}, "needs": {"convert": {"outputs": {"types": '["Q6_K"]'}}}}
     if want is None:
         with pytest.raises(KeyError):
             evaluate(expr, ctx)  # unknown functions are refused, not guessed
@@ -373,6 +380,25 @@ def _matrix(job: dict[str, Any], ctx: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(matrix[k] for k in keys))] or [{}]
 
 
+def _step_outputs(path: Path) -> dict[str, str]:
+    """What a step wrote to $GITHUB_OUTPUT: ``name=value`` lines and ``name<<DELIMITER`` blocks."""
+    out: dict[str, str] = {}
+    lines = iter(path.read_text().splitlines())
+    for line in lines:
+        if "<<" in line and ("=" not in line or line.index("<<") < line.index("=")):
+            name, delim = line.split("<<", 1)
+            body = []
+            for more in lines:
+                if more == delim:
+                    break
+                body.append(more)
+            out[name] = "\n".join(body)
+        elif "=" in line:
+            name, value = line.split("=", 1)
+            out[name] = value
+    return out
+
+
 def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]) -> list[JobRun]:
     wf = yaml.safe_load(path.read_text())
     trigger = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
@@ -386,10 +412,12 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
         (bin_dir / tool).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
         (bin_dir / tool).chmod(0o755)
     runs: list[JobRun] = []
+    outputs: dict[str, dict[str, str]] = {}  # job id -> its `outputs:`, evaluated when its (last) run ends
     for job_id in _jobs_in_order(wf["jobs"]):
         job = wf["jobs"][job_id]
         base = {"inputs": inputs, "vars": {}, "secrets": {}, "github": {
-            "ref": "refs/heads/main", "event_name": "workflow_dispatch", "repository": "local/quantize"}}
+            "ref": "refs/heads/main", "event_name": "workflow_dispatch", "repository": "local/quantize"},
+            "needs": {n: {"result": "success", "outputs": outputs[n]} for n in _needs(job)}}
         for matrix in _matrix(job, base):
             name = job_id + (f" ({', '.join(map(str, matrix.values()))})" if matrix else "")
             work = tmp / f"job-{len(runs)}-{job_id}"
@@ -397,7 +425,7 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
             subprocess.run(["git", "-C", str(work), "checkout", "--quiet", "--detach", commit], check=True)
             if not _needs(job):
                 seed(work)
-            ctx = {**base, "matrix": matrix, "runner": {"os": "Linux", "temp": str(tmp)}}
+            ctx = {**base, "matrix": matrix, "runner": {"os": "Linux", "temp": str(tmp)}, "steps": {}}
             ctx["env"] = {}
             for scope in (wf.get("env", {}), job.get("env", {})):
                 ctx["env"] = {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in scope.items()}}
@@ -427,6 +455,9 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
                 for var in [v for v in env if v == "VIRTUAL_ENV" or v.startswith("NOX")]:
                     env.pop(var)
+                out_file = tmp / f"{work.name}-step{i}.output"
+                out_file.touch()
+                env["GITHUB_OUTPUT"] = str(out_file)
                 before = _files(work / "artifacts")
                 log = tmp / f"{work.name}-step{i}.log"
                 with log.open("w") as out:
@@ -436,6 +467,9 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                 after = _files(work / "artifacts")
                 run.produced |= {f for f, st in after.items() if before.get(f) != st and Path(f).name != ".lock"}  # the build lock is no product
                 run.steps.append(f"ran: {label}")
+                if "id" in step:
+                    ctx["steps"][step["id"]] = {"outputs": _step_outputs(out_file), "outcome": "success"}
+            outputs[job_id] = {k: _text(v) for k, v in interpolate(job.get("outputs", {}), ctx).items()}
             runs.append(run)
     return runs
 
