@@ -162,7 +162,7 @@ def _imatrix(b: Build) -> None:
 
 
 def _smooth(b: Build) -> None:
-    from .smooth import smooth_gguf
+    from .smooth import smooth_gguf, smooth_need
 
     assert b.imatrix is not None
     name = b.settings.name
@@ -171,8 +171,13 @@ def _smooth(b: Build) -> None:
     def make() -> None:
         smooth_gguf(b.f16, b.imatrix, f16, im)  # type: ignore[arg-type]
 
+    def need() -> StreamNeed:
+        from .stream import StreamNeed
+
+        return StreamNeed(0, 0, 0, smooth_need(b.f16))
+
     b.keys["smooth"] = b.steps.run("smooth", (f16, im), b.steps.key(stage="smooth", f16=b.keys["F16"], imatrix=b.keys["imatrix"]),
-                                   make, lambda: _tensor_need(b.model, 6))
+                                   make, need)
 
 
 def _gguf(b: Build) -> None:

@@ -161,6 +161,21 @@ def plan_smoothing(source: FloatSource, im: Imatrix) -> SmoothPlan:
     return SmoothPlan(scales, readers, alphas)
 
 
+def smooth_need(src: Path) -> int:
+    """Bytes :func:`smooth_gguf` holds at its peak beyond the runtime, from ``src``'s tensor table:
+    the largest norm group's readers in float32 plus five float32-sized buffers of its largest
+    reader (the scaled candidate and the error proxy's, one of them float64), or, when writing,
+    the largest tensor in float32 and its stored copy."""
+    sizes = {t.name: int(t.n_elements) for t in open_gguf(src).tensors}
+    n_blocks = 1 + max((int(n.split(".")[1]) for n in sizes if n.startswith("blk.")), default=-1)
+    plan = 0
+    for _, reader_ts in SMOOTH_GROUPS:
+        for bid in range(n_blocks) if "{bid}" in reader_ts[0] else [0]:
+            rs = [sizes.get(r.format(bid=bid), 0) for r in reader_ts]
+            plan = max(plan, sum(rs) + 5 * max(rs))
+    return 4 * max(plan, int(1.5 * max(sizes.values(), default=0)))
+
+
 @contextmanager
 def _mapped(path: Path) -> Iterator[mmap.mmap]:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
