@@ -200,8 +200,10 @@ def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) 
     output matrix, and the calibration activations AutoAWQ keeps for the block being searched: its
     inputs and outputs, a copy of every linear's input (q, k, v, o, gate, up: ~6x hidden; down:
     intermediate) and the MLP's intermediates, with attention over all samples at once
-    (``n_parallel_calib_samples=None``), i.e. a samples x heads x seq^2 score matrix.  On CUDA the
-    activations live on the GPU and the host holds the block only while it is moved.
+    (``n_parallel_calib_samples=None``), i.e. a samples x heads x seq^2 score matrix; and the scale
+    search's own copies: the backup of the module it inspects (the MLP, three hidden x intermediate
+    matrices) and the pseudo-quantizer's temporaries (four of the largest matrix).  On CUDA the
+    activations and the search live on the GPU and the host holds the block only while it is moved.
     """
     dtype = calibration_dtype(src.model_type, device)
     width = WIDTH[dtype]
@@ -212,7 +214,8 @@ def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) 
     tokens = settings.samples * settings.seq_len
     acts = tokens * (10 * cfg["hidden_size"] + 4 * cfg["intermediate_size"]) * width
     scores = settings.samples * cfg["num_attention_heads"] * settings.seq_len**2 * width
-    return StreamNeed(base.block, base.ends, tokens * cfg["hidden_size"] * width, acts + scores)
+    search = (3 + 4) * cfg["hidden_size"] * cfg["intermediate_size"] * width
+    return StreamNeed(base.block, base.ends, tokens * cfg["hidden_size"] * width, acts + scores + search)
 
 
 def ram_need_for(hf_dir: Path, settings: AwqSettings) -> StreamNeed:
