@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -32,21 +34,45 @@ class Run:
     seconds: float
     peak_rss_mb: float
     cpu_seconds: float = 0.0  # user + system time of the median-time run (the work, whatever else shared the cores)
+    peak_anon_mb: float | None = None  # highest anonymous RSS (heap, not mapped files) seen by sampling, when asked
 
 
-def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None = None) -> Run:
+def _sample_anon(pid: int, peak: list[float], every: float = 0.05) -> None:
+    """Keep ``peak[0]`` at the highest ``RssAnon`` of process ``pid`` (MiB) until it exits."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        m = re.search(r"^RssAnon:\s+(\d+) kB", text, flags=re.M)
+        if m is None:  # a zombie: exited, not yet reaped
+            return
+        peak[0] = max(peak[0], int(m.group(1)) / 1024)
+        time.sleep(every)
+
+
+def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None = None, anon: bool = False) -> Run:
     """Median wall time of ``repeat`` runs of ``cmd`` and the highest peak RSS.  With ``warm``, one
     untimed run first fills the page cache; before every run ``sync`` flushes the previous run's
     dirty pages, so no run pays for another's writeback.  The command's stderr goes to ``log``
-    (appended; a temporary file without it) and its tail is in the error when it fails."""
-    times, peaks, cpus = [], [], []
+    (appended; a temporary file without it) and its tail is in the error when it fails.  With
+    ``anon``, the process's anonymous RSS (its heap, without the pages of files it maps) is
+    sampled every 50 ms and its highest value reported too."""
+    times, peaks, cpus, anons = [], [], [], []
     for attempt in range(repeat + (1 if warm else 0)):
         os.sync()
         with open(log, "a+b") if log else tempfile.TemporaryFile() as err:
             start = err.tell()
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+            anon_peak = [0.0]
+            sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon_peak), daemon=True) if anon else None
+            if sampler:
+                sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
+            if sampler:
+                sampler.join()
             seconds = time.perf_counter() - t0
             if status != 0:
                 err.seek(start)
@@ -56,9 +82,10 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
             continue
         times.append(seconds)
         peaks.append(usage.ru_maxrss / 1024)
+        anons.append(anon_peak[0])
         cpus.append(usage.ru_utime + usage.ru_stime)
     median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
-    return Run(times[median], max(peaks), cpus[median])
+    return Run(times[median], max(peaks), cpus[median], max(anons) if anon else None)
 
 
 @dataclass(frozen=True)

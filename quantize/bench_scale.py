@@ -214,14 +214,16 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
         cmd = [PY, "-m", "quantize", "-v", "build", str(recipe), "--artifacts", str(root), "--until", st.until]
         cmd += ["--types", st.types] if st.types else []
         try:
-            run = measure(cmd, warm=False, repeat=1, log=log)
+            run = measure(cmd, warm=False, repeat=1, log=log, anon=True)
         except RuntimeError as exc:
             res["stages"][st.label] = {"failed": str(exc)[-600:]}
             break
         res["stages"][st.label] = {"seconds": run.seconds, "cpu_seconds": run.cpu_seconds, "load_avg": os.getloadavg()[1],
-                                   "peak_rss_mb": run.peak_rss_mb, "preflight": _preflight(build_dir, st.step)}
+                                   "peak_rss_mb": run.peak_rss_mb, "peak_anon_mb": run.peak_anon_mb,
+                                   "preflight": _preflight(build_dir, st.step)}
         saved(res)
-        print(f"{blocks} blocks, {st.label}: {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB", flush=True)
+        print(f"{blocks} blocks, {st.label}: {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB, heap {run.peak_anon_mb:.0f} MB",
+              flush=True)
     if not keep:
         for d in (build_dir, release_dir, root / "build" / "eval-cache"):
             shutil.rmtree(d, ignore_errors=True)
@@ -265,11 +267,12 @@ def extrapolate(lo: dict[str, Any], hi: dict[str, Any], floor_mb: float, target:
             continue
         per_block_s = max(0.0, (b["seconds"] - a["seconds"]) / (n_hi - n_lo))
         fixed_s = max(0.0, b["seconds"] - per_block_s * n_hi)
-        growth_mb = max(0.0, (b["peak_rss_mb"] - a["peak_rss_mb"]) / (n_hi - n_lo))
-        above_floor = max(0.0, b["peak_rss_mb"] - floor_mb)
-        out[label] = {"seconds": fixed_s + per_block_s * ratio * target.layers,
-                      "peak_rss_mb": floor_mb + above_floor * ratio + growth_mb * ratio * (target.layers - n_hi),
-                      "per_block_s": per_block_s * ratio, "growth_mb": growth_mb * ratio, "fixed_s": fixed_s}
+        out[label] = {"seconds": fixed_s + per_block_s * ratio * target.layers, "per_block_s": per_block_s * ratio, "fixed_s": fixed_s}
+        for key in ("peak_rss_mb", "peak_anon_mb"):
+            if a.get(key) and b.get(key):
+                growth_mb = max(0.0, (b[key] - a[key]) / (n_hi - n_lo))
+                above_floor = max(0.0, b[key] - floor_mb)
+                out[label][key] = floor_mb + above_floor * ratio + growth_mb * ratio * (target.layers - n_hi)
     return out
 
 
@@ -280,9 +283,10 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
     lines = ["# bench-scale: every stage at Mistral-7B's width (random weights), each in its own process", "",
              "## Measured on this machine (" + ", ".join(f"{r['blocks']} blocks: {r['checkpoint_bytes'] / 2**30:.2f} GiB fp16" for r in runs)
              + "; LoRA r=16 merged first)", ""]
-    head = ["stage", *(f"time @{n} (CPU; load)" for n in depths), *(f"peak RSS @{n}" for n in depths)]
+    head = ["stage", *(f"time @{n} (CPU; load)" for n in depths), *(f"peak RSS @{n}" for n in depths),
+            *(f"heap @{n}" for n in depths)]
     if len(runs) > 1:
-        head.append(f"RSS {hi['blocks']}/{lo['blocks']} (target <= {TARGET_RSS_RATIO})")
+        head += [f"RSS {hi['blocks']}/{lo['blocks']} (target <= {TARGET_RSS_RATIO})", f"heap {hi['blocks']}/{lo['blocks']}"]
     head += [f"bound @{hi['blocks']} (preflight)", "peak under bound"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for st in [s.label for s in STAGES if any(s.label in r["stages"] for r in runs)]:
@@ -296,10 +300,12 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
             fail = next(p["failed"] for p in per if "failed" in p).strip().splitlines()[-1][:200].replace("|", "/")
             lines.append(f"| {st} | failed: {fail} |" + " |" * (len(head) - 2))
             continue
-        cells += [_fmt_time(p) for p in per] + [_fmt_mb(p.get("peak_rss_mb")) for p in per]
+        cells += [_fmt_time(p) for p in per] + [_fmt_mb(p.get("peak_rss_mb")) for p in per] + [_fmt_mb(p.get("peak_anon_mb")) for p in per]
         if len(runs) > 1:
             a, b = per[0].get("peak_rss_mb"), per[-1].get("peak_rss_mb")
             cells.append(f"{b / a:.2f}" + ("" if b / a <= TARGET_RSS_RATIO else " (over)") if a and b else "n/a")
+            a, b = per[0].get("peak_anon_mb"), per[-1].get("peak_anon_mb")
+            cells.append(f"{b / a:.2f}" if a and b else "n/a")
         pre = per[-1].get("preflight")
         bound_mb = pre["need_bytes"] / 2**20 if pre else None
         cells.append(_fmt_mb(bound_mb))
@@ -312,7 +318,10 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
               f"Import floor (a process importing torch, transformers and quantize): {_fmt_mb(floor_mb)}.",
               "Time is the wall time of one cold run per stage (page cache as the previous stage left it), then the stage "
               "process's CPU time (user + system) and the machine's 5-minute load average (2 cores): wall time depends on "
-              "what else shares the cores, CPU time much less. Peak RSS is the kernel's high-water mark from wait4.", ""]
+              "what else shares the cores, CPU time much less. Peak RSS is the kernel's high-water mark from wait4; it "
+              "counts the pages of files the stage maps (llama.cpp maps the GGUF it evaluates or quantizes: those pages "
+              "are the page cache's, dropped under pressure). Heap is the highest anonymous RSS (RssAnon, without mapped "
+              "files), sampled every 50 ms.", ""]
     if len(runs) > 1:
         lines += [f"## Extrapolated (not measured) for the seed shapes on this machine's CPU, from the {lo['blocks']}- and "
                   f"{hi['blocks']}-block runs", "",
@@ -324,14 +333,15 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
                   "No GPU figure: none is measured here. Same small calibration/evaluation sizes as above. Built on wall times: "
                   "when the load average above exceeds the 2 cores, other jobs' work is in them and the per-block figures "
                   "are noisy; re-run on an idle machine before planning by them.", "",
-                  "| stage | scales with | Mistral-7B (32 blocks) time | peak RAM | Llama-2-70B (80 blocks) time | peak RAM |",
-                  "|---|---|---|---|---|---|"]
+                  "| stage | scales with | Mistral-7B (32 blocks) time | peak RSS | heap | Llama-2-70B (80 blocks) time | peak RSS | heap |",
+                  "|---|---|---|---|---|---|---|---|"]
         m7, m70 = extrapolate(lo, hi, floor_mb, MISTRAL_7B), extrapolate(lo, hi, floor_mb, LLAMA2_70B)
         for st in m7:
-            lines.append(f"| {st} | {SCALES_WITH.get(st, '')} | {_fmt_s(m7[st]['seconds'])} | {_fmt_mb(m7[st]['peak_rss_mb'])} | "
-                         f"{_fmt_s(m70[st]['seconds'])} | {_fmt_mb(m70[st]['peak_rss_mb'])} |")
+            lines.append(f"| {st} | {SCALES_WITH.get(st, '')} | {_fmt_s(m7[st]['seconds'])} | {_fmt_mb(m7[st].get('peak_rss_mb'))} | "
+                         f"{_fmt_mb(m7[st].get('peak_anon_mb'))} | {_fmt_s(m70[st]['seconds'])} | {_fmt_mb(m70[st].get('peak_rss_mb'))} | "
+                         f"{_fmt_mb(m70[st].get('peak_anon_mb'))} |")
         t7, t70 = sum(v["seconds"] for v in m7.values()), sum(v["seconds"] for v in m70.values())
-        lines += [f"| total | | {_fmt_s(t7)} | | {_fmt_s(t70)} | |", ""]
+        lines += [f"| total | | {_fmt_s(t7)} | | | {_fmt_s(t70)} | | |", ""]
     return "\n".join(lines)
 
 
