@@ -125,9 +125,7 @@ def smooth(session: nox.Session) -> None:
 @nox.session
 def gguf(session: nox.Session) -> None:
     """The recipe's llama.cpp quantizations, or only some: ``nox -s gguf -- Q4_K_M[,Q6_K]`` (reuses the imatrix)."""
-    _install(session)
-    types = ("--types", ",".join(session.posargs)) if session.posargs else ()
-    session.run("quantize", "build", RECIPE, "--until", "gguf", *types)
+    _stage(session, "gguf", None, *(("--types", ",".join(session.posargs)) if session.posargs else ()))
 
 
 @nox.session

@@ -67,11 +67,11 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
             anon_peak = [0.0]
-            sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon_peak), daemon=True) if anon else None
-            if sampler:
+            sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon_peak), daemon=True)
+            if anon:
                 sampler.start()
             _, status, usage = os.wait4(proc.pid, 0)
-            if sampler:
+            if anon:
                 sampler.join()
             seconds = time.perf_counter() - t0
             if status != 0:
