@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import TOOL_NAME, __version__
-from .atomic import atomic_dir, sha256_file
+from .atomic import atomic_dir, check_output, sha256_file
 from .checkpoint import Checkpoint, copy_tokenizer_files, open_checkpoint
 from .errors import QuantizeError
 from .stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
@@ -161,8 +161,7 @@ def _check_settings(settings: AwqSettings, where: Path) -> None:
 
 def _check_source(hf_dir: Path, out_dir: Path, settings: AwqSettings) -> _Source:
     """Open the checkpoint headers and refuse what AutoAWQ or our packing cannot take."""
-    if out_dir.resolve() == hf_dir.resolve():
-        raise QuantizeError(out_dir, "is the source checkpoint itself; choose another -o folder")
+    check_output(out_dir, [hf_dir], folder=True)
     _check_settings(settings, hf_dir)
     ckpt = open_checkpoint(hf_dir)
     arch = ckpt.architecture
@@ -517,7 +516,7 @@ def load_awq_as_float(out_dir: str | Path, dtype: torch.dtype | None = None) -> 
 # --- command line ------------------------------------------------------------------------
 
 
-def add_awq_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+def add_awq_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
     """``quantize awq HF_DIR -o OUT_DIR [--calib FILE] [--device ...] [--group-size N] [--samples N --seq-len N] [--method rtn]``."""
     d = AwqSettings()
     s = subparsers.add_parser("awq", help="4-bit AWQ (AutoAWQ, GEMM layout) of an HF checkpoint, or its RTN baseline")
@@ -535,6 +534,7 @@ def add_awq_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _awq_command(a: argparse.Namespace) -> int:
+    check_output(a.output, [a.hf_dir, a.calib], folder=True)
     require_autoawq()
     settings = AwqSettings(group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, device=a.device)
     if a.method == "rtn":

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import TOOL_NAME, __version__
 from .architectures import BLOCK_TENSORS, Architecture, ModelConfig, Transform, llama3_rope_factors, lookup
-from .atomic import atomic_file, sha256_file
+from .atomic import atomic_file, check_output, sha256_file
 from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
@@ -206,6 +206,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     if outtype not in OUTTYPES:
         raise QuantizeError(None, f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     ot = OUTTYPES[outtype]
+    check_output(out, [hf_dir])
     ckpt = open_checkpoint(hf_dir)
     cfg_path = str(ckpt.root / "config.json")
     arch = lookup(ckpt.architecture, cfg_path)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import TOOL_NAME, __version__
-from .atomic import atomic_file, sha256_file
+from .atomic import atomic_file, check_output, partial_prefix, sha256_file
 from .errors import QuantizeError
 from .gguf_header import read_header
 from .gguf_patch import PLACEHOLDER, patch_strings
@@ -104,6 +104,7 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
     made from as ``origin`` and ``origin_imatrix`` (what the provenance records)."""
     src, out = Path(src), Path(out)
     quant_type(settings.type)  # unknown names fail before any work
+    check_output(out, [src, settings.imatrix, origin, origin_imatrix])
     if not settings.smooth:
         return _quantize(src, out, settings, origin or src, origin_imatrix)
     if settings.imatrix is None:
@@ -114,7 +115,7 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
 
     read_header(src)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".smooth-", dir=out.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=partial_prefix(out), dir=out.parent) as scratch:
         sm, smi = Path(scratch) / src.name, Path(scratch) / settings.imatrix.name
         check_imatrix_fits(Imatrix.load(settings.imatrix), settings.imatrix, src)
         smooth_gguf(src, settings.imatrix, sm, smi)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import atomic_dir, sha256_file
+from .atomic import atomic_dir, check_output, sha256_file
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_json_object, read_shard_header
 from .errors import QuantizeError
 from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range, tensor_from, torch_dtype
@@ -303,6 +303,7 @@ def _side_files(base: Path) -> list[Path]:
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, allow_pickle: bool = False) -> Path:
     """Write ``base`` with the LoRA ``adapter`` merged in to the folder ``out`` (see the module docstring)."""
     base, adapter, out = Path(base), Path(adapter), Path(out)
+    check_output(out, [base, adapter], folder=True)
     ckpt = open_checkpoint(base)
     cfg = read_adapter_config(adapter)
     weights_path = adapter_weights_file(adapter, allow_pickle)

@@ -32,7 +32,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .atomic import atomic_file
+from .atomic import atomic_file, check_output
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
 from .imatrix import Imatrix
@@ -184,6 +184,8 @@ def _mapped(path: Path) -> Iterator[mmap.mmap]:
 
 def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> SmoothPlan:
     """Write a smoothed copy of the float GGUF ``src`` and the importance matrix rescaled to it."""
+    check_output(out, [src, imatrix])
+    check_output(out_imatrix, [src, imatrix, out], flag="--imatrix-out")
     reader = open_gguf(src)
     for t in reader.tensors:
         if t.tensor_type not in STORAGE:

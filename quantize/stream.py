@@ -334,11 +334,12 @@ class Activations:
 
         self.shape = (n, ctx, hidden)
         self.dtype = dtype
-        self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
-        if spill:
-            self._file = tempfile.NamedTemporaryFile(prefix="quantize-activations-", suffix=".f16", dir=spill_dir)  # noqa: SIM115 - closed by close()
-            self._map = np.memmap(self._file.name, dtype=np.float16, mode="w+", shape=self.shape)
-            log.info("carried activations spilled to %s (%.1f GiB, float16)", self._file.name, self._map.nbytes / GiB)
+        self._file: Any = None
+        if spill:  # a file without a name (O_TMPFILE): nothing is left behind even by a killed run
+            self._file = tempfile.TemporaryFile(prefix="quantize-activations-", suffix=".f16", dir=spill_dir)  # noqa: SIM115 - closed by close()
+            self._map = np.memmap(self._file, dtype=np.float16, mode="w+", shape=self.shape)
+            log.info("carried activations spilled to an unnamed file in %s (%.1f GiB, float16)",
+                     spill_dir or tempfile.gettempdir(), self._map.nbytes / GiB)
         else:
             self._ram = torch.empty(self.shape, dtype=dtype)
 
