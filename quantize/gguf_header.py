@@ -3,11 +3,13 @@
 gguf-py's ``GGUFReader`` decodes every array (32k-token vocabularies included) into numpy objects,
 which takes about a second per file; the quantize stage only needs to know that its input is a
 whole GGUF, what kind, and its tensors' shapes, so it reads the header itself (GGUF v2/v3 layout,
-ggml's docs/gguf.md) and checks that every tensor's data lies inside the file.
+ggml's docs/gguf.md) and checks the file as llama.cpp will read it: every tensor's dimensions, type and offset (packed
+in header order, each padded to the alignment), and a data section that ends where the file ends.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import gguf
 from .errors import QuantizeError
 
 V = gguf.GGUFValueType
+MAX_DIMS = 4  # GGML_MAX_DIMS
 _SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
 
@@ -78,6 +81,10 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
             buf = f.read(max_header)
     except FileNotFoundError:
         raise QuantizeError(path, "no such file") from None
+    except IsADirectoryError:
+        raise QuantizeError(path, "is a folder, not a GGUF file") from None
+    except PermissionError:
+        raise QuantizeError(path, "cannot be read (permission denied)") from None
     if buf[:4] != b"GGUF":
         raise QuantizeError(path, "not a valid GGUF file (no GGUF magic); convert it first with `quantize convert`")
     c = _Cursor(buf)
@@ -90,24 +97,43 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
         for _ in range(n_kv):
             key = c.string()
             kv[key] = c.value(c.take("<I"))
-        tensors, ends, data_bytes, n_params = {}, [], 0, 0
+        infos = []
         for _ in range(n_tensors):
             name = c.string()
-            dims = tuple(c.take("<Q") for _ in range(c.take("<I")))
+            n_dims = c.take("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise QuantizeError(path, f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS}); the file is damaged")
+            dims = tuple(c.take("<Q") for _ in range(n_dims))
             ttype, offset = c.take("<I"), c.take("<Q")
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-            n = 1
-            for d in dims:
-                n *= d
-            tensors[name] = (dims, ttype)
-            ends.append(offset + n // block * type_size)
-            data_bytes += n // block * type_size
-            n_params += n
+            infos.append((name, dims, ttype, offset))
     except (struct.error, ValueError, KeyError) as exc:
         raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from None
     align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    if align < 1 or align & (align - 1):
+        raise QuantizeError(path, f"general.alignment {align} is not a power of two; the file is damaged")
     data_start = -(-c.pos // align) * align
-    data_end = data_start + max(ends, default=0)
+    tensors, expected, data_bytes, n_params, data_end = {}, 0, 0, 0, data_start
+    for name, dims, ttype, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise QuantizeError(path, f"tensor {name!r} has ggml type {ttype}, which this gguf-py does not know") from None
+        n = math.prod(dims)
+        if name in tensors or n == 0 or dims[0] % block:
+            problem = "appears twice" if name in tensors else f"has shape {list(dims)}, not whole blocks of {block}"
+            raise QuantizeError(path, f"tensor {name!r} {problem}; the file is damaged")
+        if offset != expected:  # llama.cpp's own rule: tensors packed in header order, each padded to the alignment
+            raise QuantizeError(path, f"tensor {name!r} has data offset {offset}, expected {expected}; the header "
+                                "does not describe the data (damaged or hand-edited file)")
+        nbytes = n // block * type_size
+        tensors[name] = (dims, ttype)
+        expected += -(-nbytes // align) * align
+        data_end = data_start + offset + nbytes
+        data_bytes += nbytes
+        n_params += n
     if data_end > size:
         raise QuantizeError(path, f"not a valid GGUF file or truncated: tensor data ends at byte {data_end}, file has {size}")
+    if size > data_start + expected:
+        raise QuantizeError(path, f"has {size - data_start - expected} bytes after the data of its {len(infos)} tensors; "
+                            "the header's tensor count or sizes do not match the file (damaged or hand-edited)")
     return GGUFHeader(kv, tensors, data_end, size, data_bytes, n_params)

@@ -15,10 +15,11 @@ from .errors import QuantizeError
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """Open a GGUF for reading, turning a non-GGUF or truncated file into a one-line error."""
+    """Open a GGUF for reading, turning a non-GGUF, truncated or inconsistent file into a one-line error."""
+    from .gguf_header import read_header
+
     path = Path(path)
-    if not path.is_file():
-        raise QuantizeError(path, "no such file")
+    read_header(path)  # the layout checks llama.cpp makes, as one line each
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, struct.error) as exc:
