@@ -10,8 +10,11 @@ extra, wrong-size and wrong-hash files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .atomic import atomic_file, sha256_file
@@ -118,39 +121,96 @@ class VerifyReport:
     extra: list[str]
     wrong_size: list[str]
     wrong_hash: list[str]
+    unsafe: list[str] = field(default_factory=list)  # "<name> (<why>)": never read
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.wrong_size or self.wrong_hash)
+        return not (self.missing or self.extra or self.wrong_size or self.wrong_hash or self.unsafe)
 
     def lines(self) -> list[str]:
-        return ([f"missing: {f}" for f in self.missing] + [f"extra: {f}" for f in self.extra]
-                + [f"wrong size: {f}" for f in self.wrong_size] + [f"wrong sha256: {f}" for f in self.wrong_hash])
+        return ([f"unsafe: {f}" for f in self.unsafe] + [f"missing: {f}" for f in self.missing]
+                + [f"extra: {f}" for f in self.extra] + [f"wrong size: {f}" for f in self.wrong_size]
+                + [f"wrong sha256: {f}" for f in self.wrong_hash])
+
+
+def _manifest_entries(mpath: Path, manifest: Any) -> dict[str, dict[str, Any]]:
+    """name -> {size, sha256} for every file a manifest lists, or a one-line error saying what is malformed."""
+    def bad(what: str) -> QuantizeError:
+        return QuantizeError(mpath, f"malformed manifest: {what}; re-download it or rebuild the release")
+
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
+        raise bad("no \"artifacts\" list")
+    entries = []
+    for a in manifest["artifacts"]:
+        if not isinstance(a, dict) or not isinstance(a.get("files"), list):
+            raise bad("an artifact without a \"files\" list")
+        entries += a["files"]
+    if "card" in manifest:
+        entries.append(manifest["card"])
+    out = {}
+    for f in entries:
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
+                and isinstance(f.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"])):
+            raise bad(f"a file entry is not {{name, size, sha256}}: {json.dumps(f)[:120]}")
+        out[f["name"]] = f
+    return out
+
+
+def _unsafe_name(name: str) -> str | None:
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or str(p) != name:
+        return "leaves the release folder" if (p.is_absolute() or ".." in p.parts) else "not a plain relative path"
+    return None
+
+
+def _walk(root: Path) -> tuple[set[str], list[str]]:
+    """Regular files under ``root`` (relative names; symbolic links not followed) and what is not one."""
+    files, unsafe = set(), []
+    for here, dirs, names in os.walk(root, followlinks=False):
+        for n in sorted(dirs + names):
+            path = Path(here) / n
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                unsafe.append(f"{rel} (a symbolic link; a release holds the bytes it vouches for)")
+            elif stat.S_ISREG(st.st_mode):
+                if path.parent != root or n not in SELF:
+                    files.add(rel)
+            elif not stat.S_ISDIR(st.st_mode):
+                unsafe.append(f"{rel} (not a regular file)")
+    return files, unsafe
 
 
 def verify(root: str | Path) -> VerifyReport:
+    """Check a release folder against its manifest without reading anything outside it: every listed
+    file present as a regular file with its size and sha256, nothing unlisted, no symbolic link."""
     root = Path(root)
+    if not root.is_dir():
+        raise QuantizeError(root, "not a folder; pass the release folder")
     mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise QuantizeError(root, f"no {MANIFEST}; not a release folder made by quantize")
+    if mpath.is_symlink() or not mpath.is_file():
+        raise QuantizeError(root, f"no {MANIFEST} (as a regular file); not a release folder made by quantize")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise QuantizeError(mpath, f"not valid JSON ({exc})") from None
-    listed = {f["name"]: f for a in manifest["artifacts"] for f in a["files"]}
-    if "card" in manifest:
-        listed[manifest["card"]["name"]] = manifest["card"]
-    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in SELF}
-    missing = sorted(set(listed) - present)
+    listed = _manifest_entries(mpath, manifest)
+    present, unsafe = _walk(root)
+    for name in sorted(listed):
+        why = _unsafe_name(name)
+        if why:
+            unsafe.append(f"{name} ({why})")
+            del listed[name]
+    missing = sorted(set(listed) - present - {u.split(" (")[0] for u in unsafe})
     extra = sorted(present - set(listed))
     wrong_size, wrong_hash = [], []
     for name in sorted(set(listed) & present):
         f = listed[name]
-        if (root / name).stat().st_size != f["size"]:
+        if (root / name).lstat().st_size != f["size"]:
             wrong_size.append(name)
         elif sha256_file(root / name) != f["sha256"]:
             wrong_hash.append(name)
-    return VerifyReport(missing, extra, wrong_size, wrong_hash)
+    return VerifyReport(missing, extra, wrong_size, wrong_hash, unsafe)
 
 
 # --- the model card and koboldcpp presets ---------------------------------------------------
@@ -208,8 +268,6 @@ def koboldcpp_presets(root: Path, gguf_name: str, recipe: Recipe) -> tuple[Path,
 
 def _unsplit_stem(name: str) -> str:
     """``X.Q6_K-00001-of-00002.gguf`` -> ``X.Q6_K``: one preset per model, however many shards."""
-    import re
-
     return re.sub(r"-\d{5}-of-\d{5}$", "", Path(name).stem)
 
 
