@@ -1,6 +1,8 @@
 """Release recipes: a model's whole release described in TOML, validated into frozen dataclasses.
 
-Unknown keys, wrong types and missing required keys are refused with the file and the key named
+One schema: each key's type is its dataclass annotation and its range the field's metadata, checked
+by one function, so unknown keys, wrong types, values out of range and missing required keys are
+refused with the file, the section and the key named
 (``recipes/x.toml: [ladder] unknown key 'ggfu'; valid: awq, gguf, imatrix, smooth``).
 """
 
@@ -8,6 +10,8 @@ from __future__ import annotations
 
 import re
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -101,7 +105,7 @@ SAMPLERS: dict[str, str] = {
 class Card:
     prompt_format: str = "chatml"
     system: str = ""
-    context: int = 4096
+    context: int = field(default=4096, metadata={"min": 1})  # tokens
     stop: tuple[str, ...] = ()
     sampler: Mapping[str, float] = field(default_factory=dict)
     license: str | None = None
@@ -117,13 +121,17 @@ class Ladder:
     awq: bool = True
     imatrix: bool = True
     smooth: bool = True
-    split_max_gb: float = 48.0  # GGUFs larger than this ship as llama.cpp split shards (0: never split)
-    awq_samples: int = 128  # AutoAWQ's defaults: 128 calibration samples of 512 tokens
-    awq_seq_len: int = 512
-    imatrix_chunks: int = 64  # calibration chunks of imatrix_ctx tokens (llama-imatrix cuts the same way)
-    imatrix_ctx: int = 512
-    eval_windows: int = 32  # quality-gate windows of eval_ctx tokens (llama-perplexity's windows)
-    eval_ctx: int = 512
+    # GGUFs larger than this ship as llama.cpp split shards (0: never split)
+    split_max_gb: float = field(default=48.0, metadata={"min": 0})
+    # AutoAWQ's defaults: 128 calibration samples of 512 tokens
+    awq_samples: int = field(default=128, metadata={"min": 1})
+    awq_seq_len: int = field(default=512, metadata={"min": 2})
+    # calibration chunks of imatrix_ctx tokens (llama-imatrix cuts the same way)
+    imatrix_chunks: int = field(default=64, metadata={"min": 1})
+    imatrix_ctx: int = field(default=512, metadata={"min": 1})
+    # quality-gate windows of eval_ctx tokens (llama-perplexity's windows)
+    eval_windows: int = field(default=32, metadata={"min": 1})
+    eval_ctx: int = field(default=512, metadata={"min": 2})
 
 
 @dataclass(frozen=True)
@@ -144,75 +152,104 @@ class Recipe:
     revision: Mapping[str, str] = field(default_factory=dict)
 
 
-def _check_keys(path: Path, section: str, data: Mapping[str, Any], cls: type) -> None:
-    valid = {f.name for f in fields(cls)} - {"source"}
-    for key in data:
-        if key not in valid:
-            raise QuantizeError(path, f"[{section}] unknown key {key!r}; valid: {', '.join(sorted(valid))}")
+# --- the schema: every key's type comes from the dataclass annotations, its range from field metadata ---
 
 
-def _typed(path: Path, section: str, key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise QuantizeError(path, f"[{section}] {key} must be {names}, got {value!r}")
-    return value
+def _number_ok(value: Any, meta: Mapping[str, Any]) -> bool:
+    return value >= meta.get("min", float("-inf")) and value > meta.get("gt", float("-inf"))
+
+
+def _check(path: Path, section: str, key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` as ``hint`` wants it (a list becomes a tuple), or the one-line error naming section and key."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))  # TOML has no null
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(want: str) -> QuantizeError:
+        return QuantizeError(path, f"[{section}] {key} must be {want}, got {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if hint in (int, float):
+        ok_type = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+        want = ("an integer" if hint is int else "a number") + "".join(
+            f" {op} {meta[k]}" for k, op in (("min", ">="), ("gt", ">")) if k in meta)
+        if not ok_type or value != value or not _number_ok(value, meta):  # value != value: nan
+            raise bad(want)
+        return hint(value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise bad(f"a list of {args[0].__name__}")
+        return tuple(_check(path, section, f"{key}[{i}]", v, args[0], {}) for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise bad("a table")
+        return {k: _check(path, f"{section}.{key}", k, v, args[1], meta) for k, v in value.items()}
+    raise TypeError(f"recipe schema: no rule for {hint!r}")  # a new field type needs a rule here
+
+
+def _section(path: Path, section: str, data: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of one TOML table checked against ``cls``'s fields: unknown keys refused, each value typed
+    and range-checked by its annotation and metadata; fields in ``skip`` are left to the caller."""
+    if not isinstance(data, dict):
+        raise QuantizeError(path, f"[{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    spec = {f.name: f for f in fields(cls) if f.name != "source"}
+    out = {}
+    for key, value in data.items():
+        if key not in spec:
+            raise QuantizeError(path, f"[{section}] unknown key {key!r}; valid: {', '.join(sorted(spec))}")
+        if key not in skip:
+            out[key] = _check(path, section, key, value, hints[key], spec[key].metadata)
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise QuantizeError(path, "recipe not found") from None
+    except UnicodeDecodeError as exc:
+        raise QuantizeError(path, f"not UTF-8 (byte {exc.start}); a recipe is a UTF-8 TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise QuantizeError(path, f"not valid TOML ({exc})") from None
-    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    _check_keys(path, "top level", {**top, **{k: v for k, v in data.items() if isinstance(v, dict)}}, Recipe)
+    top = _section(path, "top level", data, Recipe, skip=("ladder", "card", "thresholds", "revision"))
     for key in ("name", "base"):
         if key not in data:
             raise QuantizeError(path, f"missing required key {key!r}")
-        _typed(path, "top level", key, data[key], str)
-    ladder_d = data.get("ladder", {})
-    _check_keys(path, "ladder", ladder_d, Ladder)
-    gguf = tuple(_typed(path, "ladder", "gguf", ladder_d.get("gguf", list(Ladder.gguf)), list))
-    for t in gguf:
+    ladder_d = _section(path, "ladder", data.get("ladder", {}), Ladder)
+    for t in ladder_d.get("gguf", ()):
         try:
             quant_type(t)
         except QuantizeError as exc:
             raise QuantizeError(path, f"[ladder] gguf: {exc}") from None
-    flags = {k: _typed(path, "ladder", k, v, bool) for k, v in ladder_d.items() if k in ("awq", "imatrix", "smooth")}
-    for key in ("awq_samples", "awq_seq_len", "imatrix_chunks", "imatrix_ctx", "eval_windows", "eval_ctx"):
-        if key in ladder_d:
-            flags[key] = _typed(path, "ladder", key, ladder_d[key], int)
-            if flags[key] < 1:
-                raise QuantizeError(path, f"[ladder] {key} must be a positive integer, got {flags[key]}")
-    if "split_max_gb" in ladder_d:
-        flags["split_max_gb"] = float(_typed(path, "ladder", "split_max_gb", ladder_d["split_max_gb"], (int, float)))
-    ladder = Ladder(gguf=gguf, **flags)
-    card_d = dict(data.get("card", {}))
-    _check_keys(path, "card", card_d, Card)
+    card_d = _section(path, "card", data.get("card", {}), Card)
     if card_d.get("prompt_format", "chatml") not in PROMPT_FORMATS:
         raise QuantizeError(path, f"[card] prompt_format {card_d['prompt_format']!r} unknown; known: {', '.join(PROMPT_FORMATS)}")
-    for key, value in card_d.get("sampler", {}).items():
+    for key in card_d.get("sampler", {}):
         if key not in SAMPLERS:
             raise QuantizeError(path, f"[card.sampler] unknown setting {key!r}; known: {', '.join(SAMPLERS)}")
-        _typed(path, "card.sampler", key, value, (int, float))
-    for key in ("stop", "tags"):
-        if key in card_d:
-            card_d[key] = tuple(_typed(path, "card", key, card_d[key], list))
     thresholds = {}
-    for kind, th in data.get("thresholds", {}).items():
-        if not isinstance(th, dict) or set(th) - {"ppl_ratio", "mean_kld"}:
-            raise QuantizeError(path, f"[thresholds] {kind} must be {{ ppl_ratio = …, mean_kld = … }}")
-        thresholds[kind.upper()] = Threshold(float(th.get("ppl_ratio", 1e9)), float(th.get("mean_kld", 1e9)))
-    revision = _revisions(path, data)
-    rest = {k: data[k] for k in ("quantized_by", "hub_repo", "lora", "lora_allow_pickle", "calibration", "evaluation") if k in data}
-    for k, v in rest.items():
-        _typed(path, "top level", k, v, bool if k == "lora_allow_pickle" else str)
-    if "hub_repo" in rest and not HUB_REPO.fullmatch(rest["hub_repo"]):
-        raise QuantizeError(path, f"hub_repo {rest['hub_repo']!r} is not a Hugging Face repo id; write it as \"owner/name\"")
-    return Recipe(source=path, name=data["name"], base=data["base"], ladder=ladder, thresholds=thresholds, card=Card(**card_d),
-                  revision=revision, **rest)
+    for kind, th in _section_of_tables(path, "thresholds", data.get("thresholds", {})).items():
+        checked = _section(path, f"thresholds.{kind}", th, Threshold)  # missing: that metric is not gated
+        thresholds[kind.upper()] = Threshold(**{"ppl_ratio": 1e9, "mean_kld": 1e9, **checked})
+    if "hub_repo" in top and not HUB_REPO.fullmatch(top["hub_repo"]):
+        raise QuantizeError(path, f"hub_repo {top['hub_repo']!r} is not a Hugging Face repo id; write it as \"owner/name\"")
+    return Recipe(source=path, ladder=Ladder(**ladder_d), thresholds=thresholds, card=Card(**card_d),
+                  revision=_revisions(path, data), **top)
+
+
+def _section_of_tables(path: Path, section: str, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise QuantizeError(path, f"[{section}] must hold one table per type, e.g. [{section}.Q4_K_M] ppl_ratio = 1.05")
+    return data
 
 
 def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
@@ -226,7 +263,7 @@ def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
     for part, rev in section.items():
         if part not in ("base", "lora"):
             raise QuantizeError(path, f"[revision] unknown key {part!r}; valid: base, lora")
-        _typed(path, "revision", part, rev, str)
+        _check(path, "revision", part, rev, str, {})
         problem = check_revision(rev)
         if problem:
             raise QuantizeError(path, f"[revision] {part}: {problem}")

@@ -7,13 +7,13 @@ Q4_K_M about +1-3 % and KLD ~0.03), with headroom; every recipe may override the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Threshold:
-    ppl_ratio: float  # artifact perplexity / reference perplexity, at most
-    mean_kld: float  # mean KL divergence from the reference distribution, at most
+    ppl_ratio: float = field(metadata={"gt": 0})  # artifact perplexity / reference perplexity, at most
+    mean_kld: float = field(metadata={"gt": 0})  # mean KL divergence from the reference distribution, at most
 
 
 DEFAULT_THRESHOLDS: dict[str, Threshold] = {

@@ -284,6 +284,40 @@ def test_unknown_sampler_setting(demo: Demo, tmp_path: Path) -> None:
         build_release(recipe, tmp_path / "x", demo_root=DEMO_ROOT)
 
 
+# (text replaced in the demo recipe, the words of the one-line refusal)
+WRONG_VALUES = {
+    "name not a string": ('name = "Demo-Mistral-ChatML"', "name = 5", "[top level] name must be a string, got 5"),
+    "gguf not a list": ('gguf = ["F16", "Q6_K", "Q4_K_M"]', 'gguf = "Q4_K_M"', "[ladder] gguf must be a list of str"),
+    "awq_samples zero": ("awq_samples = 16", "awq_samples = 0", "[ladder] awq_samples must be an integer >= 1, got 0"),
+    "awq flag a string": ("awq = true", 'awq = "yes"', "[ladder] awq must be true or false"),
+    "context a string": ("context = 2048", 'context = "4k"', "[card] context must be an integer >= 1, got '4k'"),
+    "context negative": ("context = 2048", "context = -1", "[card] context must be an integer >= 1, got -1"),
+    "stop of numbers": ('stop = ["<|im_end|>"]', "stop = [1]", "[card] stop[0] must be a string, got 1"),
+    "sampler a string": ("temperature = 0.7", 'temperature = "hot"', "[card.sampler] temperature must be a number"),
+    "sampler nan": ("temperature = 0.7", "temperature = nan", "[card.sampler] temperature must be a number"),
+    "threshold a string": ("[card.sampler]", '[thresholds.Q4_K_M]\nppl_ratio = "tight"\n[card.sampler]',
+                           "[thresholds.Q4_K_M] ppl_ratio must be a number > 0, got 'tight'"),
+    "threshold zero": ("[card.sampler]", "[thresholds.Q6_K]\nmean_kld = 0\n[card.sampler]",
+                       "[thresholds.Q6_K] mean_kld must be a number > 0, got 0"),
+    "thresholds not tables": ("[card.sampler]", "[thresholds]\nQ4_K_M = 1.05\n[card.sampler]", "[thresholds] must hold one table"),
+    "thresholds a number": ('quantized_by = "quantize"', 'quantized_by = "quantize"\nthresholds = 5', "[thresholds] must hold"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_VALUES))
+def test_recipe_schema_refuses_wrong_values(case: str, tmp_path: Path) -> None:
+    from quantize.recipe import load_recipe
+
+    old, new, words = WRONG_VALUES[case]
+    text = (Path(__file__).parent.parent / "recipes" / "demo.toml").read_text()
+    assert old in text
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text.replace(old, new, 1))
+    with pytest.raises(QuantizeError) as e:
+        load_recipe(recipe)
+    assert str(e.value).startswith(f"{recipe}: ") and words in str(e.value), str(e.value)
+
+
 def test_recipe_naming_a_missing_model(demo: Demo, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, demo, base="nobody/no-such-model-7B")
     with pytest.raises(QuantizeError, match="base 'nobody/no-such-model-7B': not in the Hugging Face cache and not downloadable") as e:
