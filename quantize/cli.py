@@ -12,9 +12,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
+from .atomic import atomic_file, check_output, check_writable_folder
 from .errors import QuantizeError
+from .thresholds import Threshold
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -22,6 +25,8 @@ Handler = Callable[[argparse.Namespace], int]
 def _demo(a: argparse.Namespace) -> int:
     from .demo import build_demo
 
+    if a.root:
+        check_writable_folder(a.root, "--root")
     demo = build_demo(Path(a.root) if a.root else None)
     print(json.dumps({"root": str(demo.root), "models": {k: str(v) for k, v in demo.models.items()},
                       "text": {k: str(v) for k, v in demo.text.items()}}, indent=2))
@@ -32,6 +37,8 @@ def _fetch_real(a: argparse.Namespace) -> int:
     from .real import fetch_real, published_gguf
 
     cache = Path(a.cache) if a.cache else None
+    if cache:
+        check_writable_folder(cache, "--cache")
     root = fetch_real(cache)
     print(json.dumps({"checkpoint": str(root), "published_gguf": str(published_gguf(cache))}, indent=2))
     return 0
@@ -64,6 +71,7 @@ def _gguf(a: argparse.Namespace) -> int:
 def _imatrix(a: argparse.Namespace) -> int:
     from .imatrix import ImatrixSettings, compute_imatrix
 
+    check_output(a.output, [a.model, a.text, a.eval_text])
     im = compute_imatrix(a.model, a.text, ImatrixSettings(a.ctx, a.chunks, a.device), a.eval_text)
     print(im.save(a.output))
     return 0
@@ -86,26 +94,44 @@ def _smooth(a: argparse.Namespace) -> int:
 
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import EvalSettings, evaluate, write_report
-    from .thresholds import Threshold
 
-    overrides = {}
-    for spec in a.max or []:
-        kind, _, vals = spec.partition("=")
-        ratio, _, kld = vals.partition(",")
-        overrides[kind.upper()] = Threshold(float(ratio), float(kld))
+    overrides = dict(_threshold_option(spec) for spec in a.max or [])
+    inputs = [a.reference, a.text, *a.artifacts]
+    for name in ("eval.json", "eval.md", "eval.png"):
+        check_output(Path(a.out_dir) / name, inputs, flag="--out-dir")
+    if a.json:
+        check_output(a.json, inputs, flag="--json")
+    check_writable_folder(a.cache, "--cache")
     report = evaluate(a.reference, a.text, a.artifacts, EvalSettings(a.ctx, a.chunks, a.threads, a.device), a.cache, overrides)
     paths = write_report(report, Path(a.out_dir))
     if a.json:
-        Path(a.json).write_text(paths["json"].read_text())
+        with atomic_file(Path(a.json)) as tmp:
+            tmp.write_bytes(paths["json"].read_bytes())
     print(report.to_markdown())
     for failure in report.failures:
         print(f"quantize: quality gate failed: {failure}", file=sys.stderr)
     return 3 if report.failures else 0
 
 
+def _threshold_option(spec: str) -> tuple[str, Threshold]:
+    """``--max TYPE=RATIO,KLD`` -> (``TYPE``, its threshold); both numbers positive."""
+    kind, eq, vals = spec.partition("=")
+    ratio, comma, kld = vals.partition(",")
+    try:
+        if not (kind and eq and comma):
+            raise ValueError
+        th = Threshold(float(ratio), float(kld))
+    except ValueError:
+        raise QuantizeError(None, f"--max {spec}: write TYPE=RATIO,KLD with two numbers, e.g. --max Q4_K_M=1.06,0.07") from None
+    if not (th.ppl_ratio > 0 and th.mean_kld > 0):
+        raise QuantizeError(None, f"--max {spec}: the perplexity ratio and the KL divergence must be numbers > 0")
+    return kind.upper(), th
+
+
 def _build(a: argparse.Namespace) -> int:
     from .pipeline import build_release
 
+    check_writable_folder(a.artifacts, "--artifacts")
     types = tuple(a.types.split(",")) if a.types else None
     rel = build_release(Path(a.recipe) if a.recipe else None, Path(a.artifacts), a.until, types,
                         Path(a.demo_root) if a.demo_root else None)
@@ -130,8 +156,37 @@ def _verify(a: argparse.Namespace) -> int:
     return 0 if rep.ok else 4
 
 
+def quiet_libraries(verbose: bool, terminal: bool) -> None:
+    """Keep library chatter out of a plain run: llama.cpp's loader log, transformers', gguf-py's and
+    AutoAWQ's warnings only at ``-v``; progress bars only at ``-v`` on a terminal."""
+    import os
+    import warnings
+
+    if not verbose:
+        logging.getLogger("gguf").setLevel(logging.ERROR)  # HF template details that do not affect the output
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # read by llama-cpp-python's log callback
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"awq(\.|$)")  # AutoAWQ's farewell notice
+    if not (verbose and terminal):
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # already imported (a caller in the same process): tell it directly
+        from transformers.utils import logging as tf_logging
+
+        if not verbose:
+            tf_logging.set_verbosity_error()
+        if not (verbose and terminal):
+            tf_logging.disable_progress_bar()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the one line every other error is (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"quantize: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantize", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = _Parser(prog="quantize", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # gguf-py warns about HF template details that do not affect the output
-        logging.getLogger("gguf").setLevel(logging.ERROR)
+    quiet_libraries(args.verbose, sys.stderr.isatty())
     from . import progress
 
     progress.BARS = sys.stderr.isatty()

@@ -26,7 +26,7 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
-from .text import check_calibration_text, read_text, token_windows
+from .text import check_calibration_text, token_windows
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
         raise QuantizeError(source, "the importance matrix runs the fp16 Hugging Face checkpoint one block at a time; "
                             "pass the checkpoint folder this GGUF was converted from")
     src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
-    check_calibration_text(text_file, Path(eval_text) if eval_text else None)
-    text = read_text(text_file, "text file")
+    text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
     tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     tokens = token_windows(tok(text, add_special_tokens=False, verbose=False)["input_ids"], settings.ctx, settings.chunks,
                            tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix

@@ -7,7 +7,6 @@ streamed forward both take the ``(n, ctx)`` array :func:`token_windows` returns.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -31,22 +30,22 @@ def read_text(path: Path, what: str = "text", hint: str = "") -> str:
         raise QuantizeError(path, f"{what} is not UTF-8 (byte {exc.start}); re-encode it") from None
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def check_calibration_text(calib: Path, eval_text: Path | None) -> None:
-    """Refuse calibrating on the evaluation text; warn when they overlap a lot."""
+def check_calibration_text(calib: Path, eval_text: Path | None) -> str:
+    """Read the calibration text (UTF-8) and refuse calibrating on the evaluation text; warn when the two
+    overlap a lot.  Returns the calibration text."""
+    text = read_text(calib, "calibration text")
     if eval_text is None:
-        return
-    if calib.resolve() == eval_text.resolve() or _sha(calib) == _sha(eval_text):
+        return text
+    other = read_text(eval_text, "evaluation text", " (--eval-text)")
+    if calib.resolve() == eval_text.resolve() or text == other:
         raise QuantizeError(calib, f"is the evaluation text ({eval_text}); calibrate on different text")
-    cal = {ln.strip() for ln in read_text(calib, "calibration text").splitlines() if len(ln.strip()) > 20}
-    ev = {ln.strip() for ln in read_text(eval_text, "evaluation text").splitlines() if len(ln.strip()) > 20}
+    cal = {ln.strip() for ln in text.splitlines() if len(ln.strip()) > 20}
+    ev = {ln.strip() for ln in other.splitlines() if len(ln.strip()) > 20}
     if cal and len(cal & ev) / len(cal) > OVERLAP_WARN:
         msg = f"{calib}: {len(cal & ev) / len(cal):.0%} of its lines also appear in {eval_text}; evaluation will flatter the quants"
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
+    return text
 
 
 def token_windows(ids: list[int], ctx: int, limit: int | None, bos: int | None, text_file: Path, what: str) -> np.ndarray:
