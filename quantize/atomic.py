@@ -105,8 +105,9 @@ def _nearest_existing(path: Path) -> Path:
 def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, folder: bool = False, flag: str = "-o") -> Path:
     """Refuse, before any work, an output path the command could not write or would destroy an input
     with: a folder where a file is written (or a file where a folder is), an input itself (by resolved
-    path or by inode), a folder that holds an input, an existing file inside an input folder, a parent
-    that is a file or not writable.  Nothing is created."""
+    path or by inode), a folder that holds an input, an existing file other than a ``.gguf`` inside an
+    input folder (a GGUF written next to its checkpoint may be rewritten), a parent that is a file or
+    not writable.  Nothing is created."""
     out = Path(out)
     if out.is_dir() and not folder:
         raise QuantizeError(out, f"is a folder; {flag} names the file to write (e.g. {out / 'model.gguf'})")
@@ -122,7 +123,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, f
             raise QuantizeError(out, f"is the input {src}; writing it would destroy the input; choose another {flag} path")
         if folder and src.resolve().is_relative_to(target):
             raise QuantizeError(out, f"holds the input {src}; replacing the folder would delete it; choose another {flag} path")
-        if src.is_dir() and out.exists() and target.is_relative_to(src.resolve()):
+        if src.is_dir() and out.exists() and target.is_relative_to(src.resolve()) and target.suffix != ".gguf":
             raise QuantizeError(out, f"is a file of the input {src}; choose another {flag} path")
     check_writable_folder(out.parent, flag)
     return out

@@ -302,3 +302,12 @@ def test_sigkill_build_then_rerun(ws: Workspace, tmp_path: Path) -> None:
     final = art / "build" / "Demo-Mistral-ChatML" / "Demo-Mistral-ChatML.Q4_K_M.gguf"
     _killed_then_rerun(["build", recipe, "--artifacts", art, "--until", "gguf", "--types", "Q4_K_M", "--demo-root", ws.demo.root.parent],
                        final, art, 6.0, _gguf_of_type("Q4_K_M"))
+
+
+def test_a_gguf_next_to_its_checkpoint_can_be_rewritten(ws: Workspace, tmp_path: Path) -> None:
+    """llama.cpp's converter writes into the model folder by default; a rerun of that must work."""
+    hf = copy_checkpoint(ws.hf, tmp_path / "hf")
+    for _ in range(2):
+        res = _cli("convert", hf, "-o", hf / "m.F16.gguf")
+        assert res.returncode == 0, res.stderr
+    assert read_header(hf / "m.F16.gguf").tensors.keys() == read_header(ws.f16).tensors.keys()
