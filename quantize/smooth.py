@@ -195,6 +195,10 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
     with _mapped(src) as mm:
         source = FloatSource(mm, reader)
         plan = plan_smoothing(source, im)
+        if not any(n.startswith("blk.") for n in plan.scales):  # a "smoothed" copy that is not, otherwise
+            raise QuantizeError(src, f"smoothing found no decoder-block norm group it knows ({', '.join(g for g, _ in SMOOTH_GROUPS[:2])} "
+                                f"with their readers in the importance matrix {imatrix.name}) in this {arch} model; "
+                                "turn smoothing off for it (recipe: smooth = false)")
         col_scale = {r: plan.scales[n] for n, rs in plan.readers.items() for r in rs}
         with atomic_file(out) as tmp:
             w = gguf.GGUFWriter(tmp, arch)

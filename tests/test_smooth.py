@@ -85,3 +85,20 @@ def test_smoothed_f16_computes_the_same_function(spm_f16: Path, smoothed: tuple[
     diff = np.abs(logits[0] - logits[1]).max()
     print(f"max abs logit difference smoothed vs original F16: {diff} (logit range {np.ptp(logits[0]):.1f})")
     assert diff <= 1e-4
+
+
+def test_no_known_group_is_refused_not_skipped(spm_f16: Path, smoothed: tuple[Path, Path, Path, SmoothPlan],
+                                               tmp_path: Path) -> None:
+    """A model whose block matrices smoothing cannot pair with its norms (here: an importance matrix
+    with only the output matrix, as for a family whose tensor names differ) is refused by name; no copy
+    marked smoothed is written."""
+    im = Imatrix.load(smoothed[0])
+    only_output = Imatrix({k: v for k, v in im.sums.items() if not k.startswith("blk.")},
+                          {k: v for k, v in im.counts.items() if not k.startswith("blk.")}, im.datasets, im.chunk_count,
+                          im.chunk_size).save(tmp_path / "head-only.imatrix.gguf")
+    res = subprocess.run([sys.executable, "-m", "quantize", "smooth", str(spm_f16), "--imatrix", str(only_output),
+                          "-o", str(tmp_path / "s.gguf"), "--imatrix-out", str(tmp_path / "s.imatrix.gguf")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(f"quantize: {spm_f16}: smoothing found no decoder-block norm group"), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head-only.imatrix.gguf"]
