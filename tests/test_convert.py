@@ -196,6 +196,56 @@ def test_matches_reference_converter(demo: Demo, spm_f16: Path, reference_conver
         assert ref_meta[key][:32000] == our_meta[key][:32000], key
 
 
+# Llama 3.1's rope scaling on the demo's SentencePiece model relabelled Llama (same tensors; a tokenizer
+# llama.cpp's converter knows): head_dim 32 and an original context of 256 put its 16 frequencies in
+# all three bands of the scaling (kept, smoothed, divided by the factor).
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+
+
+@pytest.fixture(scope="module")
+def llama31(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A Llama with Llama 3.1 rope scaling in its config, and its F16 GGUF."""
+    d = copy_checkpoint(demo.spm, tmp_path_factory.mktemp("llama31") / "llama31")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_parameters": LLAMA31_ROPE}
+    del cfg["sliding_window"]
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return d, convert(d, d.parent / "llama31.F16.gguf").path
+
+
+def test_llama31_rope_scaling_matches_hf(demo: Demo, llama31: tuple[Path, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir, path = llama31
+    factors = {t.name: np.array(t.data) for t in open_gguf(path).tensors}["rope_freqs.weight"]
+    assert sorted(set(np.round(factors, 3).tolist()))[0] == 1.0 and factors.max() == 8.0 and len(set(factors.tolist())) > 2
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok.bos_token_id, *tok(demo.text["eval"].read_text()[:4000], add_special_tokens=False)["input_ids"]][:384]
+    ref, ours = _hf_logits(model_dir, ids), _llama_logits(path, ids)
+    plain = _llama_logits(convert(demo.spm, model_dir.parent / "plain.gguf").path, ids)
+    err, scale = np.abs(ref - ours), float(np.abs(ref).max())
+    print(f"llama3 rope: max |Δlogit| {err.max():.4f} (range {scale:.1f}); without the scaling {np.abs(ref - plain).max():.4f}")
+    assert err.max() < 0.02 * scale
+    assert np.abs(ref - plain).max() > 10 * err.max()  # the scaling changes the function, and llama.cpp applies it
+    assert abs(_ppl(ours, ids) / _ppl(ref, ids) - 1) < 1e-3
+
+
+@pytest.mark.reference
+def test_llama31_rope_scaling_matches_reference_converter(llama31: tuple[Path, Path], reference_converter: Path,
+                                                         tmp_path: Path) -> None:
+    model_dir, path = llama31
+    ref_path = tmp_path / "reference.gguf"
+    subprocess.run([str(reference_converter), str(model_dir), "--outfile", str(ref_path), "--outtype", "f16"],
+                   check=True, capture_output=True)
+    ref = {t.name: (t.tensor_type, list(t.shape), t.data.tobytes()) for t in open_gguf(ref_path).tensors}
+    ours = {t.name: (t.tensor_type, list(t.shape), t.data.tobytes()) for t in open_gguf(path).tensors}
+    assert "rope_freqs.weight" in ref and ref == ours
+    ref_meta, our_meta = metadata(open_gguf(ref_path)), metadata(open_gguf(path))
+    rope_keys = {k for k in ref_meta if ".rope." in k}
+    assert {k: ref_meta[k] for k in rope_keys} == {k: our_meta.get(k) for k in rope_keys}
+
+
 def test_sharded_bf16_and_fp32_inputs(demo: Demo, spm_f16: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
