@@ -163,21 +163,22 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
-def _walk(root: Path) -> tuple[set[str], list[str]]:
+def _walk(root: Path) -> tuple[set[str], dict[str, str]]:
     """Regular files under ``root`` (relative names; symbolic links not followed) and what is not one."""
-    files, unsafe = set(), []
+    files: set[str] = set()
+    unsafe: dict[str, str] = {}
     for here, dirs, names in os.walk(root, followlinks=False):
         for n in sorted(dirs + names):
             path = Path(here) / n
             rel = str(path.relative_to(root))
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
-                unsafe.append(f"{rel} (a symbolic link; a release holds the bytes it vouches for)")
+                unsafe[rel] = "a symbolic link; a release holds the bytes it vouches for"
             elif stat.S_ISREG(st.st_mode):
                 if path.parent != root or n not in SELF:
                     files.add(rel)
             elif not stat.S_ISDIR(st.st_mode):
-                unsafe.append(f"{rel} (not a regular file)")
+                unsafe[rel] = "not a regular file"
     return files, unsafe
 
 
@@ -196,12 +197,9 @@ def verify(root: str | Path) -> VerifyReport:
         raise QuantizeError(mpath, f"not valid JSON ({exc})") from None
     listed = _manifest_entries(mpath, manifest)
     present, unsafe = _walk(root)
-    for name in sorted(listed):
-        why = _unsafe_name(name)
-        if why:
-            unsafe.append(f"{name} ({why})")
-            del listed[name]
-    missing = sorted(set(listed) - present - {u.split(" (")[0] for u in unsafe})
+    unsafe |= {name: why for name in sorted(listed) if (why := _unsafe_name(name))}
+    listed = {k: v for k, v in listed.items() if k not in unsafe}
+    missing = sorted(set(listed) - present)
     extra = sorted(present - set(listed))
     wrong_size, wrong_hash = [], []
     for name in sorted(set(listed) & present):
@@ -210,7 +208,7 @@ def verify(root: str | Path) -> VerifyReport:
             wrong_size.append(name)
         elif sha256_file(root / name) != f["sha256"]:
             wrong_hash.append(name)
-    return VerifyReport(missing, extra, wrong_size, wrong_hash, unsafe)
+    return VerifyReport(missing, extra, wrong_size, wrong_hash, [f"{name} ({why})" for name, why in unsafe.items()])
 
 
 # --- the model card and koboldcpp presets ---------------------------------------------------
