@@ -12,8 +12,10 @@ they stay in step with llama.cpp.  A new family is a new row.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -46,6 +48,11 @@ class ModelConfig:
     raw: Mapping[str, Any]
     rope_theta_swa: float | None = None  # rope base of the sliding-window layers, when it differs
     final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    n_expert: int = 0  # routed experts per MoE block (0: a dense model)
+    n_expert_used: int = 0
+    n_ff_exp: int | None = None  # an expert's feed-forward width, when it is not n_ff
+    rope_dims: int | None = None  # rotary dimensions per head, when fewer than head_dim
 
     @property
     def dims(self) -> dict[str, int]:
@@ -57,6 +64,10 @@ class ModelConfig:
             "q": self.n_head * self.head_dim,
             "kv": self.n_head_kv * self.head_dim,
             "head": self.head_dim,
+            "qkv": (self.n_head + 2 * self.n_head_kv) * self.head_dim,  # fused q, k, v rows
+            "ff2": 2 * self.n_ff,  # fused gate and up rows
+            "expert": self.n_expert,
+            "ff_exp": self.n_ff_exp or self.n_ff,
         }
 
 
@@ -97,6 +108,8 @@ def read_llama_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=cfg.get("sliding_window"),
         raw=cfg,
+        n_expert=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+        n_expert_used=int(cfg.get("num_experts_per_tok") or 0),
     )
 
 
@@ -124,9 +137,18 @@ def _llama_hparams(w: gguf.GGUFWriter, c: ModelConfig) -> None:
         w.add_key_length(c.head_dim)
         w.add_value_length(c.head_dim)
     w.add_vocab_size(c.n_vocab)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(c.rope_dims or c.head_dim)
     if c.sliding_window:
         w.add_sliding_window(int(c.sliding_window))
+    if c.n_expert:
+        w.add_expert_count(c.n_expert)
+        w.add_expert_used_count(c.n_expert_used)
+    if c.n_ff_exp:
+        w.add_expert_feed_forward_length(c.n_ff_exp)
+    if c.attn_logit_softcap:
+        w.add_attn_logit_softcapping(float(c.attn_logit_softcap))
+    if c.final_logit_softcap:
+        w.add_final_logit_softcapping(float(c.final_logit_softcap))
     _rope_scaling(w, c.rope_scaling)
 
 
@@ -143,16 +165,18 @@ def _rope_scaling(w: gguf.GGUFWriter, rope: Mapping[str, Any]) -> None:
         w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     elif kind == "llama3":
         pass  # carried by the rope_freqs tensor (see llama3_rope_factors)
+    elif kind == "longrope":
+        pass  # carried by the rope_factors_long/short tensors (see phi3_rope_factors)
     else:
-        raise QuantizeError(None, f"rope scaling type {kind!r} is not supported; supported: default, linear, yarn, llama3")
+        raise QuantizeError(None, f"rope scaling type {kind!r} is not supported; supported: default, linear, yarn, llama3, longrope")
 
 
-def llama3_rope_factors(c: ModelConfig) -> np.ndarray | None:
+def llama3_rope_factors(c: ModelConfig) -> dict[str, np.ndarray]:
     """Llama 3.1's frequency-dependent rope scaling, as the ``rope_freqs`` tensor llama.cpp reads
     (formula from Meta's reference ``apply_scaling``)."""
     r = c.rope_scaling
     if r.get("rope_type") != "llama3":
-        return None
+        return {}
     base = c.rope_theta or 10000.0
     freqs = 1.0 / (base ** (np.arange(0, c.head_dim, 2, dtype=np.float32) / c.head_dim))
     factor, lo, hi = r.get("factor", 8.0), r.get("low_freq_factor", 1.0), r.get("high_freq_factor", 4.0)
@@ -160,7 +184,11 @@ def llama3_rope_factors(c: ModelConfig) -> np.ndarray | None:
     wavelen = 2 * np.pi / freqs
     smooth = (old / wavelen - lo) / (hi - lo)
     out = np.where(wavelen < old / hi, 1.0, np.where(wavelen > old / lo, factor, 1 / ((1 - smooth) / factor + smooth)))
-    return out.astype(np.float32)
+    return {_tensor_name(T.ROPE_FREQS): out.astype(np.float32)}
+
+
+def _tensor_name(kind: gguf.MODEL_TENSOR) -> str:
+    return gguf.TENSOR_NAMES[kind] + ".weight"
 
 
 # --- checks of the config against the weights ---------------------------------------------
@@ -188,24 +216,92 @@ def check_head_dim(arch: Architecture, c: ModelConfig, tensors: Mapping[str, Ten
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """An operation and the linears that read its output channel for channel: per-channel scales
+    divided out of ``prev``'s output and multiplied into the readers' input columns leave the model
+    unchanged.  HF module names, ``{bid}`` standing for the decoder block.  Groups whose ``prev``
+    is a norm are what smoothing rescales (in GGUF names, through gguf-py's tensor map) and the
+    groups AWQ's search scales first; the others (``v_proj -> o_proj``, ``up_proj -> down_proj``)
+    only AWQ uses."""
+
+    prev: str
+    readers: tuple[str, ...]
+    inspect: str | None = None  # the module whose output AWQ's scale search compares
+
+
+def _block_groups(attn_norm: str, qkv: tuple[str, ...], ffn_norm: str, ffn_in: tuple[str, ...]) -> tuple[ScaleGroup, ...]:
+    blk = "model.layers.{bid}."
+    return (
+        ScaleGroup(blk + attn_norm, tuple(blk + r for r in qkv), blk + "self_attn"),
+        ScaleGroup(blk + ffn_norm, tuple(blk + r for r in ffn_in), blk + "mlp"),
+        ScaleGroup("model.norm", ("lm_head",)),
+    )
+
+
+LLAMA_GROUPS = _block_groups("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                             "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+# Gemma 2 and 3: post_attention_layernorm normalises the attention output; the MLP reads pre_feedforward_layernorm.
+GEMMA_GROUPS = _block_groups("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                             "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+PHI3_GROUPS = _block_groups("input_layernorm", ("self_attn.qkv_proj",), "post_attention_layernorm", ("mlp.gate_up_proj",))
+
+# The steps that need a map from HF modules to GGUF tensors, by the name the build uses for them.
+STEPS = ("imatrix", "smooth", "awq")
+MOE_REFUSED = {step: "transformers 5 holds a mixture-of-experts block's experts as 3-D parameters, not the linear "
+                     "layers our importance matrix hooks and AutoAWQ quantize" for step in STEPS}
+
+
+@dataclass(frozen=True)
 class Architecture:
+    """Everything the build knows about one model family: one row per HF architecture class."""
+
     hf_name: str
+    model_type: str  # config.json's model_type for this class
     gguf_arch: gguf.MODEL_ARCH
     read_config: Callable[[Mapping[str, Any], str], ModelConfig]
     write_hparams: Callable[[gguf.GGUFWriter, ModelConfig], None]
     # tensor kind -> symbolic HF shape (out, in); per-block kinds are marked in BLOCK_TENSORS
     shapes: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]]
     transforms: Mapping[gguf.MODEL_TENSOR, Transform]
+    min_llama_cpp: str  # the oldest llama.cpp build that runs this family, and why
+    biases: frozenset[gguf.MODEL_TENSOR] = frozenset()  # kinds that also carry a bias of their output width
+    # tensors the converter computes from the config (rope factor tables), GGUF name -> data
+    extra_tensors: Callable[[ModelConfig], dict[str, np.ndarray]] = lambda c: {}
     # HF tensor-name suffixes that carry nothing llama.cpp needs
     ignored_suffixes: tuple[str, ...] = (".rotary_emb.inv_freq",)
     # config-against-weights checks, run before the output is opened
     checks: tuple[Check, ...] = (check_head_dim,)
     # added tokens a release lists beyond its embedding rows, left out (the model never sees them)
     unembedded_tokens: frozenset[str] = frozenset()
+    scale_groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS
+    # AWQ: the model_type key of its layer map in quantize.awq_models.MODEL_CLASSES (ours, then AutoAWQ's)
+    awq_layer_map: str | None = None
+    calib_dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # device -> dtype, where the default cannot hold it
+    refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # step (STEPS) -> why it cannot run on this family
 
     @property
     def arch_name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    def refuse(self, step: str, where: str | Path | None) -> None:
+        """Raise the one-line error for a step this family cannot take."""
+        if step in self.refused:
+            raise QuantizeError(where, f"{step} is not available for {self.hf_name}: {self.refused[step]}; "
+                                       f"turn it off in the recipe ([ladder] {step} = false)")
+
+    def norm_groups(self, n_blocks: int) -> list[tuple[str, tuple[str, ...]]]:
+        """The scale groups whose ``prev`` is a norm, as GGUF tensor names (norm, readers), every block."""
+        tmap = gguf.get_tensor_name_map(self.gguf_arch, n_blocks)
+        out = []
+        for g in self.scale_groups:
+            for bid in range(n_blocks) if "{bid}" in g.prev else [0]:
+                mapped = [tmap.get_name(m.format(bid=bid)) for m in (g.prev, *g.readers)]
+                names = [n for n in mapped if n is not None]
+                if len(names) != len(mapped):
+                    raise AssertionError(f"{self.hf_name}: a scale group names a module gguf-py does not map: {g}")
+                if names[0].endswith("_norm"):
+                    out.append((names[0] + ".weight", tuple(n + ".weight" for n in names[1:])))
+        return out
 
 
 LLAMA_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {
@@ -228,13 +324,6 @@ LLAMA_TRANSFORMS: Mapping[gguf.MODEL_TENSOR, Transform] = {
     T.ATTN_K: lambda w, c: permute_rope_rows(w, c.n_head_kv),
 }
 
-_LLAMA = dict(
-    gguf_arch=gguf.MODEL_ARCH.LLAMA,
-    read_config=read_llama_config,
-    write_hparams=_llama_hparams,
-    shapes=LLAMA_SHAPES,
-    transforms=LLAMA_TRANSFORMS,
-)
 
 # --- Gemma 3 ------------------------------------------------------------------------------
 
@@ -320,8 +409,6 @@ def _gemma3_hparams(w: gguf.GGUFWriter, c: ModelConfig) -> None:
     _llama_hparams(w, c)
     if c.rope_theta_swa is not None:
         w.add_rope_freq_base_swa(c.rope_theta_swa)
-    if c.final_logit_softcap:
-        w.add_final_logit_softcapping(float(c.final_logit_softcap))
 
 
 def norm_plus_one(w: np.ndarray, c: ModelConfig) -> np.ndarray:
@@ -347,30 +434,208 @@ GEMMA3_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {
 GEMMA3_TRANSFORMS: Mapping[gguf.MODEL_TENSOR, Transform] = {k: norm_plus_one for k in GEMMA3_NORMS}
 
 
-# Mistral-7B and Llama-2/3 (incl. grouped-query 70B) are the same graph to llama.cpp.
+# --- Qwen2, Qwen3, Qwen3-MoE ------------------------------------------------------------------
+
+def read_qwen_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
+    """Qwen2/Qwen3 configs carry a ``sliding_window`` that only ``use_sliding_window`` turns on;
+    llama.cpp's qwen2/qwen3 graphs attend over the whole context, so that switch is refused."""
+    if cfg.get("use_sliding_window"):
+        raise QuantizeError(path, "use_sliding_window=true: llama.cpp's qwen2/qwen3 graphs have no sliding-window "
+                                  "attention and would run this model wrong")
+    return dataclasses.replace(read_llama_config(cfg, path), sliding_window=None)
+
+
+def read_qwen3moe_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
+    """Every block must be a mixture of experts whose top-k weights are renormalised: llama.cpp's
+    qwen3moe graph hard-codes both."""
+    if int(cfg.get("decoder_sparse_step") or 1) != 1 or cfg.get("mlp_only_layers"):
+        raise QuantizeError(path, "decoder_sparse_step/mlp_only_layers make some blocks dense; llama.cpp's qwen3moe graph "
+                                  "runs every block as a mixture of experts")
+    if not cfg.get("norm_topk_prob", False):
+        raise QuantizeError(path, "norm_topk_prob=false: llama.cpp's qwen3moe graph always renormalises the top-k "
+                                  "expert weights and would run this model wrong")
+    c = read_qwen_config(cfg, path)
+    return dataclasses.replace(c, n_ff_exp=int(_need(cfg, "moe_intermediate_size", path)))
+
+
+QWEN2_SHAPES = LLAMA_SHAPES
+QWEN3_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {**LLAMA_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}
+MOE_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {
+    **{k: v for k, v in LLAMA_SHAPES.items() if k not in (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)},
+    T.FFN_GATE_INP: ("expert", "embd"),
+    T.FFN_GATE_EXP: ("expert", "ff_exp", "embd"),
+    T.FFN_UP_EXP: ("expert", "ff_exp", "embd"),
+    T.FFN_DOWN_EXP: ("expert", "embd", "ff_exp"),
+}
+
+# --- Phi-3 ---------------------------------------------------------------------------------------
+
+def read_phi3_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
+    c = read_llama_config(cfg, path)
+    rope = dict(c.rope_scaling)
+    rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings", c.n_ctx))
+    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    return dataclasses.replace(c, rope_scaling=rope, rope_dims=int(partial * c.n_embd) // c.n_head)
+
+
+def _phi3_hparams(w: gguf.GGUFWriter, c: ModelConfig) -> None:
+    _llama_hparams(w, c)
+    w.add_rope_scaling_orig_ctx_len(int(c.rope_scaling["original_max_position_embeddings"]))
+    if not c.sliding_window:
+        w.add_sliding_window(0)  # llama.cpp tells Phi-4 (no sliding window) from Phi-3 by this 0
+    if c.rope_scaling.get("long_factor"):
+        scale = c.n_ctx / int(c.rope_scaling["original_max_position_embeddings"])
+        orig = int(c.rope_scaling["original_max_position_embeddings"])
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+
+
+def phi3_rope_factors(c: ModelConfig) -> dict[str, np.ndarray]:
+    """LongRoPE's per-frequency divisors (Phi-3 128k), as llama.cpp's ``rope_factors_long``/``_short``."""
+    r = c.rope_scaling
+    if not r.get("long_factor"):
+        return {}
+    if r.get("rope_type") not in ("longrope", "su"):
+        raise QuantizeError(None, f"long_factor/short_factor with rope type {r.get('rope_type')!r}; Phi-3 uses longrope")
+    out = {_tensor_name(T.ROPE_FACTORS_LONG): np.asarray(r["long_factor"], np.float32),
+           _tensor_name(T.ROPE_FACTORS_SHORT): np.asarray(r.get("short_factor") or (), np.float32)}
+    if any(len(v) != (c.rope_dims or c.head_dim) // 2 for v in out.values()):
+        raise QuantizeError(None, f"rope long_factor and short_factor must each hold {(c.rope_dims or c.head_dim) // 2} "
+                                  "values (half the rotary dimensions)")
+    return out
+
+
+PHI3_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {
+    **{k: v for k, v in LLAMA_SHAPES.items() if k not in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.FFN_GATE, T.FFN_UP)},
+    T.ATTN_QKV: ("qkv", "embd"),
+    T.FFN_UP: ("ff2", "embd"),
+}
+
+# --- Gemma 2 ------------------------------------------------------------------------------------
+
+GEMMA2_DEFAULTS: Mapping[str, Any] = {  # transformers' Gemma2Config defaults
+    "head_dim": 256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "sliding_window": 4096, "rope_theta": 10000.0, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+    "query_pre_attn_scalar": 256,
+}
+LLAMA_CPP_GEMMA2_PATTERN = 2  # llama.cpp: set_swa_pattern(2), even layers sliding-window, odd global
+LLAMA_CPP_GEMMA2_27B_LAYERS = 46  # llama.cpp's LLM_TYPE_27B, whose queries it scales by 1/sqrt(n_embd / n_head)
+
+
+def read_gemma2_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
+    cfg = {**GEMMA2_DEFAULTS, **cfg}
+    c = read_llama_config(cfg, path)
+    layers = cfg.get("layer_types")
+    if layers is not None and list(layers) != _layer_schedule(LLAMA_CPP_GEMMA2_PATTERN, c.n_layer):
+        raise QuantizeError(path, "layer_types is not Gemma 2's alternation (sliding-window, then global); llama.cpp "
+                                  "hard-codes that one and would run this model wrong")
+    scalar = float(cfg["query_pre_attn_scalar"])
+    want = c.n_embd / c.n_head if c.n_layer == LLAMA_CPP_GEMMA2_27B_LAYERS else c.head_dim
+    if scalar != want:
+        raise QuantizeError(path, f"query_pre_attn_scalar={scalar:g}, but llama.cpp's gemma2 graph scales queries by "
+                                  f"1/sqrt({want:g}) for a {c.n_layer}-block model; it would run this model wrong")
+    return dataclasses.replace(c, head_dim_explicit=True, final_logit_softcap=cfg.get("final_logit_softcapping"),
+                               attn_logit_softcap=cfg.get("attn_logit_softcapping"))
+
+
+GEMMA2_SHAPES = GEMMA3_SHAPES
+GEMMA2_NORMS = (T.OUTPUT_NORM, T.ATTN_NORM, T.ATTN_POST_NORM, T.FFN_PRE_NORM, T.FFN_POST_NORM)
+GEMMA2_SHAPES = {k: v for k, v in GEMMA3_SHAPES.items() if k not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)}
+
+# --- the table ----------------------------------------------------------------------------------
+
+# The oldest llama.cpp builds, from the merge commits of the pull requests that added each feature.
+LLAMA_CPP_PRE_KEY = "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-tokenizer key)"
+LLAMA_CPP_LLAMA = LLAMA_CPP_PRE_KEY[:-1] + "; b3472 for Llama 3.1's rope scaling, PR #8676)"
+
+_LLAMA = dict(
+    gguf_arch=gguf.MODEL_ARCH.LLAMA,
+    read_config=read_llama_config,
+    write_hparams=_llama_hparams,
+    shapes=LLAMA_SHAPES,
+    transforms=LLAMA_TRANSFORMS,
+    extra_tensors=llama3_rope_factors,
+    min_llama_cpp=LLAMA_CPP_LLAMA,
+)
+_QWEN = dict(read_config=read_qwen_config, write_hparams=_llama_hparams, transforms={}, awq_layer_map=None)
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
     for a in (
-        Architecture(hf_name="LlamaForCausalLM", **_LLAMA),  # type: ignore[arg-type]
-        Architecture(hf_name="MistralForCausalLM", **_LLAMA),  # type: ignore[arg-type]
+        # Mistral-7B and Llama-2/3 (incl. grouped-query 70B) are the same graph to llama.cpp.
+        Architecture(hf_name="LlamaForCausalLM", model_type="llama", awq_layer_map="llama", **_LLAMA),  # type: ignore[arg-type]
+        Architecture(hf_name="MistralForCausalLM", model_type="mistral", awq_layer_map="mistral", **_LLAMA),  # type: ignore[arg-type]
+        # Mixtral: Mistral's attention, a mixture of experts stacked into 3-D tensors (llama arch).
+        Architecture(hf_name="MixtralForCausalLM", model_type="mixtral", refused=MOE_REFUSED,
+                     **{**_LLAMA, "shapes": MOE_SHAPES}),  # type: ignore[arg-type]
+        # Qwen2/2.5: biases on q, k, v; NeoX rope (HF's row order, no permutation).
+        Architecture(hf_name="Qwen2ForCausalLM", model_type="qwen2", gguf_arch=gguf.MODEL_ARCH.QWEN2, shapes=QWEN2_SHAPES,
+                     biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}),
+                     min_llama_cpp="b2961 (May 2024: after the qwen2 pre-tokenizer, PR #7114, landed between b2717 and b2961)",
+                     **{**_QWEN, "awq_layer_map": "qwen2"}),  # type: ignore[arg-type]
+        # Qwen3: per-head q/k RMSNorm, no biases.
+        Architecture(hf_name="Qwen3ForCausalLM", model_type="qwen3", gguf_arch=gguf.MODEL_ARCH.QWEN3, shapes=QWEN3_SHAPES,
+                     min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)", **{**_QWEN, "awq_layer_map": "qwen3"}),  # type: ignore[arg-type]
+        Architecture(hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
+                     shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)",
+                     refused=MOE_REFUSED, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
+        # Phi-3/3.5/4-mini: fused qkv and gate_up (llama.cpp keeps both fused), LongRoPE factor tables.
+        Architecture(hf_name="Phi3ForCausalLM", model_type="phi3", gguf_arch=gguf.MODEL_ARCH.PHI3, read_config=read_phi3_config,
+                     write_hparams=_phi3_hparams, shapes=PHI3_SHAPES, transforms={}, extra_tensors=phi3_rope_factors,
+                     scale_groups=PHI3_GROUPS, awq_layer_map="phi3", min_llama_cpp="b2961 (May 2024, PR #7225: Phi-3 with the 128k rope factor tables)"),
+        # Gemma 2: four norms a block, stored as 1 + weight; attention and final logit soft-capping;
+        # sliding-window and global layers alternating.  Its residual stream outgrows float16 as Gemma 3's does.
+        Architecture(hf_name="Gemma2ForCausalLM", model_type="gemma2", gguf_arch=gguf.MODEL_ARCH.GEMMA2,
+                     read_config=read_gemma2_config, write_hparams=_llama_hparams, shapes=GEMMA2_SHAPES,
+                     transforms={k: norm_plus_one for k in GEMMA2_NORMS}, scale_groups=GEMMA_GROUPS,
+                     awq_layer_map="gemma2", calib_dtypes={"cuda": "bfloat16"}, min_llama_cpp="b3266 (June 2024, PR #8197: Gemma 2 with logit soft-capping)"),
         # Gemma 3 text models (270M, 1B; the text part of 4B-27B): extra norms after attention and
         # around the MLP, per-head q/k norms, norms stored as 1 + weight, tied embeddings, a
         # sliding-window/global schedule, the 262k SentencePiece vocabulary without dummy prefix.
         Architecture(
             hf_name="Gemma3ForCausalLM",
+            model_type="gemma3_text",
             gguf_arch=gguf.MODEL_ARCH.GEMMA3,
             read_config=read_gemma3_config,
             write_hparams=_gemma3_hparams,
             shapes=GEMMA3_SHAPES,
             transforms=GEMMA3_TRANSFORMS,
             unembedded_tokens=frozenset({"<image_soft_token>"}),  # the vision processor's placeholder
+            scale_groups=GEMMA_GROUPS,
+            awq_layer_map="gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
+            # Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
+            # on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
+            # bfloat16, the dtype Gemma 3 is released in.
+            calib_dtypes={"cuda": "bfloat16"},
+            min_llama_cpp="b4875 (12 March 2025, the first with Gemma 3)",
         ),
     )
 }
 
-# Tensor kinds that exist once per block (the others once per model).
-BLOCK_TENSORS = frozenset({T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN,
-                           T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_PRE_NORM, T.FFN_POST_NORM})
+# Tensor kinds that exist once per model (every other kind once per block).
+MODEL_TENSORS = frozenset({T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ROPE_FREQS, T.ROPE_FACTORS_LONG, T.ROPE_FACTORS_SHORT})
+# Tensors llama.cpp keeps in float32 whatever the file type (its converter's list, for the kinds we write).
+F32_TENSORS = frozenset({T.FFN_GATE_INP})
+
+
+def for_gguf(arch_name: str, where: str | Path | None) -> Architecture:
+    """The row of a GGUF architecture (rows sharing one, as Llama and Mistral do, agree on what is asked here)."""
+    row = next((a for a in ARCHITECTURES.values() if a.arch_name == arch_name), None)
+    if row is None:
+        raise QuantizeError(where, f"GGUF architecture {arch_name!r} has no row in this tool's table (a file llama.cpp's "
+                                   f"converter wrote); known: {', '.join(sorted({a.arch_name for a in ARCHITECTURES.values()}))}")
+    return row
+
+
+def for_step(hf_name: str, step: str, where: str | Path) -> Architecture:
+    """The row of a family for a step that needs its HF module map (STEPS), or the one-line refusal."""
+    row = ARCHITECTURES.get(hf_name)
+    if row is None:
+        able = [a.hf_name for a in ARCHITECTURES.values() if step not in a.refused and (step != "awq" or a.awq_layer_map)]
+        raise QuantizeError(where, f"{step} needs this tool's map of {hf_name}'s modules, which it has not (llama.cpp's "
+                                   f"converter writes its GGUF); {step} runs on {', '.join(able)}; turn it off in the "
+                                   f"recipe ([ladder] {step} = false)")
+    row.refuse(step, where)
+    return row
 
 
 def lookup(hf_name: str, where: str) -> Architecture:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import TOOL_NAME, __version__
+from .architectures import ARCHITECTURES, Architecture, for_step
 from .atomic import atomic_dir, check_output, sha256_file
 from .checkpoint import Checkpoint, copy_tokenizer_files, open_checkpoint
 from .errors import QuantizeError
@@ -54,24 +55,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# HF architecture -> model_type, the key of its layer map in quantize.awq_models.MODEL_CLASSES (ours,
-# then AutoAWQ's).  Only the families whose layer map has been run against transformers 5 here are
-# allowed; AutoAWQ knows more (qwen2, gemma, phi3, ...) and each one is a new row plus a test.
-FAMILIES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Gemma3ForCausalLM": "gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
-}
 # AutoAWQ as the README installs it: `pip install --no-deps` (the `awq` extra in pyproject.toml names the
 # same pin), because its declared requirements (triton, accelerate, ...) would pull CUDA builds we do not use.
 AUTOAWQ = "autoawq==0.2.9"
 
 
 def require_autoawq() -> None:
-    """Refuse, as a one-line error, when AutoAWQ cannot be imported (a plain ``pip install`` lacks it)."""
+    """Import AutoAWQ (through :mod:`quantize.autoawq_compat`, which keeps its farewell notice off the
+    console); refuse, as a one-line error, when it cannot be imported."""
     try:
-        import awq  # noqa: F401
-    except ImportError:
+        from . import autoawq_compat  # noqa: F401
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("awq"):
+            raise
         raise QuantizeError("awq", f"AutoAWQ is not installed; pip install --no-deps {AUTOAWQ} (see README)") from None
 
 
@@ -86,13 +82,6 @@ AUTOAWQ_FIXES = (
 # activations overflow on outlier channels; CUDA runs AutoAWQ's float16 path as upstream does.
 CALIB_DTYPES: dict[str, str] = {"cpu": "float32", "cuda": "float16"}
 DEVICES = ("auto", *CALIB_DTYPES)
-# (model_type, device) -> dtype, where the device's default cannot hold a family's activations.
-# Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
-# on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
-# bfloat16, the dtype Gemma 3 is released in.  (The packed weights are float16 either way:
-# AutoAWQ quantizes every linear in float16.)
-CALIB_DTYPE_OVERRIDES: dict[tuple[str, str], str] = {("gemma3_text", "cuda"): "bfloat16"}
-
 # Settings AutoAWQ's GEMM path can produce and our loader can read back: WQLinear_GEMM packs
 # 4-bit values only and needs zero points; GEMV/Marlin/exllama layouts are not unpacked here.
 SUPPORTED: dict[str, tuple[Any, ...]] = {"w_bit": (4,), "zero_point": (True,), "version": ("GEMM",), "device": DEVICES}
@@ -132,18 +121,41 @@ class _Source:
     """A checked source checkpoint: what the stages need before loading any weight."""
 
     ckpt: Checkpoint
-    arch: str
-    model_type: str
+    family: Architecture
     n_params: int
+
+    @property
+    def arch(self) -> str:
+        return self.family.hf_name
+
+    @property
+    def model_type(self) -> str:
+        """The key of the family's layer map in quantize.awq_models.MODEL_CLASSES."""
+        assert self.family.awq_layer_map is not None
+        return self.family.awq_layer_map
 
     @property
     def root(self) -> Path:
         return self.ckpt.root
 
 
-def calibration_dtype(model_type: str, device: str) -> str:
-    """The dtype a family is calibrated in on ``device`` ("cpu" or "cuda")."""
-    return CALIB_DTYPE_OVERRIDES.get((model_type, device), CALIB_DTYPES[device])
+def calibration_dtype(family: Architecture, device: str) -> str:
+    """The dtype a family is calibrated in on ``device`` ("cpu" or "cuda"): the family's row
+    overrides the device's default where that cannot hold its activations."""
+    return family.calib_dtypes.get(device, CALIB_DTYPES[device])
+
+
+def awq_family(ckpt: Checkpoint) -> Architecture:
+    """The checkpoint's family row, refused when AWQ cannot run on it (one line naming the reason)."""
+    where = ckpt.root / "config.json"
+    family = for_step(ckpt.architecture, "awq", where)
+    if family.awq_layer_map is None:
+        raise QuantizeError(where, f"{family.hf_name} has no AWQ layer map; supported for AWQ: "
+                                   f"{', '.join(a.hf_name for a in ARCHITECTURES.values() if a.awq_layer_map and 'awq' not in a.refused)}")
+    if ckpt.config.get("model_type") != family.model_type:
+        raise QuantizeError(where, f"model_type {ckpt.config.get('model_type')!r} does not match {family.hf_name} "
+                                   f"(expected {family.model_type!r})")
+    return family
 
 
 # --- checks (all before any heavy work) --------------------------------------------------
@@ -164,17 +176,10 @@ def _check_source(hf_dir: Path, out_dir: Path, settings: AwqSettings) -> _Source
     check_output(out_dir, [hf_dir], folder=True)
     _check_settings(settings, hf_dir)
     ckpt = open_checkpoint(hf_dir)
-    arch = ckpt.architecture
-    if arch not in FAMILIES:
-        raise QuantizeError(hf_dir / "config.json", f"{arch} is not supported for AWQ; supported: {', '.join(FAMILIES)} "
-                            "(the AutoAWQ 0.2.9 families checked against transformers 5)")
-    model_type = FAMILIES[arch]
-    if ckpt.config.get("model_type") != model_type:
-        raise QuantizeError(hf_dir / "config.json", f"model_type {ckpt.config.get('model_type')!r} does not match {arch} "
-                            f"(expected {model_type!r})")
+    family = awq_family(ckpt)
     _check_linear_shapes(ckpt, settings)
     n_params = sum(ref.n_elements for ref in ckpt.tensors.values())
-    return _Source(ckpt, arch, model_type, n_params)
+    return _Source(ckpt, family, n_params)
 
 
 def _check_linear_shapes(ckpt: Checkpoint, settings: AwqSettings) -> None:
@@ -204,7 +209,7 @@ def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) 
     matrices) and the pseudo-quantizer's temporaries (four of the largest matrix).  On CUDA the
     activations and the search live on the GPU and the host holds the block only while it is moved.
     """
-    dtype = calibration_dtype(src.model_type, device)
+    dtype = calibration_dtype(src.family, device)
     width = WIDTH[dtype]
     base = stream_need(CheckpointSource(src.ckpt), src.ckpt.config, dtype, 0, 0)
     if device == "cuda" or not calibrate:
@@ -220,8 +225,7 @@ def ram_need(src: _Source, settings: AwqSettings, device: str, calibrate: bool) 
 def ram_need_for(hf_dir: Path, settings: AwqSettings) -> StreamNeed:
     """:func:`ram_need` of a checkpoint folder for an AWQ run with ``settings``."""
     ckpt = open_checkpoint(hf_dir)
-    model_type = FAMILIES.get(ckpt.architecture, "")
-    return ram_need(_Source(ckpt, ckpt.architecture, model_type, 0), settings, resolve_device(settings.device, hf_dir), True)
+    return ram_need(_Source(ckpt, awq_family(ckpt), 0), settings, resolve_device(settings.device, hf_dir), True)
 
 
 def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> None:
@@ -231,7 +235,7 @@ def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool
     avail = psutil.virtual_memory().available
     log.info("%s: AWQ RAM needed: %s", src.root.name, need.describe())
     if need.total > avail:
-        what = f"one block in {calibration_dtype(src.model_type, device)}" + (" plus calibration activations" if calibrate else "")
+        what = f"one block in {calibration_dtype(src.family, device)}" + (" plus calibration activations" if calibrate else "")
         hint = "run it on a GPU machine (--device cuda), lower --samples/--seq-len, or free memory" if device == "cpu" else "free memory"
         raise QuantizeError(src.root, f"needs about {need.total / GiB:.1f} GiB of RAM ({what}; {need.describe()}) but "
                             f"{avail / GiB:.1f} GiB is available; {hint}")
@@ -281,7 +285,7 @@ def _run(method: str, hf_dir: Path, out_dir: Path, calib: Path | None, settings:
     device = resolve_device(settings.device, hf_dir)
     _check_ram(src, settings, device, calibrate=calib is not None)
     tokenizer, samples, calibration = _calibration(hf_dir, calib, settings) if calib is not None else (None, [], None)
-    dtype_name = calibration_dtype(src.model_type, device)
+    dtype_name = calibration_dtype(src.family, device)
     log.info("%s: %s on %s in %s, one block at a time", hf_dir, method.upper(), device, dtype_name)
     t0 = time.monotonic()
     with atomic_dir(out_dir) as tmp:

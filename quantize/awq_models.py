@@ -9,7 +9,7 @@ else, channel for channel.  Each class here says why its groups are.
 
 :data:`ADAPTERS` holds our classes by ``config.model_type``; :data:`MODEL_CLASSES` looks there
 first and then in AutoAWQ's own ``AWQ_CAUSAL_LM_MODEL_MAP`` (which is not modified).  A new family
-is a class plus a row here, a row in :data:`quantize.awq.FAMILIES`, and a test.
+is a class plus a row here, its ``awq_layer_map`` in the family's row (:mod:`quantize.architectures`), and a test.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from .autoawq_compat import AWQ_CAUSAL_LM_MODEL_MAP, AwqConfig, BaseAWQForCausalLM
 
-__all__ = ["ADAPTERS", "MODEL_CLASSES", "Gemma3AWQForCausalLM", "v_to_o_is_exact", "wrap_model"]
+__all__ = ["ADAPTERS", "MODEL_CLASSES", "Gemma3AWQForCausalLM", "Phi3AWQForCausalLM", "v_to_o_is_exact", "wrap_model"]
 
 
 def v_to_o_is_exact(attn: Any) -> bool:
@@ -97,9 +97,30 @@ class Gemma3AWQForCausalLM(BaseAWQForCausalLM):
         return groups
 
 
-# config.model_type -> our AutoAWQ model class, for families AutoAWQ 0.2.9 lacks.
+class Phi3AWQForCausalLM(AWQ_CAUSAL_LM_MODEL_MAP["phi3"]):  # type: ignore[misc,valid-type,name-defined]
+    """AutoAWQ's own ``Phi3ForCausalLM`` map, without its ``qkv_proj -> o_proj`` group where that is not exact.
+
+    AutoAWQ folds that group's scales into the *last* ``o_proj.in_features`` rows of the fused
+    ``qkv_proj`` (``scale_fc_fc``).  Those are the value rows only when there are as many key/value
+    heads as query heads (Phi-3-mini); with grouped-query attention (Phi-3-medium 40/10, Phi-4-mini
+    24/8) they reach into the key rows and change the attention scores, and a value channel feeds
+    several ``o_proj`` columns anyway (:func:`v_to_o_is_exact`).  Such blocks keep the other three
+    groups and ``o_proj`` gets the clip search only.
+    """
+
+    @staticmethod
+    def get_layers_for_scaling(module: Any, input_feat: dict[str, Any], module_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        groups = AWQ_CAUSAL_LM_MODEL_MAP["phi3"].get_layers_for_scaling(module, input_feat, module_kwargs)
+        attn = module.self_attn
+        if attn.qkv_proj.out_features == 3 * attn.o_proj.in_features:  # q, k, v of one width: no sharing
+            return list(groups)
+        return [g for g in groups if g["prev_op"] is not attn.qkv_proj]
+
+
+# config.model_type -> our AutoAWQ model class, for families AutoAWQ 0.2.9 lacks or maps wrongly.
 ADAPTERS: dict[str, type[BaseAWQForCausalLM]] = {
     "gemma3_text": Gemma3AWQForCausalLM,
+    "phi3": Phi3AWQForCausalLM,
 }
 MODEL_CLASSES: ChainMap[str, type[BaseAWQForCausalLM]] = ChainMap(ADAPTERS, AWQ_CAUSAL_LM_MODEL_MAP)
 

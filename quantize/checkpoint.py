@@ -255,6 +255,15 @@ class ShardStream:
             self._map.madvise(mmap.MADV_DONTNEED, self._released, upto - self._released)
             self._released = upto
 
+    def drop(self, begin: int, end: int) -> None:
+        """Drop the whole mapped pages inside ``[begin, end)`` from this process's resident set."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-begin // page) * page, (end // page) * page
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def tensors(self) -> Iterator[tuple[TensorRef, memoryview, memoryview]]:
         """Yield ``(ref, bytes_since_last, tensor_bytes)``; the middle part covers gaps too."""
         for ref in self.shard.tensors:

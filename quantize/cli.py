@@ -158,15 +158,13 @@ def _verify(a: argparse.Namespace) -> int:
 
 def quiet_libraries(verbose: bool, terminal: bool) -> None:
     """Keep library chatter out of a plain run: llama.cpp's loader log, transformers', gguf-py's and
-    AutoAWQ's warnings only at ``-v``; progress bars only at ``-v`` on a terminal."""
+    warnings only at ``-v``; progress bars only at ``-v`` on a terminal."""
     import os
-    import warnings
 
     if not verbose:
         logging.getLogger("gguf").setLevel(logging.ERROR)  # HF template details that do not affect the output
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # read by llama-cpp-python's log callback
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"awq(\.|$)")  # AutoAWQ's farewell notice
     if not (verbose and terminal):
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if "transformers" in sys.modules:  # already imported (a caller in the same process): tell it directly

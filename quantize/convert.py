@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ import gguf
 import numpy as np
 
 from . import TOOL_NAME, __version__
-from .architectures import BLOCK_TENSORS, Architecture, ModelConfig, Transform, llama3_rope_factors, lookup
+from .architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architecture, ModelConfig, Transform, lookup
 from .atomic import atomic_file, check_output, sha256_file
-from .checkpoint import Checkpoint, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
+from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .progress import progress
@@ -55,12 +56,16 @@ CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes 
 @dataclass(frozen=True)
 class TensorPlan:
     name: str  # GGUF name
-    ref: TensorRef | None  # None for tensors the converter generates (rope_freqs)
+    refs: tuple[TensorRef, ...]  # the HF tensor, or every expert's (stacked along a new first axis); none if generated
     qtype: gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # numpy order, as in the HF file
+    shape: tuple[int, ...]  # numpy order, as in the HF file (experts first when stacked)
     transform: Transform | None
     row_align: int  # chunks hold whole multiples of this many rows (the transform works per head)
     data: np.ndarray | None = None  # generated tensors only
+
+    @property
+    def ref(self) -> TensorRef | None:
+        return self.refs[0] if self.refs else None
 
     @property
     def nbytes(self) -> int:
@@ -76,36 +81,57 @@ class ConvertResult:
     sources: dict[str, str]  # file name -> sha256
 
 
-def _out_qtype(name: str, ndim: int, outtype: OutType) -> gguf.GGMLQuantizationType:
-    # llama.cpp keeps 1-D tensors and norms in F32 (convert_hf_to_gguf.py prepare_tensors).
-    if ndim <= 1 or name.endswith("_norm.weight"):
+def _out_qtype(name: str, kind: gguf.MODEL_TENSOR, ndim: int, outtype: OutType) -> gguf.GGMLQuantizationType:
+    # llama.cpp keeps 1-D tensors, norms and routers in F32 (convert_hf_to_gguf.py prepare_tensors).
+    if ndim <= 1 or name.endswith("_norm.weight") or kind in F32_TENSORS:
         return Q.F32
     return outtype.qtype
 
 
+EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.*)$")  # one expert's matrix: <block>.experts.<id>.<name>
+
+
+def _map_name(tmap: gguf.TensorNameMap, name: str) -> tuple[gguf.MODEL_TENSOR, str, int | None] | None:
+    """(kind, GGUF name, expert id) of an HF tensor name; experts map through their stacked name."""
+    m = EXPERT.match(name)
+    mapped = tmap.get_type_and_name(f"{m[1]}.{m[3]}" if m else name, try_suffixes=(".weight", ".bias"))
+    return None if mapped is None else (*mapped, int(m[2]) if m else None)
+
+
 def plan_tensors(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, outtype: OutType) -> list[TensorPlan]:
-    """Map and validate every tensor against the config; fail before anything is written."""
+    """Map and validate every tensor against the config; fail before anything is written.  Experts'
+    matrices are gathered into one 3-D tensor, placed where the first of them lies in file order."""
     tmap = gguf.get_tensor_name_map(arch.gguf_arch, cfg.n_layer)
     dims = cfg.dims
-    plans: list[TensorPlan] = []
-    seen: set[str] = set()
-    if (factors := llama3_rope_factors(cfg)) is not None:
-        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plans.append(TensorPlan(name, None, Q.F32, factors.shape, None, 1, factors))
+    plans: list[TensorPlan | None] = []
+    extra = arch.extra_tensors(cfg)
+    for name, data in extra.items():
+        plans.append(TensorPlan(name, (), Q.F32, data.shape, None, 1, data))
+    experts: dict[str, dict[int, TensorRef]] = {}
+    slots: dict[str, int] = {}  # stacked GGUF name -> its place in plans
+    kinds: dict[str, gguf.MODEL_TENSOR] = {}
     for shard in ckpt.shards:
         for ref in shard.tensors:
             if ref.name.endswith(arch.ignored_suffixes):
                 continue
-            mapped = tmap.get_type_and_name(ref.name, try_suffixes=(".weight", ".bias"))
-            if mapped is None:
+            mapped = _map_name(tmap, ref.name)
+            if mapped is None or mapped[0] not in arch.shapes or (ref.name.endswith(".bias") and mapped[0] not in arch.biases):
                 block = next((p for p in ref.name.split(".") if p.isdecimal()), None)
                 if block is not None and int(block) >= cfg.n_layer:
                     why = f"belongs to block {block} but config.json says num_hidden_layers={cfg.n_layer}"
                 else:
                     why = f"is not part of a {arch.hf_name} checkpoint"
                 raise QuantizeError(shard.path, f"tensor {ref.name!r} {why}")
-            kind, name = mapped
+            kind, name, expert = mapped
+            if kind == gguf.MODEL_TENSOR.OUTPUT and cfg.tie_embeddings:
+                continue  # a copy of the embeddings some tied checkpoints carry; llama.cpp reuses token_embd
             want = tuple(dims[d] for d in arch.shapes[kind])
+            if expert is not None:
+                if expert >= cfg.n_expert:
+                    raise QuantizeError(shard.path, f"tensor {ref.name!r} is expert {expert} but config.json has {cfg.n_expert} experts")
+                want = want[1:]
+            elif ref.name.endswith(".bias"):
+                want = want[:1]
             if ref.shape != want:
                 raise QuantizeError(
                     shard.path,
@@ -113,23 +139,40 @@ def plan_tensors(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, outtype
                     "the config does not describe these weights",
                 )
             transform = arch.transforms.get(kind)
-            plans.append(TensorPlan(name, ref, _out_qtype(name, len(ref.shape), outtype), ref.shape, transform,
+            kinds[name] = kind
+            if expert is not None:
+                experts.setdefault(name, {})[expert] = ref
+                if name not in slots:
+                    slots[name] = len(plans)
+                    plans.append(None)
+                continue
+            plans.append(TensorPlan(name, (ref,), _out_qtype(name, kind, len(ref.shape), outtype), ref.shape, transform,
                                     cfg.head_dim if transform else 1))
-            seen.add(name)
-    _check_complete(ckpt, arch, cfg, tmap, seen)
-    return plans
+    for name, parts in experts.items():
+        if len(parts) != cfg.n_expert:
+            missing = sorted(set(range(cfg.n_expert)) - set(parts))
+            raise QuantizeError(ckpt.root, f"{name} lacks experts {missing[:8]} of the {cfg.n_expert} config.json declares; "
+                                           "incomplete download or wrong config.json")
+        refs = tuple(parts[e] for e in range(cfg.n_expert))
+        shape = (cfg.n_expert, *refs[0].shape)
+        transform = arch.transforms.get(kinds[name])
+        plans[slots[name]] = TensorPlan(name, refs, _out_qtype(name, kinds[name], len(shape), outtype), shape, transform,
+                                        cfg.head_dim if transform else 1)
+    done = [p for p in plans if p is not None]
+    _check_complete(ckpt, arch, cfg, {p.name for p in done} | set(extra))
+    return done
 
 
-def _check_complete(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, tmap: gguf.TensorNameMap, seen: set[str]) -> None:
+def _check_complete(ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, seen: set[str]) -> None:
     for kind in arch.shapes:
         if kind == gguf.MODEL_TENSOR.OUTPUT and cfg.tie_embeddings:
             continue
-        blocks = range(cfg.n_layer) if kind in BLOCK_TENSORS else [None]
-        for bid in blocks:
-            base = gguf.TENSOR_NAMES[kind]
-            name = (base.format(bid=bid) if bid is not None else base) + ".weight"
-            if name not in seen:
-                raise QuantizeError(ckpt.root, f"checkpoint has no tensor for {name}; incomplete download or wrong config.json")
+        base = gguf.TENSOR_NAMES[kind]
+        bases = [base] if kind in MODEL_TENSORS else [base.format(bid=b) for b in range(cfg.n_layer)]
+        for b in bases:
+            for suffix in (".weight", ".bias") if kind in arch.biases else (".weight",):
+                if b + suffix not in seen:
+                    raise QuantizeError(ckpt.root, f"checkpoint has no tensor for {b}{suffix}; incomplete download or wrong config.json")
 
 
 def _widen(src: np.ndarray, stored: str) -> np.ndarray:
@@ -148,33 +191,48 @@ def _convert_rows(src: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarr
 
 class _StreamedTensor:
     """Duck-types the ``nbytes``/``tofile`` part of ndarray that ``GGUFWriter.write_tensor_data``
-    uses, so one tensor is written chunk by chunk while its source bytes are hashed and released."""
+    uses, so one tensor is written chunk by chunk while its source bytes are hashed and released.
 
-    def __init__(self, plan: TensorPlan, cfg: ModelConfig, source: ShardStream, raw: memoryview,
-                 hash_async: Callable[[memoryview], Any]) -> None:
-        self.plan, self.cfg, self.source, self.raw, self.hash_async = plan, cfg, source, raw, hash_async
+    ``first`` is the part at the stream's position: it is hashed in the same pass.  A stacked
+    tensor's other experts are read where they lie (later in this shard, or in another shard's own
+    map) and hashed when the stream reaches them."""
+
+    def __init__(self, plan: TensorPlan, first: TensorRef, cfg: ModelConfig, source: ShardStream, raw: memoryview,
+                 hash_async: Callable[[memoryview], Any], shards: dict[Path, Shard]) -> None:
+        self.plan, self.first, self.cfg, self.source, self.raw = plan, first, cfg, source, raw
+        self.hash_async, self.shards = hash_async, shards
         self.nbytes = plan.nbytes
 
     def tofile(self, fout: Any) -> None:
-        p, ref = self.plan, self.plan.ref
-        assert ref is not None
+        # The gap before this tensor (normally empty) is hashed with its first chunk.
+        self.hash_async(self.raw[: len(self.raw) - self.first.nbytes]).result()
+        for ref in self.plan.refs:
+            if ref is self.first:
+                self._write_part(fout, ref, self.source, hashed=True)
+            elif ref.shard == self.source.shard.path:
+                self._write_part(fout, ref, self.source, hashed=False)
+                self.source.drop(ref.begin, ref.end)
+            else:
+                with ShardStream(self.shards[ref.shard]) as other:
+                    self._write_part(fout, ref, other, hashed=False)
+
+    def _write_part(self, fout: Any, ref: TensorRef, source: ShardStream, hashed: bool) -> None:
+        p = self.plan
         row_bytes = ref.nbytes // ref.shape[0] if ref.shape else ref.nbytes
         rows = ref.shape[0] if ref.shape else 1
         step = max(p.row_align, (CHUNK_BYTES // max(row_bytes, 1)) // p.row_align * p.row_align)
-        # The gap before this tensor (normally empty) is hashed with its first chunk.
-        pending = self.hash_async(self.raw[: len(self.raw) - ref.nbytes])
-        arr = as_array(ref, self.source.view(ref.begin, ref.end))
+        arr = as_array(ref, source.view(ref.begin, ref.end))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            pending.result()
-            pending = self.hash_async(self.source.view(ref.begin + r0 * row_bytes, ref.begin + r1 * row_bytes))
+            pending = self.hash_async(source.view(ref.begin + r0 * row_bytes, ref.begin + r1 * row_bytes)) if hashed else None
             block = _widen(arr[r0:r1] if ref.shape else arr, ref.dtype)
             if p.transform is not None:
                 block = p.transform(block, self.cfg)
             # file.write, not ndarray.tofile: a full disk then raises OSError with its errno
             fout.write(np.ascontiguousarray(_convert_rows(block, p.qtype)).data)
-            pending.result()
-            self.source.release(ref.begin + r1 * row_bytes)
+            if pending is not None:
+                pending.result()
+                source.release(ref.begin + r1 * row_bytes)
         del arr
 
 
@@ -209,6 +267,11 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     check_output(out, [hf_dir])
     ckpt = open_checkpoint(hf_dir)
     cfg_path = str(ckpt.root / "config.json")
+    if ckpt.architecture not in ARCHITECTURES:  # the long tail: llama.cpp's converter, then our checks
+        from .llama_converter import convert_external
+
+        path, n, sources = convert_external(hf_dir, out, outtype)
+        return ConvertResult(path, n, path.stat().st_size, sources)
     arch = lookup(ckpt.architecture, cfg_path)
     cfg = arch.read_config(ckpt.config, cfg_path)
     for check in arch.checks:
@@ -238,7 +301,9 @@ def _submitter(pool: ThreadPoolExecutor, h: Any) -> Callable[[memoryview], Futur
 
 
 def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plans: list[TensorPlan]) -> list[str]:
-    by_ref = {p.ref.name: p for p in plans if p.ref is not None}
+    order = {ref.name: (i, ref.begin) for i, shard in enumerate(ckpt.shards) for ref in shard.tensors}
+    by_ref = {min(p.refs, key=lambda r: order[r.name]).name: p for p in plans if p.refs}  # each plan's first part in file order
+    shards = {s.path: s for s in ckpt.shards}
     for p in plans:
         if p.data is not None:
             w.write_tensor_data(p.data)
@@ -251,10 +316,11 @@ def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plan
                 raw = memoryview(b"")
                 for ref, raw, _ in stream.tensors():
                     plan = by_ref.get(ref.name)
-                    if plan is None:  # ignored tensor: hash only
+                    if plan is None:  # ignored tensor, or an expert already written with its stack: hash only
                         pool.submit(h.update, raw).result()
+                        stream.release(ref.end)
                         continue
-                    w.write_tensor_data(cast(np.ndarray, _StreamedTensor(plan, cfg, stream, raw, _submitter(pool, h))))
+                    w.write_tensor_data(cast(np.ndarray, _StreamedTensor(plan, ref, cfg, stream, raw, _submitter(pool, h), shards)))
                 del raw
                 pool.submit(h.update, stream.tail()).result()
             hashes.append(h.hexdigest())

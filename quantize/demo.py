@@ -263,12 +263,15 @@ def add_activation_outliers(model: Any, channels: int, factor: float, seed: int)
                 w[:, ch] /= factor
         chosen[name] = ch.tolist()
 
-    for i, layer in enumerate(model.model.layers):
-        a, f = layer.self_attn, layer.mlp
-        scale(layer.input_layernorm.weight, [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], f"layers.{i}.input_layernorm")
-        scale(layer.post_attention_layernorm.weight, [f.gate_proj.weight, f.up_proj.weight], f"layers.{i}.post_attention_layernorm")
-    if not model.config.tie_word_embeddings:
-        scale(model.model.norm.weight, [model.lm_head.weight], "norm")
+    from .architectures import lookup
+
+    groups = [g for g in lookup(model.config.architectures[0], "config.json").scale_groups if g.prev.endswith("norm")]
+    block = [g for g in groups if "{bid}" in g.prev]
+    top = [] if model.config.tie_word_embeddings else [g for g in groups if "{bid}" not in g.prev]
+    for g, bid in [(g, i) for i in range(model.config.num_hidden_layers) for g in block] + [(g, 0) for g in top]:
+        prev = g.prev.format(bid=bid)
+        scale(model.get_submodule(prev).weight, [model.get_submodule(r.format(bid=bid)).weight for r in g.readers],
+              prev.removeprefix("model."))
     return chosen
 
 

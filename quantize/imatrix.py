@@ -114,6 +114,7 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
     import torch
     from transformers import AutoTokenizer
 
+    from .architectures import for_step
     from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
 
     source, text_file = Path(source), Path(text_file)
@@ -121,6 +122,7 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
         raise QuantizeError(source, "the importance matrix runs the fp16 Hugging Face checkpoint one block at a time; "
                             "pass the checkpoint folder this GGUF was converted from")
     src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
+    for_step(src.ckpt.architecture, "imatrix", source / "config.json")
     text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
     tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     tokens = token_windows(tok(text, add_special_tokens=False, verbose=False)["input_ids"], settings.ctx, settings.chunks,

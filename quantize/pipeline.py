@@ -295,11 +295,25 @@ def build_ladder(settings: BuildSettings, out: Path, steps: Steps | None = None)
         raise QuantizeError(None, f"unknown stage {settings.until!r}; stages: {', '.join(STAGE_NAMES)}")
     if settings.smooth and settings.imatrix is None and settings.types:
         log.info("smoothing needs the importance matrix's statistics; building without it")
+    _check_family_steps(settings)
     b = Build(settings, out, steps or Steps(out), model=settings.base)
     for stage in STAGES[: STAGE_NAMES.index(settings.until) + 1]:
         if stage.wanted(settings):
             stage.run(b)
     return Ladder(out, b.f16, b.imatrix, b.quants, b.report, b.failures, b.steps.log, b.awq, b.release)
+
+
+def _check_family_steps(settings: BuildSettings) -> None:
+    """Refuse, before any work, a stage the model's family cannot take (its row says why)."""
+    from .architectures import STEPS, for_step
+    from .checkpoint import read_json_object
+
+    wanted = [st.name for st in STAGES[: STAGE_NAMES.index(settings.until) + 1] if st.name in STEPS and st.wanted(settings)]
+    if wanted:
+        where = settings.base / "config.json"
+        arch = (read_json_object(where).get("architectures") or ["?"])[0]
+        for step in wanted:
+            for_step(arch, step, where)
 
 
 # --- a whole release from a recipe ----------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .architectures import ARCHITECTURES
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
 from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
@@ -39,11 +40,13 @@ USE_CASES = {
 
 MANIFEST_PACKAGES = ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq")
 
-# The oldest llama.cpp release that loads each GGUF architecture we write (its model card says so).
-MIN_LLAMA_CPP: dict[str, str] = {
-    "llama": "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-tokenizer key)",
-    "gemma3": "b4875 (12 March 2025, the first with Gemma 3)",
-}
+
+
+def min_llama_cpp(arch: str | None) -> str:
+    """The oldest llama.cpp that loads a GGUF architecture, from its family row; for one written by
+    llama.cpp's own converter (no row), that converter's llama.cpp."""
+    rows = [a for a in ARCHITECTURES.values() if a.arch_name == (arch or "llama")]
+    return rows[0].min_llama_cpp if rows else "as new as the llama.cpp converter that wrote them"
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,7 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
         "## Use with koboldcpp", "", *_koboldcpp_section(recipe, _unsplit_stem(first_gguf)), "",
         "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
-        f"The GGUFs need llama.cpp {MIN_LLAMA_CPP.get(manifest.get('architecture') or 'llama', MIN_LLAMA_CPP['llama'])} "
+        f"The GGUFs need llama.cpp {min_llama_cpp(manifest.get('architecture'))} "
         "or newer, or a koboldcpp built on it.", "",
         "## Verify a download", "", "```", "sha256sum -c SHA256SUMS   # or: quantize verify .", "```", "",
     ]

@@ -32,6 +32,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .architectures import for_gguf
 from .atomic import atomic_file, check_output
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
@@ -46,12 +47,15 @@ STORAGE: dict[Q, np.dtype] = {Q.F32: np.dtype("<f4"), Q.F16: np.dtype("<f2"), Q.
 
 ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
 
-# norm tensor -> the matrices that read its output (llama-family GGUF names; {bid} per block).
-SMOOTH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("blk.{bid}.attn_norm.weight", ("blk.{bid}.attn_q.weight", "blk.{bid}.attn_k.weight", "blk.{bid}.attn_v.weight")),
-    ("blk.{bid}.ffn_norm.weight", ("blk.{bid}.ffn_gate.weight", "blk.{bid}.ffn_up.weight")),
-    ("output_norm.weight", ("output.weight",)),
-)
+
+
+def smooth_groups(reader: gguf.GGUFReader, where: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """Norm tensor -> the matrices that read its output, every block, from the family's row
+    (:attr:`quantize.architectures.Architecture.scale_groups`, the groups AWQ scales too)."""
+    arch = for_gguf(str(reader.fields["general.architecture"].contents()), where)
+    arch.refuse("smooth", where)
+    n_blocks = 1 + max((int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")), default=-1)
+    return arch.norm_groups(n_blocks)
 
 
 @dataclass(frozen=True)
@@ -131,33 +135,30 @@ def _from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
-def plan_smoothing(source: FloatSource, im: Imatrix) -> SmoothPlan:
-    """Choose each norm group's scales, reading only that group's matrices."""
+def plan_smoothing(source: FloatSource, im: Imatrix, groups: list[tuple[str, tuple[str, ...]]]) -> SmoothPlan:
+    """Choose each norm group's scales, reading only that group's matrices.  A group whose
+    readers are absent (the output norm of a model with tied embeddings) is left alone."""
     tensors = source.tensors
-    n_blocks = 1 + max((int(n.split(".")[1]) for n in tensors if n.startswith("blk.")), default=-1)
     means = im.means()
     scales, readers, alphas = {}, {}, {}
-    for norm_t, reader_ts in SMOOTH_GROUPS:
-        for bid in range(n_blocks) if "{bid}" in norm_t else [0]:
-            norm = norm_t.format(bid=bid)
-            rs = tuple(r.format(bid=bid) for r in reader_ts)
-            if norm not in tensors or not all(r in tensors for r in rs) or rs[0] not in im.sums:
-                continue
-            x2 = means[rs[0]].astype(np.float64) + 1e-12
-            ws = [source.float32(r) for r in rs]
-            wmax = np.max([np.abs(w).max(0) for w in ws], axis=0) + 1e-12
-            best = (np.inf, 0.0, np.ones_like(x2))
-            power = sum(_sum_sq(w) for w in ws)  # the same for every alpha
-            for a in ALPHAS:
-                s = np.sqrt(x2) ** a / wmax ** (1 - a)
-                s = np.exp2(np.rint(np.log2(s / np.exp(np.log(s).mean()))))
-                xs2 = x2 / s**2
-                err = sum(_fake_quant_error(w * s[None, :].astype(np.float32), xs2) for w in ws) / len(ws)
-                err += _act_quant_error(xs2) * power / len(ws) / len(x2)
-                if err < best[0]:
-                    best = (err, a, s)
-            del ws
-            scales[norm], readers[norm], alphas[norm] = best[2].astype(np.float32), rs, best[1]
+    for norm, rs in groups:
+        if norm not in tensors or not all(r in tensors for r in rs) or rs[0] not in im.sums:
+            continue
+        x2 = means[rs[0]].astype(np.float64) + 1e-12
+        ws = [source.float32(r) for r in rs]
+        wmax = np.max([np.abs(w).max(0) for w in ws], axis=0) + 1e-12
+        best = (np.inf, 0.0, np.ones_like(x2))
+        power = sum(_sum_sq(w) for w in ws)  # the same for every alpha
+        for a in ALPHAS:
+            s = np.sqrt(x2) ** a / wmax ** (1 - a)
+            s = np.exp2(np.rint(np.log2(s / np.exp(np.log(s).mean()))))
+            xs2 = x2 / s**2
+            err = sum(_fake_quant_error(w * s[None, :].astype(np.float32), xs2) for w in ws) / len(ws)
+            err += _act_quant_error(xs2) * power / len(ws) / len(x2)
+            if err < best[0]:
+                best = (err, a, s)
+        del ws
+        scales[norm], readers[norm], alphas[norm] = best[2].astype(np.float32), rs, best[1]
     return SmoothPlan(scales, readers, alphas)
 
 
@@ -166,13 +167,12 @@ def smooth_need(src: Path) -> int:
     the largest norm group's readers in float32 plus five float32-sized buffers of its largest
     reader (the scaled candidate and the error proxy's, one of them float64), or, when writing,
     the largest tensor in float32 and its stored copy."""
-    sizes = {t.name: int(t.n_elements) for t in open_gguf(src).tensors}
-    n_blocks = 1 + max((int(n.split(".")[1]) for n in sizes if n.startswith("blk.")), default=-1)
+    reader = open_gguf(src)
+    sizes = {t.name: int(t.n_elements) for t in reader.tensors}
     plan = 0
-    for _, reader_ts in SMOOTH_GROUPS:
-        for bid in range(n_blocks) if "{bid}" in reader_ts[0] else [0]:
-            rs = [sizes.get(r.format(bid=bid), 0) for r in reader_ts]
-            plan = max(plan, sum(rs) + 5 * max(rs))
+    for _, names in smooth_groups(reader, src):
+        rs = [sizes.get(r, 0) for r in names]
+        plan = max(plan, sum(rs) + 5 * max(rs))
     return 4 * max(plan, int(1.5 * max(sizes.values(), default=0)))
 
 
@@ -190,15 +190,17 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
     for t in reader.tensors:
         if t.tensor_type not in STORAGE:
             raise QuantizeError(src, f"smoothing needs a float GGUF; {t.name} is {t.tensor_type.name}")
+    groups = smooth_groups(reader, src)
     im = Imatrix.load(imatrix)
     arch = str(reader.fields["general.architecture"].contents())
     with _mapped(src) as mm:
         source = FloatSource(mm, reader)
-        plan = plan_smoothing(source, im)
+        plan = plan_smoothing(source, im, groups)
         if not any(n.startswith("blk.") for n in plan.scales):  # a "smoothed" copy that is not, otherwise
-            raise QuantizeError(src, f"smoothing found no decoder-block norm group it knows ({', '.join(g for g, _ in SMOOTH_GROUPS[:2])} "
-                                f"with their readers in the importance matrix {imatrix.name}) in this {arch} model; "
-                                "turn smoothing off for it (recipe: smooth = false)")
+            first = [g for g, _ in groups if g.startswith("blk.0.")]
+            raise QuantizeError(src, f"smoothing found no decoder-block norm group of this {arch} model ({', '.join(first)} "
+                                f"with their readers) in the importance matrix {imatrix.name}; turn smoothing off for it "
+                                "(recipe: [ladder] smooth = false)")
         col_scale = {r: plan.scales[n] for n, rs in plan.readers.items() for r in rs}
         with atomic_file(out) as tmp:
             w = gguf.GGUFWriter(tmp, arch)

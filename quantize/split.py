@@ -86,15 +86,7 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
         budget = max_bytes - header - len(reader.tensors) * 32
         w = gguf.GGUFWriter(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
         copy_metadata(reader, w, _SPLIT_KEYS)
-        for t in reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in reader.tensors:
-            w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
-        w.close()
+        write_tensors_copied(w, reader, mm)
         names = sorted(p.name for p in tmp.iterdir())
         if len(names) < 2:
             raise QuantizeError(src, "did not split; the split size is larger than the file")
@@ -111,3 +103,17 @@ def place_gguf(src: Path, dest: Path, max_bytes: int | None) -> list[Path]:
     out = dest / src.name
     link_or_copy(src, out)
     return [out]
+
+
+def write_tensors_copied(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mm: mmap.mmap) -> None:
+    """Finish ``w`` (its metadata already added) with every tensor of ``reader`` copied unchanged from
+    its memory map ``mm``, chunk by chunk."""
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in reader.tensors:
+        w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+    w.close()
