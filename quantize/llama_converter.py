@@ -33,7 +33,7 @@ from .atomic import atomic_file, check_output, partial_prefix, sha256_file
 from .checkpoint import open_checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
-from .split import MappedTensor
+from .split import write_tensors_copied
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,7 @@ def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources:
         w.add_string(f"{TOOL_NAME}.source.architecture", architecture)
         w.add_array(f"{TOOL_NAME}.source.files", list(sources))
         w.add_array(f"{TOOL_NAME}.source.sha256", list(sources.values()))
-        for t in reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for t in reader.tensors:
-            w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
-        w.close()
+        write_tensors_copied(w, reader, mm)
 
 
 def check_tokenizer(path: Path, hf_dir: Path) -> None:
