@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.08)
+              max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.04)
 
 # HF class -> (config class, extra config); sizes chosen so each family's own features are exercised
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -29,6 +29,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", dict(head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
                                                    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
                                                    tie_word_embeddings=False)),
+}
+# Families with no row, for the long-tail path (llama.cpp's converter): Granite's four multipliers
+# are what a converter that treated it as Llama would silently drop.
+LONG_TAIL: dict[str, tuple[str, dict[str, Any]]] = {
+    "GraniteForCausalLM": ("GraniteConfig", dict(tie_word_embeddings=False, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                                 attention_multiplier=0.0078125, logits_scaling=8.0)),
 }
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 QWEN_VOCAB = {"vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}  # Qwen2.5/Qwen3's padded embedding rows
@@ -63,7 +69,7 @@ def build_family(hf_name: str, tokenizer_dir: Path, out: Path, seed: int = 0, vo
     import torch
     import transformers
 
-    cfg_cls, extra = FAMILIES[hf_name]
+    cfg_cls, extra = {**FAMILIES, **LONG_TAIL}[hf_name]
     tok_cfg = vocab or json.loads((tokenizer_dir / "config.json").read_text())
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, "vocab_size": tok_cfg["vocab_size"],
                                             "bos_token_id": tok_cfg.get("bos_token_id"), "eos_token_id": tok_cfg.get("eos_token_id")})
