@@ -298,6 +298,8 @@ class Architecture:
                 mapped = [tmap.get_name(m.format(bid=bid)) for m in (g.prev, *g.readers)]
                 names = [n for n in mapped if n is not None]
                 if len(names) != len(mapped):
+                    if "{bid}" not in g.prev:
+                        continue  # output_norm -> output where the GGUF architecture has no output matrix (tied: Gemma)
                     raise AssertionError(f"{self.hf_name}: a scale group names a module gguf-py does not map: {g}")
                 if names[0].endswith("_norm"):
                     out.append((names[0] + ".weight", tuple(n + ".weight" for n in names[1:])))

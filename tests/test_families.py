@@ -240,3 +240,31 @@ def test_awq_folder_passes_the_gate(arch: str, demo: Demo, tmp_path: Path) -> No
     report = evaluate(model, demo.text["eval"], [out], EvalSettings(ctx=128, chunks=6), tmp_path / "cache")
     print(f"{arch}: AWQ ppl ratio {report.results[0].ppl_ratio:.4f}, KLD {report.results[0].mean_kld:.5f}")
     assert report.failures == []
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM"])
+def test_imatrix_and_smoothing(arch: str, demo: Demo, tmp_path: Path) -> None:
+    """The importance matrix covers every matrix llama.cpp quantizes with one (fused Phi-3 ones
+    included), and smoothing rescales every block norm group of the row without changing the
+    function: llama.cpp's logits of the smoothed F16 are the original's."""
+    from quantize.imatrix import Imatrix, ImatrixSettings, compute_imatrix
+    from quantize.smooth import smooth_gguf
+
+    model = build_family(arch, demo.spm, tmp_path / "tiny")
+    f16 = convert(model, tmp_path / "m.F16.gguf").path
+    im = compute_imatrix(model, demo.text["calib"], ImatrixSettings(ctx=128, chunks=4)).save(tmp_path / "m.imatrix.gguf")
+    loaded = Imatrix.load(im)
+    matrices = {t.name for t in open_gguf(f16).tensors if len(t.shape) == 2 and t.name != "token_embd.weight"}
+    assert matrices <= set(loaded.sums), matrices - set(loaded.sums)
+    plan = smooth_gguf(f16, im, tmp_path / "s.F16.gguf", tmp_path / "s.imatrix.gguf")
+    n_blocks = 2
+    assert len([n for n in plan.scales if n.startswith("blk.")]) == 2 * n_blocks
+    ids = _ids(model, demo, 96)
+    logits = []
+    for path in (f16, tmp_path / "s.F16.gguf"):
+        llm = load_llama(path, n_ctx=len(ids), logits_all=True)
+        llm.eval(ids)
+        logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    err, scale = np.abs(logits[0] - logits[1]).max(), float(np.abs(logits[0]).max())
+    print(f"{arch}: smoothing alphas {sorted(set(plan.alphas.values()))}, max |Δlogit| {err:.4f} (range {scale:.1f})")
+    assert err < 0.02 * scale
