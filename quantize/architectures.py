@@ -245,10 +245,15 @@ GEMMA_GROUPS = _block_groups("input_layernorm", ("self_attn.q_proj", "self_attn.
                              "pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
 PHI3_GROUPS = _block_groups("input_layernorm", ("self_attn.qkv_proj",), "post_attention_layernorm", ("mlp.gate_up_proj",))
 
+# A mixture of experts: the router and every expert's gate/up read the post-attention norm (the
+# names are the stacked GGUF tensors' HF names, as gguf-py maps them).
+MOE_GROUPS = _block_groups("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           "post_attention_layernorm", ("mlp.gate", "mlp.experts.gate_proj", "mlp.experts.up_proj"))
+
 # The steps that need a map from HF modules to GGUF tensors, by the name the build uses for them.
 STEPS = ("imatrix", "smooth", "awq")
-MOE_REFUSED = {step: "transformers 5 holds a mixture-of-experts block's experts as 3-D parameters, not the linear "
-                     "layers our importance matrix hooks and AutoAWQ quantize" for step in STEPS}
+MOE_REFUSED = {"awq": "transformers 5 holds a mixture-of-experts block's experts as 3-D parameters, not the linear "
+                      "layers AutoAWQ's Mixtral/Qwen3-MoE classes quantize"}
 
 
 @dataclass(frozen=True)
@@ -567,7 +572,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(hf_name="LlamaForCausalLM", model_type="llama", awq_layer_map="llama", **_LLAMA),  # type: ignore[arg-type]
         Architecture(hf_name="MistralForCausalLM", model_type="mistral", awq_layer_map="mistral", **_LLAMA),  # type: ignore[arg-type]
         # Mixtral: Mistral's attention, a mixture of experts stacked into 3-D tensors (llama arch).
-        Architecture(hf_name="MixtralForCausalLM", model_type="mixtral", refused=MOE_REFUSED,
+        Architecture(hf_name="MixtralForCausalLM", model_type="mixtral", refused=MOE_REFUSED, scale_groups=MOE_GROUPS,
                      **{**_LLAMA, "shapes": MOE_SHAPES}),  # type: ignore[arg-type]
         # Qwen2/2.5: biases on q, k, v; NeoX rope (HF's row order, no permutation).
         Architecture(hf_name="Qwen2ForCausalLM", model_type="qwen2", gguf_arch=gguf.MODEL_ARCH.QWEN2, shapes=QWEN2_SHAPES,
@@ -579,7 +584,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                      min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)", **{**_QWEN, "awq_layer_map": "qwen3"}),  # type: ignore[arg-type]
         Architecture(hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
                      shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)",
-                     refused=MOE_REFUSED, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
+                     refused=MOE_REFUSED, scale_groups=MOE_GROUPS, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
         # Phi-3/3.5/4-mini: fused qkv and gate_up (llama.cpp keeps both fused), LongRoPE factor tables.
         Architecture(hf_name="Phi3ForCausalLM", model_type="phi3", gguf_arch=gguf.MODEL_ARCH.PHI3, read_config=read_phi3_config,
                      write_hparams=_phi3_hparams, shapes=PHI3_SHAPES, transforms={}, extra_tensors=phi3_rope_factors,
@@ -619,13 +624,16 @@ MODEL_TENSORS = frozenset({T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ROPE_FREQS, 
 F32_TENSORS = frozenset({T.FFN_GATE_INP})
 
 
-def for_gguf(arch_name: str, where: str | Path | None) -> Architecture:
-    """The row of a GGUF architecture (rows sharing one, as Llama and Mistral do, agree on what is asked here)."""
-    row = next((a for a in ARCHITECTURES.values() if a.arch_name == arch_name), None)
-    if row is None:
+def for_gguf(arch_name: str, source_arch: str | None, where: str | Path | None) -> list[Architecture]:
+    """The rows a GGUF may come from: the one its ``quantize.source.architecture`` names, else every
+    row of its GGUF architecture (Llama, Mistral and Mixtral share ``llama``)."""
+    if source_arch in ARCHITECTURES:
+        return [ARCHITECTURES[source_arch]]
+    rows = [a for a in ARCHITECTURES.values() if a.arch_name == arch_name]
+    if not rows:
         raise QuantizeError(where, f"GGUF architecture {arch_name!r} has no row in this tool's table (a file llama.cpp's "
                                    f"converter wrote); known: {', '.join(sorted({a.arch_name for a in ARCHITECTURES.values()}))}")
-    return row
+    return rows
 
 
 def for_step(hf_name: str, step: str, where: str | Path) -> Architecture:

@@ -49,8 +49,10 @@ def artifact_name(model: str, qtype: str) -> str:
 
 
 def check_imatrix_fits(im: Imatrix, imatrix_path: Path, model_path: Path) -> None:
-    """Every imatrix entry must name a 2-D tensor of the model with the same number of columns."""
-    cols = {name: dims[0] for name, (dims, _) in read_header(model_path).tensors.items() if len(dims) >= 2}
+    """Every imatrix entry must name a matrix (or stacked experts) of the model with the same number of
+    columns (times the number of experts)."""
+    cols = {name: dims[0] * (dims[2] if len(dims) > 2 else 1) for name, (dims, _) in read_header(model_path).tensors.items()
+            if len(dims) >= 2}
     unknown = sorted(set(im.sums) - set(cols))
     if unknown:
         raise QuantizeError(imatrix_path, f"made for a different model: {len(unknown)} entries name tensors {model_path.name} "

@@ -41,14 +41,24 @@ class ImatrixSettings:
 
 @dataclass
 class Imatrix:
-    sums: dict[str, np.ndarray]  # GGUF tensor name -> per-input-column sum of squares (float32)
-    counts: dict[str, int]  # GGUF tensor name -> tokens seen
+    sums: dict[str, np.ndarray]  # GGUF tensor name -> per-input-column sum of squares (float32), experts one after another
+    counts: dict[str, int]  # GGUF tensor name -> tokens seen (stacked experts: summed over the experts)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    # stacked expert tensors (ffn_*_exps) -> tokens routed to each expert, as llama-imatrix counts them
+    expert_counts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def per_matrix_counts(self, name: str) -> np.ndarray:
+        """Tokens seen by each of the tensor's matrices (one, or one per expert)."""
+        return self.expert_counts.get(name, np.array([self.counts[name]]))
 
     def means(self) -> dict[str, np.ndarray]:
-        return {k: (v / max(self.counts[k], 1)).astype(np.float32) for k, v in self.sums.items()}
+        out = {}
+        for k, v in self.sums.items():
+            n = self.per_matrix_counts(k).astype(np.float64)
+            out[k] = (v.reshape(len(n), -1) / np.maximum(n, 1)[:, None]).reshape(-1).astype(np.float32)
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -59,8 +69,9 @@ class Imatrix:
             w.add_uint32("imatrix.chunk_count", self.chunk_count)
             w.add_uint32("imatrix.chunk_size", self.chunk_size)
             for name in sorted(self.sums):
-                w.add_tensor(f"{name}.in_sum2", self.sums[name].reshape(1, -1).astype(np.float32))
-                w.add_tensor(f"{name}.counts", np.array([[float(self.counts[name])]], dtype=np.float32))
+                n = self.per_matrix_counts(name)
+                w.add_tensor(f"{name}.in_sum2", self.sums[name].reshape(len(n), -1).astype(np.float32))
+                w.add_tensor(f"{name}.counts", n.reshape(len(n), 1).astype(np.float32))
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
@@ -73,16 +84,19 @@ class Imatrix:
         if field_value(r, "general.type") != "imatrix" and not any(t.name.endswith(".in_sum2") for t in r.tensors):
             raise QuantizeError(path, "not an importance-matrix GGUF (no general.type=imatrix, no *.in_sum2 tensors)")
         tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in r.tensors}
-        sums, counts = {}, {}
+        sums, counts, experts = {}, {}, {}
         for name, data in tensors.items():
             if name.endswith(".in_sum2"):
                 base = name.removesuffix(".in_sum2")
                 if f"{base}.counts" not in tensors:
                     raise QuantizeError(path, f"{name} has no matching {base}.counts tensor")
                 sums[base] = data.reshape(-1)
-                counts[base] = int(tensors[f"{base}.counts"].reshape(-1)[0])
+                n = tensors[f"{base}.counts"].reshape(-1)
+                counts[base] = int(n.sum())
+                if n.size > 1:
+                    experts[base] = n.astype(np.int64)
         return cls(sums, counts, list(field_value(r, "imatrix.datasets") or []),
-                   int(field_value(r, "imatrix.chunk_count") or 0), int(field_value(r, "imatrix.chunk_size") or 0))
+                   int(field_value(r, "imatrix.chunk_count") or 0), int(field_value(r, "imatrix.chunk_size") or 0), experts)
 
 
 def gguf_matrix_names(model: Any) -> dict[str, str]:
@@ -105,6 +119,27 @@ def gguf_matrix_names(model: Any) -> dict[str, str]:
             gname = "token_embd.weight"  # llama.cpp multiplies by token_embd when output is tied
         names[mod_name] = gname
     return names
+
+
+def expert_names(model: Any) -> dict[str, dict[str, str]]:
+    """Mixture-of-experts modules (transformers 5 keeps every expert of a block in 3-D ``gate_up_proj``
+    and ``down_proj`` parameters) -> the GGUF names of their stacked tensors and of their router."""
+    from .architectures import lookup
+
+    arch = lookup(model.config.architectures[0], "config.json")
+    tmap = gguf.get_tensor_name_map(arch.gguf_arch, model.config.num_hidden_layers)
+    out = {}
+    for mod_name, mod in model.named_modules():
+        gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if getattr(gate_up, "ndim", 0) != 3 or getattr(down, "ndim", 0) != 3:
+            continue
+        parent = mod_name.rsplit(".", 1)[0]
+        names = {k: tmap.get_name(f"{mod_name}.{k}_proj.weight", try_suffixes=(".weight",)) for k in ("gate", "up", "down")}
+        names["router"] = tmap.get_name(f"{parent}.gate.weight", try_suffixes=(".weight",))
+        if None in names.values():
+            raise QuantizeError(None, f"{mod_name}: gguf-py maps no stacked expert tensor for it ({names})")
+        out[mod_name] = {k: str(v) for k, v in names.items()}
+    return out
 
 
 def compute_imatrix(source: str | Path, text_file: str | Path, settings: ImatrixSettings = ImatrixSettings(),
@@ -132,19 +167,44 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
                               "the importance matrix")
     model = StreamedModel(source, src, stream)
     names = gguf_matrix_names(model.sk.model)
+    experts = expert_names(model.sk.model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    expert_counts: dict[str, np.ndarray] = {}
 
     def collect(gname: str, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
         sums[gname] = sums[gname] + (x * x).sum(0) if gname in sums else (x * x).sum(0)
         counts[gname] = counts.get(gname, 0) + x.shape[0]
 
+    def collect_experts(g: dict[str, str], mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Each expert's inputs: the tokens routed to it for gate/up, its activated products for down."""
+        x = (args[0] if args else kwargs["hidden_states"]).detach().float().reshape(-1, mod.gate_up_proj.shape[-1])
+        routed = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        collect(g["router"], x)
+        n_exp = mod.gate_up_proj.shape[0]
+        for key, cols in (("gate", x.shape[1]), ("up", x.shape[1]), ("down", mod.down_proj.shape[-1])):
+            sums.setdefault(g[key], torch.zeros(n_exp, cols, device=x.device))
+            expert_counts.setdefault(g[key], np.zeros(n_exp, dtype=np.int64))
+        with torch.no_grad():
+            for e in range(n_exp):
+                xe = x[(routed == e).any(-1)]
+                if not len(xe):
+                    continue
+                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e].float()).chunk(2, dim=-1)
+                h = mod.act_fn(gate) * up
+                for key, v in (("gate", xe), ("up", xe), ("down", h)):
+                    sums[g[key]][e] += (v * v).sum(0)
+                    expert_counts[g[key]][e] += len(xe)
+
     @contextlib.contextmanager
     def hooked(_i: int, block: Any) -> Iterator[None]:
         prefix = model.sk.name_of(block)
         handles = [m.register_forward_hook(lambda _m, inp, _o, g=names[f"{prefix}.{n}"]: collect(g, inp[0]))
                    for n, m in block.named_modules() if f"{prefix}.{n}" in names]
+        handles += [m.register_forward_hook(lambda mod, args, kwargs, _o, g=experts[f"{prefix}.{n}"]: collect_experts(g, mod, args, kwargs),
+                                            with_kwargs=True)
+                    for n, m in block.named_modules() if f"{prefix}.{n}" in experts]
         try:
             yield
         finally:
@@ -162,5 +222,6 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
     finally:
         acts.close()
     log.info("imatrix: %d matrices", len(sums))
-    return Imatrix({k: v.cpu().numpy().astype(np.float32) for k, v in sums.items()}, counts, [text_file.name],
-                   len(tokens), settings.ctx)
+    counts |= {k: int(v.sum()) for k, v in expert_counts.items()}
+    return Imatrix({k: v.cpu().numpy().astype(np.float32).reshape(-1) for k, v in sums.items()}, counts, [text_file.name],
+                   len(tokens), settings.ctx, expert_counts)

@@ -32,10 +32,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from . import TOOL_NAME
 from .architectures import for_gguf
 from .atomic import atomic_file, check_output
 from .errors import QuantizeError
-from .gguf_info import copy_metadata, open_gguf
+from .gguf_info import copy_metadata, field_value, open_gguf
 from .imatrix import Imatrix
 from .split import MappedTensor
 
@@ -51,11 +52,15 @@ ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
 
 def smooth_groups(reader: gguf.GGUFReader, where: Path) -> list[tuple[str, tuple[str, ...]]]:
     """Norm tensor -> the matrices that read its output, every block, from the family's row
-    (:attr:`quantize.architectures.Architecture.scale_groups`, the groups AWQ scales too)."""
-    arch = for_gguf(str(reader.fields["general.architecture"].contents()), where)
-    arch.refuse("smooth", where)
+    (:attr:`quantize.architectures.Architecture.scale_groups`, the groups AWQ scales too); when the
+    file does not say which row, the groups of every row of its GGUF architecture (a group whose
+    tensors the file lacks is then skipped by the planner)."""
+    rows = for_gguf(str(reader.fields["general.architecture"].contents()),
+                    field_value(reader, f"{TOOL_NAME}.source.architecture"), where)
+    for row in rows:
+        row.refuse("smooth", where)
     n_blocks = 1 + max((int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")), default=-1)
-    return arch.norm_groups(n_blocks)
+    return list(dict.fromkeys(g for row in rows for g in row.norm_groups(n_blocks)))
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def plan_smoothing(source: FloatSource, im: Imatrix, groups: list[tuple[str, tup
         if norm not in tensors or not all(r in tensors for r in rs) or rs[0] not in im.sums:
             continue
         x2 = means[rs[0]].astype(np.float64) + 1e-12
-        ws = [source.float32(r) for r in rs]
+        ws = [source.float32(r).reshape(-1, len(x2)) for r in rs]  # stacked experts: every expert's rows
         wmax = np.max([np.abs(w).max(0) for w in ws], axis=0) + 1e-12
         best = (np.inf, 0.0, np.ones_like(x2))
         power = sum(_sum_sq(w) for w in ws)  # the same for every alpha
@@ -224,7 +229,8 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
             w.close()
     for name in im.sums:
         if name in col_scale:
-            im.sums[name] = (im.sums[name] / col_scale[name].astype(np.float64) ** 2).astype(np.float32)
+            s2 = np.tile(col_scale[name].astype(np.float64) ** 2, im.sums[name].size // col_scale[name].size)  # per expert
+            im.sums[name] = (im.sums[name] / s2).astype(np.float32)
     im.save(out_imatrix)
     log.info("smoothing: alphas %s", sorted(set(plan.alphas.values())))
     return plan

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,6 +101,51 @@ class CheckpointSource:
 
     def get(self, name: str) -> Any:
         return read_tensor(self.ckpt.tensors[name])
+
+
+# A parameter's source: one checkpoint tensor, or (stacked experts) per expert the tensors
+# concatenated along rows into that expert's slice.
+Source = str | tuple[tuple[str, ...], ...]
+
+# transformers 5 keeps a mixture-of-experts block's experts in 3-D parameters; checkpoints (and
+# transformers 5's own save_pretrained) keep one 2-D tensor per expert.  Parameter -> the per-expert
+# tensor names, in row order, for each naming in use (Qwen-MoE's, Mixtral's).
+EXPERT_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+LEGACY_MOE_BLOCK = (".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name for the block transformers 5 calls mlp
+
+
+def per_expert_sources(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Source | None:
+    """The per-expert checkpoint tensors a 3-D expert parameter (or a renamed router) is made of, if present."""
+    renamed = name.replace(*LEGACY_MOE_BLOCK)
+    if renamed != name and renamed in shapes:
+        return renamed  # Mixtral's router: block_sparse_moe.gate
+    base, _, leaf = name.rpartition(".")
+    for parent in dict.fromkeys((base, base.replace(*LEGACY_MOE_BLOCK))):
+        for parts in EXPERT_PARTS.get(leaf, ()):
+            experts: list[tuple[str, ...]] = []
+            while all(f"{parent}.{len(experts)}.{part}.weight" in shapes for part in parts):
+                experts.append(tuple(f"{parent}.{len(experts)}.{part}.weight" for part in parts))
+            if experts:
+                return tuple(experts)
+    return None
+
+
+def _source_shape(src: Source, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    if isinstance(src, str):
+        return tuple(shapes[src])
+    rows = [sum(shapes[n][0] for n in parts) for parts in src]
+    return (len(src), rows[0], shapes[src[0][0]][1]) if len(set(rows)) == 1 else ()
+
+
+def _read_source(source: TensorSource, src: Source) -> Any:
+    import torch
+
+    if isinstance(src, str):
+        return source.get(src)
+    return torch.stack([torch.cat([source.get(n) for n in parts]) for parts in src])
 
 
 # --- the model without its weights ------------------------------------------------------------
@@ -257,24 +302,29 @@ class Skeleton:
             _set_tensor(self.model, name, buf.to(self.device))
         self.names = self._source_names(folder)
 
-    def _source_names(self, folder: Path) -> dict[str, str]:
-        """Parameter name -> source tensor name, every shape checked before any weight is read."""
+    def _source_names(self, folder: Path) -> dict[str, Source]:
+        """Parameter name -> source tensor name (or the per-expert tensors stacked into it), every shape
+        checked before any weight is read."""
         shapes = self.source.shapes()
         tied = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
-        names: dict[str, str] = {}
+        names: dict[str, Source] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
-            src = name
+            src: Source = name
             if src not in shapes and tied.get(id(p), name) != name:
                 src = tied[id(p)]
             if src not in shapes:
                 emb = self.prefix[id(self.embed)] + ".weight"
                 if self.head is not None and name == self.prefix[id(self.head)] + ".weight" and emb in shapes:
                     src = emb  # tied output matrix stored once, as the embeddings
+                elif (experts := per_expert_sources(name, shapes)) is not None:
+                    src = experts
                 else:
                     raise QuantizeError(folder, f"has no tensor {name!r}, which {self.config.architectures[0]} needs; "
                                         "the checkpoint does not match its config.json")
-            if tuple(shapes[src]) != tuple(p.shape):
-                raise QuantizeError(folder, f"tensor {src!r} has shape {list(shapes[src])}, the config implies {list(p.shape)}")
+            shape = _source_shape(src, shapes)
+            if shape != tuple(p.shape):
+                raise QuantizeError(folder, f"tensor {src if isinstance(src, str) else name!r} has shape {list(shape)}, "
+                                            f"the config implies {list(p.shape)}")
             names[name] = src
         return names
 
@@ -290,7 +340,7 @@ class Skeleton:
         try:
             for n, _ in list(module.named_parameters()):
                 full = f"{prefix}.{n}" if prefix else n
-                t = self.source.get(self.names[full])
+                t = _read_source(self.source, self.names[full])
                 _set_tensor(module, n, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
                 del t
             yield module
