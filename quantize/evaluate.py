@@ -271,7 +271,13 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
         raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
     from transformers import AutoTokenizer
 
-    CheckpointSource.open(ref_path)  # an incomplete checkpoint is refused before tokenizing
+    from .architectures import ARCHITECTURES
+
+    src = CheckpointSource.open(ref_path)  # an incomplete checkpoint is refused before tokenizing
+    if src.ckpt.architecture not in ARCHITECTURES:  # model-level steps (embedding/logit multipliers) unknown here
+        raise QuantizeError(ref_path / "config.json", f"the streamed float32 reference runs the families of this tool's table; "
+                            f"{src.ckpt.architecture} is not one: pass its F16 GGUF as the reference (its converter's "
+                            "output was checked against HF's logits)")
     tok = AutoTokenizer.from_pretrained(ref_path, local_files_only=True)
     return ((lambda: StreamedEngine(ref_path, settings)), (lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
             tok.bos_token_id)

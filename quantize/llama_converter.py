@@ -130,19 +130,30 @@ def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources:
 
 
 def check_tokenizer(path: Path, hf_dir: Path) -> None:
-    """llama.cpp's tokenization of :data:`BATTERY` must be the model's own tokenizer's."""
+    """llama.cpp's tokenization of :data:`BATTERY` must be the model's own: SentencePiece's when the
+    checkpoint ships ``tokenizer.model`` (HF's fast conversion of it differs on runs of leading
+    spaces, llama.cpp follows SentencePiece), else its HF tokenizer's."""
     import llama_cpp
-    from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    spm_file = hf_dir / "tokenizer.model"
+    if spm_file.is_file():
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
+        own, whose = (lambda t: list(sp.encode(t))), "SentencePiece model"
+    else:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        own, whose = (lambda t: list(hf(t, add_special_tokens=False)["input_ids"])), "tokenizer"
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
     try:
         for text in BATTERY:
-            ours = llm.tokenize(text.encode(), add_bos=False, special=True)
-            want = hf(text, add_special_tokens=False)["input_ids"]
+            ours, want = llm.tokenize(text.encode(), add_bos=False, special=True), own(text)
             if ours != want:
                 raise QuantizeError(hf_dir, f"llama.cpp's converter wrote a tokenizer that splits {text!r} as {ours[:12]} "
-                                            f"where the model's own splits it as {want[:12]}; this GGUF would not see the model's tokens")
+                                            f"where the model's own {whose} splits it as {want[:12]}; this GGUF would "
+                                            "not see the model's tokens")
     finally:
         llm.close()
 

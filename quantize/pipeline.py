@@ -213,8 +213,17 @@ def _eval(b: Build) -> None:
     artifacts = [b.f16, *b.quants.values(), *([b.awq] if b.awq else [])]
     need = partial(_stream_need, b.model, es.ctx * (es.chunks or 32), es.batch_tokens, es.ctx // 2)
 
+    from .architectures import ARCHITECTURES
+    from .checkpoint import read_json_object
+
+    # HF's own model in float32 is the reference; for a family without a row (llama.cpp's converter wrote
+    # its F16, checked against HF's logits then) the streamed forward does not know its model-level
+    # steps, so the F16 is.
+    arch = (read_json_object(b.model / "config.json").get("architectures") or ["?"])[0]
+    reference = b.model if arch in ARCHITECTURES else b.f16
+
     def run_eval() -> None:
-        rep = evaluate(b.model, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds))
+        rep = evaluate(reference, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds))
         write_report(rep, eval_dir)
 
     b.steps.run("eval", eval_dir / "eval.json",
