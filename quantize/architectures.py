@@ -544,15 +544,15 @@ def read_gemma2_config(cfg: Mapping[str, Any], path: str) -> ModelConfig:
                                attn_logit_softcap=cfg.get("attn_logit_softcapping"))
 
 
-GEMMA2_SHAPES = GEMMA3_SHAPES
 GEMMA2_NORMS = (T.OUTPUT_NORM, T.ATTN_NORM, T.ATTN_POST_NORM, T.FFN_PRE_NORM, T.FFN_POST_NORM)
-GEMMA2_SHAPES = {k: v for k, v in GEMMA3_SHAPES.items() if k not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)}
+GEMMA2_SHAPES: Mapping[gguf.MODEL_TENSOR, tuple[str, ...]] = {k: v for k, v in GEMMA3_SHAPES.items() if k not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)}
 
 # --- the table ----------------------------------------------------------------------------------
 
 # The oldest llama.cpp builds, from the merge commits of the pull requests that added each feature.
 LLAMA_CPP_PRE_KEY = "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-tokenizer key)"
 LLAMA_CPP_LLAMA = LLAMA_CPP_PRE_KEY[:-1] + "; b3472 for Llama 3.1's rope scaling, PR #8676)"
+LLAMA_CPP_QWEN3 = "b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)"
 
 _LLAMA = dict(
     gguf_arch=gguf.MODEL_ARCH.LLAMA,
@@ -581,16 +581,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                      **{**_QWEN, "awq_layer_map": "qwen2"}),  # type: ignore[arg-type]
         # Qwen3: per-head q/k RMSNorm, no biases.
         Architecture(hf_name="Qwen3ForCausalLM", model_type="qwen3", gguf_arch=gguf.MODEL_ARCH.QWEN3, shapes=QWEN3_SHAPES,
-                     min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)", **{**_QWEN, "awq_layer_map": "qwen3"}),  # type: ignore[arg-type]
+                     min_llama_cpp=LLAMA_CPP_QWEN3, **{**_QWEN, "awq_layer_map": "qwen3"}),  # type: ignore[arg-type]
         Architecture(hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
-                     shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp="b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)",
+                     shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp=LLAMA_CPP_QWEN3,
                      refused=MOE_REFUSED, scale_groups=MOE_GROUPS, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
         # Phi-3/3.5/4-mini: fused qkv and gate_up (llama.cpp keeps both fused), LongRoPE factor tables.
         Architecture(hf_name="Phi3ForCausalLM", model_type="phi3", gguf_arch=gguf.MODEL_ARCH.PHI3, read_config=read_phi3_config,
                      write_hparams=_phi3_hparams, shapes=PHI3_SHAPES, transforms={}, extra_tensors=phi3_rope_factors,
                      scale_groups=PHI3_GROUPS, awq_layer_map="phi3", min_llama_cpp="b2961 (May 2024, PR #7225: Phi-3 with the 128k rope factor tables)"),
         # Gemma 2: four norms a block, stored as 1 + weight; attention and final logit soft-capping;
-        # sliding-window and global layers alternating.  Its residual stream outgrows float16 as Gemma 3's does.
+        # sliding-window and global layers alternating.  Released in bfloat16 and calibrated in it on CUDA,
+        # as Gemma 3 is (whose activations were measured beyond float16's range; Gemma 2's were not, here).
         Architecture(hf_name="Gemma2ForCausalLM", model_type="gemma2", gguf_arch=gguf.MODEL_ARCH.GEMMA2,
                      read_config=read_gemma2_config, write_hparams=_llama_hparams, shapes=GEMMA2_SHAPES,
                      transforms={k: norm_plus_one for k in GEMMA2_NORMS}, scale_groups=GEMMA_GROUPS,

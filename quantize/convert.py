@@ -64,10 +64,6 @@ class TensorPlan:
     data: np.ndarray | None = None  # generated tensors only
 
     @property
-    def ref(self) -> TensorRef | None:
-        return self.refs[0] if self.refs else None
-
-    @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape, dtype=np.int64))
         return n * (4 if self.qtype == Q.F32 else 2)
