@@ -21,11 +21,12 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file, file_lock
 from .corpus import TextSplit, _package_dir, write_splits
 from .vocab import LLAMA3_REGEX
 
@@ -96,21 +97,30 @@ def default_root() -> Path:
     return Path.cwd() / "artifacts" / "demo"
 
 
-def build_demo(root: Path | None = None, recipe: DemoRecipe | None = None) -> Demo:
-    """Build (or reuse from cache) the demo checkpoints and text splits."""
+def build_demo(root: Path | None = None, recipe: DemoRecipe | None = None, models: Collection[str] | None = None) -> Demo:
+    """Build (or reuse from cache) the demo's text splits and the checkpoints named in ``models``
+    (every one by default).  Each part is written atomically on its own, so a recipe that names one
+    model trains that one only, and a part once written is reused by every later call."""
     recipe = recipe or DemoRecipe()
     root = (root or default_root()) / recipe.key()
     demo = Demo(root, {m.name: root / m.name for m in recipe.models},
                 {k: root / "text" / f"{k}.txt" for k in ("train", "calib", "eval")})
-    if (root / "report.json").is_file():
-        log.info("demo models cached at %s", root)
+    wanted = [m for m in recipe.models if models is None or m.name in models]
+    if (root / "text").is_dir() and all((root / m.name).is_dir() for m in wanted):
+        log.info("demo parts cached at %s", root)
         return demo
-    with atomic_dir(root) as tmp:
-        text = write_splits(recipe.split, tmp / "text")
-        report: dict[str, Any] = {"recipe": asdict(recipe), "models": {}}
-        for m in recipe.models:
-            report["models"][m.name] = _build_model(m, text, tmp / m.name)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    with file_lock(root / ".lock", f"another process is building the demo models in {root}"):
+        if not (root / "text").is_dir():
+            with atomic_dir(root / "text") as tmp:
+                write_splits(recipe.split, tmp)
+        for m in wanted:
+            if (root / m.name).is_dir():
+                continue
+            with atomic_dir(root / m.name) as tmp:
+                report = _build_model(m, demo.text, tmp)
+            (root / "reports").mkdir(exist_ok=True)
+            with atomic_file(root / "reports" / f"{m.name}.json") as f:
+                f.write_text(json.dumps({"recipe": asdict(m), **report}, indent=2))
     return demo
 
 
@@ -265,7 +275,7 @@ def add_activation_outliers(model: Any, channels: int, factor: float, seed: int)
 
     from .architectures import lookup
 
-    groups = [g for g in lookup(model.config.architectures[0], "config.json").scale_groups if g.prev.endswith("norm")]
+    groups = [g for g in lookup(type(model).__name__, "config.json").scale_groups if g.prev.endswith("norm")]
     block = [g for g in groups if "{bid}" in g.prev]
     top = [] if model.config.tie_word_embeddings else [g for g in groups if "{bid}" not in g.prev]
     for g, bid in [(g, i) for i in range(model.config.num_hidden_layers) for g in block] + [(g, 0) for g in top]:
@@ -280,7 +290,6 @@ def _build_model(m: ModelRecipe, text: dict[str, Path], out: Path) -> dict[str, 
     import transformers
 
     t0 = time.time()
-    out.mkdir(parents=True)
     torch.manual_seed(m.seed)
     tok = _spm_tokenizer(out) if m.tokenizer == "mistral-spm" else _bpe_tokenizer(text["train"], m.vocab_size)
     tok.chat_template = CHATML_TEMPLATE

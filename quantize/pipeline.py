@@ -331,17 +331,20 @@ DEFAULT_RECIPE = Path("recipes") / "demo.toml"
 
 
 def _demo_part(part: str, recipe: Path, root: Path, what: str) -> Path:
-    from .demo import build_demo
+    """A part of the demo, building (once) only what it needs: the LoRA adapter trains on the
+    SentencePiece model, a text part needs no model."""
+    from .demo import DemoRecipe, build_demo
 
-    demo = build_demo(root)
+    models = {m.name for m in DemoRecipe().models}
+    texts = ("train", "calib", "eval")
+    if part not in (*models, *texts, "lora"):
+        raise QuantizeError(recipe, f"{what} 'demo:{part}': no such demo part; known: {', '.join([*models, *texts, 'lora'])}")
+    demo = build_demo(root, models=["mistral-spm"] if part == "lora" else [part] if part in models else [])
     if part == "lora":
         from .lora import train_demo_lora
 
         return train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
-    found = {**demo.models, **demo.text}.get(part)
-    if found is None:
-        raise QuantizeError(recipe, f"{what} 'demo:{part}': no such demo part; known: {', '.join([*demo.models, *demo.text, 'lora'])}")
-    return found
+    return {**demo.models, **demo.text}[part]
 
 
 def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
