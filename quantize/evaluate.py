@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LOGP_FLOOR = 48.0  # log-probabilities below max-48 (p < 1e-21 of the top token) are stored at the floor
 ROWS_PER_SOFTMAX = 64  # bound the float32 scratch of log-softmax over large vocabularies
+METRIC_BLOCK_ENTRIES = 1 << 19  # float32 entries per row block of window_metrics (2 MiB per buffer)
 REFERENCE_FORMAT = 2  # the reference cache's layout (2: with each row's top token and its log-probability)
 REFERENCE_ARRAYS = ("logp_u16", "lo", "scale", "top_logp", "top")  # per window, in Reference._window's order
 
@@ -98,12 +99,11 @@ class LlamaCppEngine:
                          verbose=False, n_threads=threads or os.cpu_count() or 1)
         self.n_vocab = self.llm.n_vocab()
         self._batch = L.llama_batch_init(ctx, 0, 1)
+        self._free_batch = L.llama_batch_free  # held: a finaliser at interpreter exit cannot import
 
     def __del__(self) -> None:
-        import llama_cpp as L
-
         if getattr(self, "_batch", None) is not None:
-            L.llama_batch_free(self._batch)
+            self._free_batch(self._batch)
             self._batch = None
 
     def _decode(self, ids: Sequence[int], rows: slice) -> np.ndarray:
@@ -159,10 +159,17 @@ def _awq_engine(path: Path, settings: EvalSettings) -> Engine:
 
 def artifact_kind(path: Path) -> str:
     """The gate's row for an artifact: the GGUF file type, ``AWQ``/``RTN``, or ``HF``."""
-    if path.is_file():
-        from .gguf_info import summarize
+    if path.is_file():  # the header's file type (read_header skips the vocabulary arrays gguf-py would parse)
+        import gguf
 
-        return summarize(path).file_type.removeprefix("MOSTLY_").removeprefix("ALL_")
+        from .gguf_header import read_header
+
+        ft = read_header(path).kv.get("general.file_type")
+        try:
+            name = gguf.LlamaFileType(ft).name if ft is not None else "?"
+        except ValueError:
+            name = str(ft)
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(path, "not a GGUF file nor a checkpoint folder with config.json")
@@ -245,7 +252,8 @@ def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.
     ``t = x - max x`` (its argmax is the artifact's top token), ``u = (q - q_top) * step`` for the
     stored reference (16-bit codes ``q``), and with ``c`` the reference's cached log-probability of its
     top token, ``KL = e^c (sum e^u (u - t) + (c + log sum e^t) sum e^u)``.
-    Two exp passes, float32 products summed in float64, two float32 row-block buffers."""
+    Two exp passes and no argmax (the top tokens agree when the reference's top has ``t = 0``), in
+    row blocks small enough to stay in cache, with two float32 row-block buffers."""
     import torch
 
     x = torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
@@ -254,24 +262,22 @@ def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.
     tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
     nll, kld = torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
     top = torch.empty(len(x), dtype=torch.bool)
-    rows = min(ROWS_PER_SOFTMAX, len(x))
+    rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))  # row blocks that stay in cache
     a_buf, b_buf = torch.empty(rows, x.shape[1]), torch.empty(rows, x.shape[1])
-    for r in range(0, len(x), ROWS_PER_SOFTMAX):
-        sl = slice(r, r + ROWS_PER_SOFTMAX)
+    for r in range(0, len(x), rows):
+        sl = slice(r, r + rows)
         xb, qb, step = x[sl], q[sl], sc[sl]
         a, b = a_buf[: len(xb)], b_buf[: len(xb)]
-        m, arg = xb.max(-1)
-        torch.sub(xb, m[:, None], out=b)  # t
-        lse_t = torch.exp(b, out=a).sum(-1, dtype=torch.float64).log()
-        nll[sl] = lse_t - b.gather(1, tgt[sl, None])[:, 0].to(torch.float64)
+        torch.sub(xb, xb.amax(-1, keepdim=True), out=b)  # t
+        lse_t = torch.exp(b, out=a).sum(-1).log()
+        nll[sl] = (lse_t - b.gather(1, tgt[sl, None])[:, 0]).double()
+        top[sl] = b.gather(1, top_r[sl, None])[:, 0] >= 0  # the reference's top token is the artifact's too
         _relative_codes(qb, packed[0][np.arange(r, r + len(xb)), top_r[sl].numpy()], step, a)  # u
         torch.sub(a, b, out=b)  # u - t
         e = a.exp_()
-        s0 = e.sum(-1, dtype=torch.float64)
-        s1 = e.mul_(b).sum(-1, dtype=torch.float64)
+        s0, s1 = e.sum(-1).double(), torch.linalg.vecdot(e, b).double()
         c = c_r[sl]
-        kld[sl] = c.exp() * (s1 + (c + lse_t) * s0)
-        top[sl] = arg == top_r[sl]
+        kld[sl] = c.exp() * (s1 + (c + lse_t.double()) * s0)
     return nll.numpy(), kld.numpy(), top.numpy()
 
 
@@ -310,15 +316,11 @@ class Reference:
 
     def packed(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Window ``w``'s stored distributions: uint16 codes, per-row offset and step."""
-        q, lo, sc = self._window(w)[:3]
+        q, lo, sc = self.window(w)[:3]
         return q, lo, sc
 
-    def stats(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """Window ``w``'s :func:`reference_stats`, computed when the cache was written."""
-        top_logp, top = self._window(w)[3:]
-        return top_logp, top
-
-    def _window(self, w: int) -> list[np.ndarray]:
+    def window(self, w: int) -> list[np.ndarray]:
+        """Window ``w``'s stored distributions and their :func:`reference_stats` (in :data:`REFERENCE_ARRAYS` order)."""
         if not self._maps:
             self._maps = [np.load(self.root / f"{f}.npy", mmap_mode="r") for f in REFERENCE_ARRAYS]
         return [np.array(m[w]) for m in self._maps]  # read into writable memory (torch wraps it as is)
@@ -430,7 +432,8 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     nll, kld, top1 = [], [], []
     logits = engine.scored_logits(tokens, ref.windows.rows)
     for w, window_logits in progress(enumerate(logits), tokens.shape[0], f"eval {path.name}"):
-        n, k, t = window_metrics(window_logits, ref.packed(w), tokens[w, first + 1 :], ref.stats(w))
+        q, lo, sc, top_logp, top = ref.window(w)
+        n, k, t = window_metrics(window_logits, (q, lo, sc), tokens[w, first + 1 :], (top_logp, top))
         nll.append(n)
         kld.append(k)
         top1.append(t)
