@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 LOGP_FLOOR = 48.0  # log-probabilities below max-48 (p < 1e-21 of the top token) are stored at the floor
 ROWS_PER_SOFTMAX = 64  # bound the float32 scratch of log-softmax over large vocabularies
+METRIC_BLOCK_ENTRIES = 1 << 19  # float32 entries per row block of window_metrics (2 MiB per buffer)
+REFERENCE_FORMAT = 2  # the reference cache's layout (2: with each row's top token and its log-probability)
+REFERENCE_ARRAYS = ("logp_u16", "lo", "scale", "top_logp", "top")  # per window, in Reference._window's order
 
 
 @dataclass(frozen=True)
@@ -82,24 +85,49 @@ class StreamedEngine:
 
 
 class LlamaCppEngine:
-    """A GGUF in llama.cpp (llama-cpp-python), from a memory map; all logits of each window."""
+    """A GGUF in llama.cpp (llama-cpp-python), from a memory map.  Each window is one ``llama_decode``
+    whose batch asks for the logits of the scored rows only, so the output projection runs on those
+    positions alone; the logits are read in place from llama.cpp's buffer, not copied."""
 
     def __init__(self, path: Path, ctx: int, threads: int = 0) -> None:
+        import llama_cpp as L
         from llama_cpp import Llama
 
         _log_mapped_memory(path)
-        self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+        self.path, self.ctx = path, ctx
+        self.llm = Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=False,
                          verbose=False, n_threads=threads or os.cpu_count() or 1)
         self.n_vocab = self.llm.n_vocab()
+        self._batch = L.llama_batch_init(ctx, 0, 1)
+        self._free_batch = L.llama_batch_free  # held: a finaliser at interpreter exit cannot import
+
+    def __del__(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self._free_batch(self._batch)
+            self._batch = None
+
+    def _decode(self, ids: Sequence[int], rows: slice) -> np.ndarray:
+        """Logits of ``rows`` of one window (a view of llama.cpp's buffer, valid until the next decode)."""
+        import llama_cpp as L
+
+        ctx, b = self.llm._ctx.ctx, self._batch
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        b.n_tokens = len(ids)
+        for i, t in enumerate(ids):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), i, 1, rows.start <= i < rows.stop
+            b.seq_id[i][0] = 0
+        if L.llama_decode(ctx, b) != 0:
+            raise QuantizeError(self.path, "llama.cpp failed to evaluate a window (llama_decode)")
+        n = len(range(*rows.indices(len(ids))))
+        return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(n, self.n_vocab))
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.asarray(self.llm.scores[: len(ids)], dtype=np.float32)
+        """Every position's logits of one window (a copy)."""
+        return self._decode(ids, slice(0, len(ids))).copy()
 
     def scored_logits(self, tokens: np.ndarray, rows: slice) -> Iterator[np.ndarray]:
         for w in range(tokens.shape[0]):
-            yield self.logits(tokens[w].tolist())[rows]
+            yield self._decode(tokens[w], rows)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.llm.tokenize(text.encode(), add_bos=False, special=False))
@@ -131,10 +159,17 @@ def _awq_engine(path: Path, settings: EvalSettings) -> Engine:
 
 def artifact_kind(path: Path) -> str:
     """The gate's row for an artifact: the GGUF file type, ``AWQ``/``RTN``, or ``HF``."""
-    if path.is_file():
-        from .gguf_info import summarize
+    if path.is_file():  # the header's file type (read_header skips the vocabulary arrays gguf-py would parse)
+        import gguf
 
-        return summarize(path).file_type.removeprefix("MOSTLY_").removeprefix("ALL_")
+        from .gguf_header import read_header
+
+        ft = read_header(path).kv.get("general.file_type")
+        try:
+            name = gguf.LlamaFileType(ft).name if ft is not None else "?"
+        except ValueError:
+            name = str(ft)
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(path, "not a GGUF file nor a checkpoint folder with config.json")
@@ -181,24 +216,68 @@ def pack_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, lo.astype(np.float32), scale.astype(np.float32)
 
 
-def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
-    whether both put the same token on top.  Fused in torch (multi-threaded, float32) and in row
-    blocks, so the log-softmax over a 262k vocabulary does not dominate the evaluation."""
+def reference_stats(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What every artifact's comparison needs of the stored reference rows, computed once: the top
+    token and its log-probability ``c`` in the unpacked (rounded, renormalised) distribution,
+    ``c = -log sum exp((q - q_top) * step)`` (float64)."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
-    q, lo, sc = (torch.from_numpy(np.ascontiguousarray(a)) for a in packed)
-    tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
-    nll, kld, top = torch.empty(len(x)), torch.empty(len(x)), torch.empty(len(x), dtype=torch.bool)
-    for r in range(0, len(x), ROWS_PER_SOFTMAX):
+    q, _, sc = packed
+    top = q.argmax(-1)
+    c = np.empty(len(q), np.float64)
+    for r in range(0, len(q), ROWS_PER_SOFTMAX):
         sl = slice(r, r + ROWS_PER_SOFTMAX)
-        lp = torch.log_softmax(x[sl], dim=-1)
-        rl = torch.log_softmax(lo[sl, None] + q[sl].to(torch.float32) * sc[sl, None], dim=-1)  # renormalised after rounding
-        nll[sl] = -lp.gather(1, tgt[sl, None])[:, 0]
-        kld[sl] = (rl.exp() * (rl - lp)).sum(-1)
-        top[sl] = rl.argmax(-1) == lp.argmax(-1)
+        u = _relative_codes(torch.from_numpy(np.ascontiguousarray(q[sl])), q[sl][np.arange(len(q[sl])), top[sl]],
+                            torch.from_numpy(np.ascontiguousarray(sc[sl])), torch.empty(q[sl].shape))
+        c[sl] = -u.exp_().sum(-1, dtype=torch.float64).log().numpy()
+    return c, top.astype(np.int64)
+
+
+def _relative_codes(q: Any, q_top: np.ndarray, step: Any, out: Any) -> Any:
+    """``(q - q_top) * step`` of a row block into ``out`` (float32): the stored reference's log-probabilities
+    relative to its top token, exact where they matter (near the top)."""
+    import torch
+
+    return out.copy_(q).sub_(torch.from_numpy(q_top.astype(np.float32))[:, None]).mul_(step[:, None])
+
+
+def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   targets: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
+    whether both put the same token on top.
+
+    One row block of the artifact's logits ``x`` is read in place.  Both sides are taken relative to
+    their top token, so the float32 terms stay small and nearly cancel only where they should:
+    ``t = x - max x`` (its argmax is the artifact's top token), ``u = (q - q_top) * step`` for the
+    stored reference (16-bit codes ``q``), and with ``c`` the reference's cached log-probability of its
+    top token, ``KL = e^c (sum e^u (u - t) + (c + log sum e^t) sum e^u)``.
+    Two exp passes and no argmax (the top tokens agree when the reference's top has ``t = 0``), in
+    row blocks small enough to stay in cache, with two float32 row-block buffers."""
+    import torch
+
+    x = torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
+    q, sc = (torch.from_numpy(np.ascontiguousarray(a)) for a in (packed[0], packed[2]))
+    c_r, top_r = (torch.from_numpy(np.ascontiguousarray(a)) for a in (stats or reference_stats(packed)))
+    tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+    nll, kld = torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
+    top = torch.empty(len(x), dtype=torch.bool)
+    rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))  # row blocks that stay in cache
+    a_buf, b_buf = torch.empty(rows, x.shape[1]), torch.empty(rows, x.shape[1])
+    for r in range(0, len(x), rows):
+        sl = slice(r, r + rows)
+        xb, qb, step = x[sl], q[sl], sc[sl]
+        a, b = a_buf[: len(xb)], b_buf[: len(xb)]
+        torch.sub(xb, xb.amax(-1, keepdim=True), out=b)  # t
+        lse_t = torch.exp(b, out=a).sum(-1).log()
+        nll[sl] = (lse_t - b.gather(1, tgt[sl, None])[:, 0]).double()
+        top[sl] = b.gather(1, top_r[sl, None])[:, 0] >= 0  # the reference's top token is the artifact's too
+        _relative_codes(qb, packed[0][np.arange(r, r + len(xb)), top_r[sl].numpy()], step, a)  # u
+        torch.sub(a, b, out=b)  # u - t
+        e = a.exp_()
+        s0, s1 = e.sum(-1).double(), torch.linalg.vecdot(e, b).double()
+        c = c_r[sl]
+        kld[sl] = c.exp() * (s1 + (c + lse_t.double()) * s0)
     return nll.numpy(), kld.numpy(), top.numpy()
 
 
@@ -237,10 +316,14 @@ class Reference:
 
     def packed(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Window ``w``'s stored distributions: uint16 codes, per-row offset and step."""
-        if not self._maps:
-            self._maps = [np.load(self.root / f, mmap_mode="r") for f in ("logp_u16.npy", "lo.npy", "scale.npy")]
-        q, lo, sc = (np.array(m[w]) for m in self._maps)  # read into writable memory (torch wraps it as is)
+        q, lo, sc = self.window(w)[:3]
         return q, lo, sc
+
+    def window(self, w: int) -> list[np.ndarray]:
+        """Window ``w``'s stored distributions and their :func:`reference_stats` (in :data:`REFERENCE_ARRAYS` order)."""
+        if not self._maps:
+            self._maps = [np.load(self.root / f"{f}.npy", mmap_mode="r") for f in REFERENCE_ARRAYS]
+        return [np.array(m[w]) for m in self._maps]  # read into writable memory (torch wraps it as is)
 
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
@@ -248,7 +331,7 @@ def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, 
     engine, tokenize, bos = _reference_engine(ref_path, settings)
     text = read_text(text_file)
     windows = make_windows(tokenize(text), bos, text_file, settings)
-    key = hashlib.sha256(json.dumps([fingerprint(ref_path), windows.text_sha256, settings.ctx,
+    key = hashlib.sha256(json.dumps([REFERENCE_FORMAT, fingerprint(ref_path), windows.text_sha256, settings.ctx,
                                      settings.chunks]).encode()).hexdigest()[:20]
     root = cache_root / key
     if not (root / "meta.json").is_file():
@@ -289,19 +372,20 @@ def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
     first, rows = windows.first, ctx - 1 - windows.first
     with atomic_dir(root) as tmp:
         q = np.lib.format.open_memmap(tmp / "logp_u16.npy", mode="w+", dtype=np.uint16, shape=(n, rows, engine.n_vocab))
-        lo = np.zeros((n, rows), np.float32)
-        sc = np.zeros((n, rows), np.float32)
+        lo, sc = np.zeros((n, rows), np.float32), np.zeros((n, rows), np.float32)
+        top_logp = np.zeros((n, rows), np.float64)
+        top = np.zeros((n, rows), np.int64)
         nll = np.zeros((n, rows), np.float64)
         logits = engine.scored_logits(windows.tokens, windows.rows)
         for w, window_logits in progress(enumerate(logits), n, "reference log-probabilities"):
             logp = log_softmax(window_logits)
-            q[w], lo[w], sc[w] = pack_logp(logp)
+            q[w], lo[w], sc[w] = packed = pack_logp(logp)
+            top_logp[w], top[w] = reference_stats(packed)
             nll[w] = -logp[np.arange(rows), windows.tokens[w, first + 1 :]]
         q.flush()
         del q
-        np.save(tmp / "lo.npy", lo)
-        np.save(tmp / "scale.npy", sc)
-        np.save(tmp / "nll.npy", nll)
+        for name, arr in (("lo", lo), ("scale", sc), ("top_logp", top_logp), ("top", top), ("nll", nll)):
+            np.save(tmp / f"{name}.npy", arr)
         np.save(tmp / "tokens.npy", windows.tokens)
         (tmp / "meta.json").write_text(json.dumps({"ppl": math.exp(float(nll.mean())), "windows": n, "ctx": ctx}))
 
@@ -348,7 +432,8 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     nll, kld, top1 = [], [], []
     logits = engine.scored_logits(tokens, ref.windows.rows)
     for w, window_logits in progress(enumerate(logits), tokens.shape[0], f"eval {path.name}"):
-        n, k, t = window_metrics(window_logits, ref.packed(w), tokens[w, first + 1 :])
+        q, lo, sc, top_logp, top = ref.window(w)
+        n, k, t = window_metrics(window_logits, (q, lo, sc), tokens[w, first + 1 :], (top_logp, top))
         nll.append(n)
         kld.append(k)
         top1.append(t)
