@@ -563,7 +563,7 @@ _LLAMA = dict(
     extra_tensors=llama3_rope_factors,
     min_llama_cpp=LLAMA_CPP_LLAMA,
 )
-_QWEN = dict(read_config=read_qwen_config, write_hparams=_llama_hparams, transforms={}, awq_layer_map=None)
+_QWEN = dict(read_config=read_qwen_config, write_hparams=_llama_hparams, transforms={})
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.hf_name: a
@@ -578,10 +578,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(hf_name="Qwen2ForCausalLM", model_type="qwen2", gguf_arch=gguf.MODEL_ARCH.QWEN2, shapes=QWEN2_SHAPES,
                      biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}),
                      min_llama_cpp="b2961 (May 2024: after the qwen2 pre-tokenizer, PR #7114, landed between b2717 and b2961)",
-                     **{**_QWEN, "awq_layer_map": "qwen2"}),  # type: ignore[arg-type]
+                     awq_layer_map="qwen2", **_QWEN),  # type: ignore[arg-type]
         # Qwen3: per-head q/k RMSNorm, no biases.
         Architecture(hf_name="Qwen3ForCausalLM", model_type="qwen3", gguf_arch=gguf.MODEL_ARCH.QWEN3, shapes=QWEN3_SHAPES,
-                     min_llama_cpp=LLAMA_CPP_QWEN3, **{**_QWEN, "awq_layer_map": "qwen3"}),  # type: ignore[arg-type]
+                     min_llama_cpp=LLAMA_CPP_QWEN3, awq_layer_map="qwen3", **_QWEN),  # type: ignore[arg-type]
         Architecture(hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
                      shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp=LLAMA_CPP_QWEN3,
                      refused=MOE_REFUSED, scale_groups=MOE_GROUPS, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
@@ -625,12 +625,17 @@ MODEL_TENSORS = frozenset({T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ROPE_FREQS, 
 F32_TENSORS = frozenset({T.FFN_GATE_INP})
 
 
+def rows_of(arch_name: str) -> list[Architecture]:
+    """The rows whose GGUF architecture is ``arch_name`` (none for a file llama.cpp's converter wrote)."""
+    return [a for a in ARCHITECTURES.values() if a.arch_name == arch_name]
+
+
 def for_gguf(arch_name: str, source_arch: str | None, where: str | Path | None) -> list[Architecture]:
     """The rows a GGUF may come from: the one its ``quantize.source.architecture`` names, else every
     row of its GGUF architecture (Llama, Mistral and Mixtral share ``llama``)."""
     if source_arch in ARCHITECTURES:
         return [ARCHITECTURES[source_arch]]
-    rows = [a for a in ARCHITECTURES.values() if a.arch_name == arch_name]
+    rows = rows_of(arch_name)
     if not rows:
         raise QuantizeError(where, f"GGUF architecture {arch_name!r} has no row in this tool's table (a file llama.cpp's "
                                    f"converter wrote); known: {', '.join(sorted({a.arch_name for a in ARCHITECTURES.values()}))}")

@@ -246,13 +246,17 @@ def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cf
     w.add_file_type(outtype.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(w)
-    # Provenance under our own namespace: llama.cpp defines no keys for these.
+    add_provenance(w, arch.hf_name, {**{s.path.name: PLACEHOLDER for s in ckpt.shards}, **side})
+
+
+def add_provenance(w: gguf.GGUFWriter, architecture: str, sources: dict[str, str]) -> None:
+    """Provenance under our own namespace (llama.cpp defines no keys for these): this tool's and
+    gguf-py's versions, the source's HF architecture, and each source file with its sha256."""
     w.add_string(f"{TOOL_NAME}.version", __version__)
     w.add_string(f"{TOOL_NAME}.gguf_py_version", package_version("gguf"))
-    w.add_string(f"{TOOL_NAME}.source.architecture", arch.hf_name)
-    files = [s.path.name for s in ckpt.shards] + list(side)
-    w.add_array(f"{TOOL_NAME}.source.files", files)
-    w.add_array(HASH_KEY, [PLACEHOLDER] * len(ckpt.shards) + list(side.values()))
+    w.add_string(f"{TOOL_NAME}.source.architecture", architecture)
+    w.add_array(f"{TOOL_NAME}.source.files", list(sources))
+    w.add_array(HASH_KEY, list(sources.values()))
 
 
 def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str | None = None) -> ConvertResult:
@@ -266,8 +270,8 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     if ckpt.architecture not in ARCHITECTURES:  # the long tail: llama.cpp's converter, then our checks
         from .llama_converter import convert_external
 
-        path, n, sources = convert_external(hf_dir, out, outtype)
-        return ConvertResult(path, n, path.stat().st_size, sources)
+        n, sources = convert_external(ckpt, Path(out), outtype)
+        return ConvertResult(Path(out), n, Path(out).stat().st_size, sources)
     arch = lookup(ckpt.architecture, cfg_path)
     cfg = arch.read_config(ckpt.config, cfg_path)
     for check in arch.checks:

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,6 +99,7 @@ class LlamaCppEngine:
                          verbose=False, n_threads=threads or os.cpu_count() or 1)
         self.n_vocab = self.llm.n_vocab()
         self._batch = L.llama_batch_init(ctx, 0, 1)
+        self._layout: tuple[int, slice] | None = None  # the window shape the batch's fixed fields are set for
         self._free_batch = L.llama_batch_free  # held: a finaliser at interpreter exit cannot import
 
     def __del__(self) -> None:
@@ -106,24 +107,25 @@ class LlamaCppEngine:
             self._free_batch(self._batch)
             self._batch = None
 
-    def _decode(self, ids: Sequence[int], rows: slice) -> np.ndarray:
+    def _decode(self, ids: np.ndarray, rows: slice) -> np.ndarray:
         """Logits of ``rows`` of one window (a view of llama.cpp's buffer, valid until the next decode)."""
         import llama_cpp as L
 
-        ctx, b = self.llm._ctx.ctx, self._batch
+        ctx, b, n = self.llm._ctx.ctx, self._batch, len(ids)
+        if self._layout != (n, rows):  # positions, sequence and logits flags: set once per window shape
+            for i in range(n):
+                b.seq_id[i][0] = 0
+            np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.arange(n)
+            np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
+            flags = np.zeros(n, np.int8)
+            flags[rows] = 1
+            np.ctypeslib.as_array(b.logits, shape=(n,))[:] = flags
+            b.n_tokens, self._layout = n, (n, rows)
+        np.ctypeslib.as_array(b.token, shape=(n,))[:] = ids
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        b.n_tokens = len(ids)
-        for i, t in enumerate(ids):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), i, 1, rows.start <= i < rows.stop
-            b.seq_id[i][0] = 0
         if L.llama_decode(ctx, b) != 0:
             raise QuantizeError(self.path, "llama.cpp failed to evaluate a window (llama_decode)")
-        n = len(range(*rows.indices(len(ids))))
-        return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(n, self.n_vocab))
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """Every position's logits of one window (a copy)."""
-        return self._decode(ids, slice(0, len(ids))).copy()
+        return np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(len(range(*rows.indices(n))), self.n_vocab))
 
     def scored_logits(self, tokens: np.ndarray, rows: slice) -> Iterator[np.ndarray]:
         for w in range(tokens.shape[0]):

@@ -99,14 +99,18 @@ class Imatrix:
                    int(field_value(r, "imatrix.chunk_count") or 0), int(field_value(r, "imatrix.chunk_size") or 0), experts)
 
 
+def _tensor_map(model: Any) -> gguf.TensorNameMap:
+    """gguf-py's HF -> GGUF name map for the model's family."""
+    from .architectures import lookup
+
+    return gguf.get_tensor_name_map(lookup(model.config.architectures[0], "config.json").gguf_arch, model.config.num_hidden_layers)
+
+
 def gguf_matrix_names(model: Any) -> dict[str, str]:
     """HF Linear module name -> GGUF weight name, through gguf-py's tensor map."""
     import torch
 
-    from .architectures import lookup
-
-    arch = lookup(model.config.architectures[0], "config.json")
-    tmap = gguf.get_tensor_name_map(arch.gguf_arch, model.config.num_hidden_layers)
+    tmap = _tensor_map(model)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     names = {}
     for mod_name, mod in model.named_modules():
@@ -124,10 +128,7 @@ def gguf_matrix_names(model: Any) -> dict[str, str]:
 def expert_names(model: Any) -> dict[str, dict[str, str]]:
     """Mixture-of-experts modules (transformers 5 keeps every expert of a block in 3-D ``gate_up_proj``
     and ``down_proj`` parameters) -> the GGUF names of their stacked tensors and of their router."""
-    from .architectures import lookup
-
-    arch = lookup(model.config.architectures[0], "config.json")
-    tmap = gguf.get_tensor_name_map(arch.gguf_arch, model.config.num_hidden_layers)
+    tmap = _tensor_map(model)
     out = {}
     for mod_name, mod in model.named_modules():
         gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)

@@ -28,9 +28,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from . import TOOL_NAME, __version__
-from .atomic import atomic_file, check_output, partial_prefix, sha256_file
-from .checkpoint import open_checkpoint, tokenizer_files
+from . import TOOL_NAME
+from .atomic import atomic_file, partial_prefix, sha256_file
+from .checkpoint import Checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
 from .split import write_tensors_copied
@@ -86,12 +86,10 @@ def converter_command() -> tuple[list[str], str]:
     return [str(exe_path)], f"{PACKAGE} (venv {venv})"
 
 
-def convert_external(hf_dir: str | Path, out: str | Path, outtype: str = "f16") -> tuple[Path, int, dict[str, str]]:
-    """Convert ``hf_dir`` with llama.cpp's converter, check the result, and publish it at ``out``:
-    (path, tensor count, source file -> sha256)."""
-    hf_dir, out = Path(hf_dir), Path(out)
-    check_output(out, [hf_dir])
-    ckpt = open_checkpoint(hf_dir)
+def convert_external(ckpt: Checkpoint, out: Path, outtype: str = "f16") -> tuple[int, dict[str, str]]:
+    """Convert the checkpoint with llama.cpp's converter, check the result, and publish it at ``out``
+    (already checked as an output by the caller): (tensor count, source file -> sha256)."""
+    hf_dir = ckpt.root
     cmd, who = converter_command()
     raw = out.parent / f"{partial_prefix(out)}llama-converter.gguf"
     try:
@@ -103,30 +101,30 @@ def convert_external(hf_dir: str | Path, out: str | Path, outtype: str = "f16") 
         sources = {s.path.name: sha256_file(s.path) for s in ckpt.shards}
         sources |= {p.name: sha256_file(p) for p in [hf_dir / "config.json", *tokenizer_files(hf_dir)] if p.is_file()}
         with atomic_file(out) as tmp:
-            _with_provenance(raw, tmp, ckpt.architecture, who, sources)
+            n_tensors = _with_provenance(raw, tmp, ckpt.architecture, who, sources)
             raw.unlink()
             check_tokenizer(tmp, hf_dir)
-            check_logits(tmp, hf_dir)
+            check_logits(tmp, ckpt)
     finally:
         raw.unlink(missing_ok=True)
     log.info("wrote %s with llama.cpp's converter (%s)", out, who)
-    return out, len(open_gguf(out).tensors), sources
+    return n_tensors, sources
 
 
-def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources: dict[str, str]) -> None:
-    """Copy ``src`` to ``dst`` adding our provenance keys; tensor bytes are copied from a memory map."""
+def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources: dict[str, str]) -> int:
+    """Copy ``src`` to ``dst`` adding our provenance keys (tensor bytes copied from a memory map); the tensor count."""
     import mmap
+
+    from .convert import add_provenance
 
     reader = open_gguf(src)
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         w = gguf.GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
         copy_metadata(reader, w)
-        w.add_string(f"{TOOL_NAME}.version", __version__)
+        add_provenance(w, architecture, sources)
         w.add_string(CONVERTER_KEY, who)
-        w.add_string(f"{TOOL_NAME}.source.architecture", architecture)
-        w.add_array(f"{TOOL_NAME}.source.files", list(sources))
-        w.add_array(f"{TOOL_NAME}.source.sha256", list(sources.values()))
         write_tensors_copied(w, reader, mm)
+    return len(reader.tensors)
 
 
 def check_tokenizer(path: Path, hf_dir: Path) -> None:
@@ -158,11 +156,11 @@ def check_tokenizer(path: Path, hf_dir: Path) -> None:
         llm.close()
 
 
-def check_logits(path: Path, hf_dir: Path) -> None:
+def check_logits(path: Path, ckpt: Checkpoint) -> None:
     """The logits of a few tokens must be HF float32's, when the model fits in RAM in float32."""
     import psutil
 
-    ckpt = open_checkpoint(hf_dir)
+    hf_dir = ckpt.root
     need = 2 * sum(ref.n_elements * 4 for ref in ckpt.tensors.values())
     if need > psutil.virtual_memory().available:
         log.warning("%s: logits not compared with HF (float32 needs %.1f GiB, %.1f GiB free); tokenizer checked only",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .architectures import ARCHITECTURES
+from .architectures import rows_of
 from .atomic import atomic_file, sha256_file
 from .errors import QuantizeError
 from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
@@ -45,7 +45,7 @@ MANIFEST_PACKAGES = ("llama-cpp-python", "gguf", "transformers", "torch", "autoa
 def min_llama_cpp(arch: str | None) -> str:
     """The oldest llama.cpp that loads a GGUF architecture, from its family row; for one written by
     llama.cpp's own converter (no row), that converter's llama.cpp."""
-    rows = [a for a in ARCHITECTURES.values() if a.arch_name == (arch or "llama")]
+    rows = rows_of(arch or "llama")
     return rows[0].min_llama_cpp if rows else "as new as the llama.cpp converter that wrote them"
 
 

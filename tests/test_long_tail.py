@@ -59,6 +59,7 @@ def test_the_conversion_check_catches_a_wrong_converter(granite: Path, reference
     is refused, and nothing is published."""
     import json
 
+    from quantize.checkpoint import open_checkpoint
     from quantize.errors import QuantizeError
     from quantize.llama_converter import check_logits
 
@@ -71,7 +72,7 @@ def test_the_conversion_check_catches_a_wrong_converter(granite: Path, reference
     (lied / "config.json").unlink()
     (lied / "config.json").write_text(json.dumps({**cfg, "logits_scaling": 2.0}))
     with pytest.raises(QuantizeError, match="away from HF float32"):
-        check_logits(res.path, lied)
+        check_logits(res.path, open_checkpoint(lied))
 
 
 @pytest.mark.parametrize("step", ["imatrix", "awq"])
