@@ -16,13 +16,27 @@ from .atomic import TMP_PREFIX, atomic_file, sha256_file
 HASH_CACHE = Path.home() / ".cache" / "quantize" / "sha256.json"
 
 
-def cached_sha256(f: Path) -> str:
+def _key(f: Path) -> str:
     st = f.stat()
-    key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _load() -> dict[str, str]:
     try:
-        cache = json.loads(HASH_CACHE.read_text())
+        return dict(json.loads(HASH_CACHE.read_text()))
     except (OSError, ValueError):
-        cache = {}
+        return {}
+
+
+def known_sha256(f: Path) -> str | None:
+    """The remembered sha256 of ``f`` as it is now, or None (nothing is hashed)."""
+    return _load().get(_key(f))
+
+
+def cached_sha256(f: Path) -> str:
+    """The sha256 of ``f``: remembered, or computed and remembered."""
+    key = _key(f)
+    cache = _load()
     if key not in cache:
         cache[key] = sha256_file(f)
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,9 @@ ours, deterministic ``<Model>.<TYPE>.gguf`` names and an atomic output.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 from . import TOOL_NAME, __version__
 from .atomic import atomic_file, check_output, partial_prefix, sha256_file
 from .errors import QuantizeError
+from .fingerprint import cached_sha256, known_sha256
 from .gguf_header import read_header
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .imatrix import Imatrix
@@ -124,21 +123,12 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
         return _quantize(sm, out, QuantizeSettings(settings.type, smi, settings.threads), src, settings.imatrix)
 
 
-def _background_sha256(path: Path) -> str:
-    """sha256 of ``path`` at the lowest CPU priority: on a machine whose cores llama.cpp's quantizer
-    keeps busy, the provenance hash takes only the cycles it leaves idle."""
-    import threading
-
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: per-thread nice
-    return sha256_file(path)
-
-
 def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, origin_imatrix: Path | None = None) -> Path:
     """Run llama.cpp's quantizer on ``src``; provenance names ``origin`` (the user's input)."""
     import llama_cpp as L
 
     qt: QuantType = quant_type(settings.type)
+    input_hash = known_sha256(origin)
     if read_header(src).kv.get("general.type") == "imatrix":  # refuses non-GGUF and truncated files too
         raise QuantizeError(src, "is an importance matrix, not a model")
     if qt.needs_imatrix and settings.imatrix is None:
@@ -146,7 +136,8 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
                             "(make one with `quantize imatrix`)")
     overrides: dict[str, str | int] = {
         f"{TOOL_NAME}.gguf.type": qt.name,
-        INPUT_HASH_KEY: PLACEHOLDER,  # hashed on a second thread while llama.cpp quantizes
+        # remembered when a build keyed a step by it; otherwise hashed after llama.cpp is done, not beside it
+        INPUT_HASH_KEY: input_hash or PLACEHOLDER,
         f"{TOOL_NAME}.gguf.smoothed": int(origin != src),
         f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {package_version('llama-cpp-python')}",
     }
@@ -171,12 +162,12 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
         }
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
-    with atomic_file(out) as tmp, ThreadPoolExecutor(1) as pool:
-        input_hash = pool.submit(_background_sha256, origin)
-        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))  # releases the GIL
+    with atomic_file(out) as tmp:
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantizeError(origin, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
-        patch_strings(tmp, INPUT_HASH_KEY, [input_hash.result()])
+        if input_hash is None:
+            patch_strings(tmp, INPUT_HASH_KEY, [cached_sha256(origin)])
     del keep, kv
     log.info("wrote %s (%s)", out, qt.name)
     return out
