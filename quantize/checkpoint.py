@@ -241,6 +241,11 @@ class ShardStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def fd(self) -> int:
+        """The shard's open file descriptor (for copies the kernel makes)."""
+        return self._fd
+
     def view(self, begin: int, end: int) -> memoryview:
         assert self._map is not None
         return memoryview(self._map)[begin:end]

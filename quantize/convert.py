@@ -2,16 +2,20 @@
 
 The plan (every tensor's GGUF name, type and shape) is made and validated from the safetensors
 headers and ``config.json`` before the output file is opened.  Tensors are then streamed shard by
-shard in file order, in bounded row chunks, through a memory map whose pages are released as soon
-as they are written, so peak memory does not grow with model size.  Each shard's sha256 is
-computed in the same pass, on a second thread, and patched into the already-written header at the
-end (the header precedes the data, so the hashes cannot be known when it is written).
+shard in file order, in bounded chunks.  A tensor stored as the GGUF stores it (no transform, same
+type) is copied file to file by the kernel (``copy_file_range``); the others are converted in row
+chunks through a memory map.  Each shard's sha256 is computed from that memory map in the same
+pass, on a second thread, whose pages are released as soon as they are written, so peak memory
+does not grow with model size; the hashes are patched into the already-written header at the end
+(the header precedes the data, so they cannot be known when it is written).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +55,7 @@ OUTTYPES: dict[str, OutType] = {
 
 HASH_KEY = f"{TOOL_NAME}.source.sha256"
 CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes at a time
+STORED_AS = {"F16": Q.F16, "BF16": Q.BF16, "F32": Q.F32}  # safetensors dtypes whose bytes are a GGUF type's bytes
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,19 @@ class _StreamedTensor:
 
     def _write_part(self, fout: Any, ref: TensorRef, source: ShardStream, hashed: bool) -> None:
         p = self.plan
+        if p.transform is None and STORED_AS.get(ref.dtype) == p.qtype:  # the bytes as they are: the kernel copies them
+            fout.flush()
+            pos = fout.tell()
+            for b0 in range(ref.begin, ref.end, CHUNK_BYTES):
+                b1 = min(ref.end, b0 + CHUNK_BYTES)
+                pending = self.hash_async(source.view(b0, b1)) if hashed else None
+                copy_range(source.fd, fout.fileno(), b0, pos, b1 - b0)
+                pos += b1 - b0
+                if pending is not None:
+                    pending.result()
+                    source.release(b1)
+            fout.seek(pos)
+            return
         row_bytes = ref.nbytes // ref.shape[0] if ref.shape else ref.nbytes
         rows = ref.shape[0] if ref.shape else 1
         step = max(p.row_align, (CHUNK_BYTES // max(row_bytes, 1)) // p.row_align * p.row_align)
@@ -230,6 +248,21 @@ class _StreamedTensor:
                 pending.result()
                 source.release(ref.begin + r1 * row_bytes)
         del arr
+
+
+def copy_range(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
+    """Copy ``n`` bytes between two files' offsets in the kernel (``copy_file_range``, else ``sendfile``)."""
+    while n > 0:
+        try:
+            done = os.copy_file_range(src, dst, n, src_at, dst_at)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.lseek(dst, dst_at, os.SEEK_SET)
+            done = os.sendfile(dst, src, src_at, n)
+        if done <= 0:
+            raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
+        src_at, dst_at, n = src_at + done, dst_at + done, n - done
 
 
 def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, vocab: Vocab,
