@@ -6,10 +6,12 @@ tokenized once with the reference tokenizer and cut into non-overlapping windows
 tokens; each window's first token is replaced by BOS and only the second half is scored.  The
 same token windows go to every artifact.
 
-The reference's log-probabilities are computed once per (model, text, ctx, chunks) and cached on
-disk as llama.cpp's ``--kl-divergence-base`` does: the *full* distribution, 16 bits per entry
-(affine uint16 per row), never a top-k truncation.  Artifacts then stream through window by
-window, so memory is bounded by one window's logits whatever the text length.
+The reference's distributions are computed once per (model, text, ctx, chunks) and cached on
+disk, as llama.cpp's ``--kl-divergence-base`` does, in the form every comparison reads: the *full*
+distribution (each token's probability relative to the row's top token, float32), never a top-k
+truncation, with the per-row terms of the KL divergence that depend on the reference alone.
+Artifacts then stream through window by window, so memory is bounded by one window's logits
+whatever the text length.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
 log = logging.getLogger(__name__)
 
-LOGP_FLOOR = 48.0  # log-probabilities below max-48 (p < 1e-21 of the top token) are stored at the floor
 ROWS_PER_SOFTMAX = 64  # bound the float32 scratch of log-softmax over large vocabularies
+LN2_INV = math.log2(math.e)  # log2 e: natural log = base-2 log / log2 e
 METRIC_BLOCK_ENTRIES = 1 << 19  # float32 entries per row block of window_metrics (2 MiB per buffer)
-REFERENCE_FORMAT = 2  # the reference cache's layout (2: with each row's top token and its log-probability)
-REFERENCE_ARRAYS = ("logp_u16", "lo", "scale", "top_logp", "top")  # per window, in Reference._window's order
+REFERENCE_FORMAT = 3  # the reference cache's layout (3: float32 probabilities relative to each row's top token)
+REFERENCE_ARRAYS = ("w", "c", "s", "top")  # per window, in reference_rows' order
 
 
 @dataclass(frozen=True)
@@ -209,77 +211,57 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return out.numpy()
 
 
-def pack_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full distribution in 16 bits per entry: per row ``lo + q * scale``, q in uint16."""
-    hi = logp.max(axis=1)
-    lo = np.maximum(logp.min(axis=1), hi - LOGP_FLOOR)
-    scale = np.maximum(hi - lo, 1e-6) / 65535.0
-    q = np.clip(np.rint((logp - lo[:, None]) / scale[:, None]), 0, 65535).astype(np.uint16)
-    return q, lo.astype(np.float32), scale.astype(np.float32)
-
-
-def reference_stats(packed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """What every artifact's comparison needs of the stored reference rows, computed once: the top
-    token and its log-probability ``c`` in the unpacked (rounded, renormalised) distribution,
-    ``c = -log sum exp((q - q_top) * step)`` (float64)."""
+def reference_rows(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What every artifact's comparison needs of the reference's rows, computed once: each token's
+    probability relative to the row's top token ``w = exp(logp - max logp)`` (float32, the full
+    distribution), the top token's log-probability ``c = -log sum w`` in that distribution, the
+    relative entropy term ``s = sum w log w`` (both float64) and the top token."""
     import torch
 
-    q, _, sc = packed
-    top = q.argmax(-1)
-    c = np.empty(len(q), np.float64)
-    for r in range(0, len(q), ROWS_PER_SOFTMAX):
-        sl = slice(r, r + ROWS_PER_SOFTMAX)
-        u = _relative_codes(torch.from_numpy(np.ascontiguousarray(q[sl])), q[sl][np.arange(len(q[sl])), top[sl]],
-                            torch.from_numpy(np.ascontiguousarray(sc[sl])), torch.empty(q[sl].shape))
-        c[sl] = -u.exp_().sum(-1, dtype=torch.float64).log().numpy()
-    return c, top.astype(np.int64)
+    lp = torch.from_numpy(np.ascontiguousarray(logp, dtype=np.float32))
+    w = np.empty(lp.shape, np.float32)
+    c, s = np.empty(len(lp), np.float64), np.empty(len(lp), np.float64)
+    top = lp.argmax(-1)
+    for r in range(0, len(lp), ROWS_PER_SOFTMAX):
+        u = lp[r : r + ROWS_PER_SOFTMAX] - lp[r : r + ROWS_PER_SOFTMAX].amax(-1, keepdim=True)
+        e = torch.from_numpy(w[r : r + ROWS_PER_SOFTMAX])
+        torch.exp(u, out=e)
+        c[r : r + ROWS_PER_SOFTMAX] = -e.sum(-1, dtype=torch.float64).log().numpy()
+        s[r : r + ROWS_PER_SOFTMAX] = torch.linalg.vecdot(e.double(), u.double()).numpy()
+    return w, c, s, top.numpy().astype(np.int64)
 
 
-def _relative_codes(q: Any, q_top: np.ndarray, step: Any, out: Any) -> Any:
-    """``(q - q_top) * step`` of a row block into ``out`` (float32): the stored reference's log-probabilities
-    relative to its top token, exact where they matter (near the top)."""
-    import torch
-
-    return out.copy_(q).sub_(torch.from_numpy(q_top.astype(np.float32))[:, None]).mul_(step[:, None])
-
-
-def window_metrics(logits: np.ndarray, packed: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   targets: np.ndarray, stats: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                   targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
     whether both put the same token on top.
 
-    One row block of the artifact's logits ``x`` is read in place.  Both sides are taken relative to
-    their top token, so the float32 terms stay small and nearly cancel only where they should:
-    ``t = x - max x`` (its argmax is the artifact's top token), ``u = (q - q_top) * step`` for the
-    stored reference (16-bit codes ``q``), and with ``c`` the reference's cached log-probability of its
-    top token, ``KL = e^c (sum e^u (u - t) + (c + log sum e^t) sum e^u)``.
-    Two exp passes and no argmax (the top tokens agree when the reference's top has ``t = 0``), in
-    row blocks small enough to stay in cache, with two float32 row-block buffers."""
+    One row block of the artifact's logits ``x`` is read in place and taken relative to its top, in
+    base 2 (torch's ``exp2`` is several times faster than its ``exp``): ``b = (x - max x) log2 e``.
+    With the reference's cached ``w``, ``c`` and ``s`` (:func:`reference_rows`),
+    ``KL = c + e^c (s - sum w b / log2 e) + log sum 2^b``: one exp2 pass, one sum and one dot
+    product per row, in float32 with torch's cascade sums (within 1e-6 of float64).  The top tokens
+    agree when the reference's top has ``b = 0``.  Row blocks are small enough to stay in cache."""
     import torch
 
     x = torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
-    q, sc = (torch.from_numpy(np.ascontiguousarray(a)) for a in (packed[0], packed[2]))
-    c_r, top_r = (torch.from_numpy(np.ascontiguousarray(a)) for a in (stats or reference_stats(packed)))
+    w = torch.from_numpy(ref_rows[0])
+    c_r, s_r, top_r = (torch.from_numpy(np.ascontiguousarray(a)) for a in ref_rows[1:])
     tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
     nll, kld = torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
     top = torch.empty(len(x), dtype=torch.bool)
     rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))  # row blocks that stay in cache
-    a_buf, b_buf = torch.empty(rows, x.shape[1]), torch.empty(rows, x.shape[1])
+    b_buf, e_buf = torch.empty(rows, x.shape[1]), torch.empty(rows, x.shape[1])
     for r in range(0, len(x), rows):
         sl = slice(r, r + rows)
-        xb, qb, step = x[sl], q[sl], sc[sl]
-        a, b = a_buf[: len(xb)], b_buf[: len(xb)]
-        torch.sub(xb, xb.amax(-1, keepdim=True), out=b)  # t
-        lse_t = torch.exp(b, out=a).sum(-1).log()
-        nll[sl] = (lse_t - b.gather(1, tgt[sl, None])[:, 0]).double()
+        xb = x[sl]
+        b, e = b_buf[: len(xb)], e_buf[: len(xb)]
+        torch.sub(xb, xb.amax(-1, keepdim=True), out=b).mul_(LN2_INV)
+        lse = torch.exp2(b, out=e).sum(-1).double().log()
+        nll[sl] = lse - b.gather(1, tgt[sl, None])[:, 0].double() / LN2_INV
         top[sl] = b.gather(1, top_r[sl, None])[:, 0] >= 0  # the reference's top token is the artifact's too
-        _relative_codes(qb, packed[0][np.arange(r, r + len(xb)), top_r[sl].numpy()], step, a)  # u
-        torch.sub(a, b, out=b)  # u - t
-        e = a.exp_()
-        s0, s1 = e.sum(-1).double(), torch.linalg.vecdot(e, b).double()
         c = c_r[sl]
-        kld[sl] = c.exp() * (s1 + (c + lse_t.double()) * s0)
+        kld[sl] = c + c.exp() * (s_r[sl] - torch.linalg.vecdot(w[sl], b).double() / LN2_INV) + lse
     return nll.numpy(), kld.numpy(), top.numpy()
 
 
@@ -308,7 +290,7 @@ def make_windows(ids: list[int], bos: int | None, text_file: Path, settings: Eva
 
 @dataclass
 class Reference:
-    """The reference's packed log-probabilities for every scored position, memory-mapped."""
+    """The reference's stored distributions for every scored position, memory-mapped."""
 
     root: Path
     windows: Windows
@@ -316,20 +298,16 @@ class Reference:
     nll: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _maps: list[np.ndarray] = field(default_factory=list, repr=False)
 
-    def packed(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Window ``w``'s stored distributions: uint16 codes, per-row offset and step."""
-        q, lo, sc = self.window(w)[:3]
-        return q, lo, sc
-
-    def window(self, w: int) -> list[np.ndarray]:
-        """Window ``w``'s stored distributions and their :func:`reference_stats` (in :data:`REFERENCE_ARRAYS` order)."""
+    def window(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Window ``w``'s stored rows, as :func:`reference_rows` returns them (mapped copy-on-write, not read ahead)."""
         if not self._maps:
-            self._maps = [np.load(self.root / f"{f}.npy", mmap_mode="r") for f in REFERENCE_ARRAYS]
-        return [np.array(m[w]) for m in self._maps]  # read into writable memory (torch wraps it as is)
+            self._maps = [np.load(self.root / f"{f}.npy", mmap_mode="c") for f in REFERENCE_ARRAYS]
+        w_, c, s, top = (m[w] for m in self._maps)
+        return w_, c, s, top
 
 
 def reference_logprobs(ref_path: Path, text_file: Path, settings: EvalSettings, cache_root: Path) -> Reference:
-    """Tokenize once, run the reference once over every window, cache its packed distributions; reuse when cached."""
+    """Tokenize once, run the reference once over every window, cache its distributions; reuse when cached."""
     engine, tokenize, bos = _reference_engine(ref_path, settings)
     text = read_text(text_file)
     windows = make_windows(tokenize(text), bos, text_file, settings)
@@ -369,24 +347,22 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
 
 
 def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
-    """Log-softmax of each window's scored rows, packed straight into the 16-bit cache."""
+    """Log-softmax of each window's scored rows, stored as :func:`reference_rows` (float32 ``w`` straight to disk)."""
     n, ctx = windows.tokens.shape
     first, rows = windows.first, ctx - 1 - windows.first
     with atomic_dir(root) as tmp:
-        q = np.lib.format.open_memmap(tmp / "logp_u16.npy", mode="w+", dtype=np.uint16, shape=(n, rows, engine.n_vocab))
-        lo, sc = np.zeros((n, rows), np.float32), np.zeros((n, rows), np.float32)
-        top_logp = np.zeros((n, rows), np.float64)
+        w = np.lib.format.open_memmap(tmp / "w.npy", mode="w+", dtype=np.float32, shape=(n, rows, engine.n_vocab))
+        c, s = np.zeros((n, rows), np.float64), np.zeros((n, rows), np.float64)
         top = np.zeros((n, rows), np.int64)
         nll = np.zeros((n, rows), np.float64)
         logits = engine.scored_logits(windows.tokens, windows.rows)
-        for w, window_logits in progress(enumerate(logits), n, "reference log-probabilities"):
+        for i, window_logits in progress(enumerate(logits), n, "reference log-probabilities"):
             logp = log_softmax(window_logits)
-            q[w], lo[w], sc[w] = packed = pack_logp(logp)
-            top_logp[w], top[w] = reference_stats(packed)
-            nll[w] = -logp[np.arange(rows), windows.tokens[w, first + 1 :]]
-        q.flush()
-        del q
-        for name, arr in (("lo", lo), ("scale", sc), ("top_logp", top_logp), ("top", top), ("nll", nll)):
+            w[i], c[i], s[i], top[i] = reference_rows(logp)
+            nll[i] = -logp[np.arange(rows), windows.tokens[i, first + 1 :]]
+        w.flush()
+        del w
+        for name, arr in (("c", c), ("s", s), ("top", top), ("nll", nll)):
             np.save(tmp / f"{name}.npy", arr)
         np.save(tmp / "tokens.npy", windows.tokens)
         (tmp / "meta.json").write_text(json.dumps({"ppl": math.exp(float(nll.mean())), "windows": n, "ctx": ctx}))
@@ -426,7 +402,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
                    engine: Engine | None = None) -> ArtifactResult:
     kind = artifact_kind(path)
     engine = engine or open_engine(path, settings)
-    ref_vocab = np.load(ref.root / "logp_u16.npy", mmap_mode="r").shape[2]
+    ref_vocab = np.load(ref.root / "w.npy", mmap_mode="r").shape[2]
     if engine.n_vocab != ref_vocab:
         raise QuantizeError(path, f"vocabulary of {engine.n_vocab} tokens differs from the reference's {ref_vocab}; "
                             "not the same model")
@@ -434,8 +410,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     nll, kld, top1 = [], [], []
     logits = engine.scored_logits(tokens, ref.windows.rows)
     for w, window_logits in progress(enumerate(logits), tokens.shape[0], f"eval {path.name}"):
-        q, lo, sc, top_logp, top = ref.window(w)
-        n, k, t = window_metrics(window_logits, (q, lo, sc), tokens[w, first + 1 :], (top_logp, top))
+        n, k, t = window_metrics(window_logits, ref.window(w), tokens[w, first + 1 :])
         nll.append(n)
         kld.append(k)
         top1.append(t)

@@ -12,7 +12,15 @@ import pytest
 
 from quantize.demo import Demo
 from quantize.errors import QuantizeError
-from quantize.evaluate import EvalSettings, evaluate, log_softmax, pack_logp, reference_logprobs, window_metrics, write_report
+from quantize.evaluate import (
+    EvalSettings,
+    evaluate,
+    log_softmax,
+    reference_logprobs,
+    reference_rows,
+    window_metrics,
+    write_report,
+)
 from quantize.gguf_info import open_gguf
 
 EVAL = EvalSettings(ctx=512, chunks=16)
@@ -58,21 +66,32 @@ def test_f16_perplexity_equals_reference_computed_independently(demo: Demo, ladd
     assert abs(f16["ppl"] / ppl - 1) < 1e-3
 
 
-def test_16_bit_reference_storage_is_accurate() -> None:
-    """The gate's own scoring (window_metrics, which unpacks and renormalises the 16-bit reference)
-    of the exact logits against their packed distribution: KL divergence zero within 1e-6, same top
-    token, the target's log-likelihood exact."""
+def test_stored_reference_scores_its_own_logits_exactly() -> None:
+    """The gate's own scoring (window_metrics, from the stored relative probabilities and per-row
+    terms) of the exact logits against their stored distribution: KL divergence zero within 1e-6,
+    same top token, the target's log-likelihood exact; a real difference is seen, and matches the
+    KL divergence computed directly in float64."""
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((64, 32002)) * 3).astype(np.float32)
     logits[:, :10] += 12  # peaked distributions like a trained LM's
     exact = log_softmax(logits)
     targets = rng.integers(0, 32002, 64)
-    nll, kld, top = window_metrics(logits, pack_logp(exact), targets)
+    nll, kld, top = window_metrics(logits, reference_rows(exact), targets)
     assert np.abs(kld).max() < 1e-6 and top.all()
     assert np.allclose(nll, -exact[np.arange(64), targets], atol=1e-5)
     shifted = logits.copy()
-    shifted[:, 0] += 1.0  # a real difference is seen through the same 16-bit path
-    assert window_metrics(shifted, pack_logp(exact), targets)[1].mean() > 1e-3
+    shifted[:, 0] += 1.0
+    shifted[:32, 10] += 3.0  # the top token changes in half the rows
+    nll, kld, top = window_metrics(shifted, reference_rows(exact), targets)
+    def log_softmax64(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax64(logits), log_softmax64(shifted)
+    direct = (np.exp(lp) * (lp - lq)).sum(-1)
+    assert direct.mean() > 1e-3 and np.allclose(kld, direct, rtol=1e-4, atol=1e-6)
+    assert np.allclose(nll, -lq[np.arange(64), targets], atol=1e-5)
+    assert (top == (exact.argmax(-1) == shifted.argmax(-1))).all() and not top.all()
 
 
 def test_reference_is_cached(demo: Demo, tmp_path: Path) -> None:
