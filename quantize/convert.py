@@ -32,6 +32,7 @@ from .atomic import atomic_file, check_output, sha256_file
 from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_patch import PLACEHOLDER, patch_strings
+from .gguf_writer import Writer
 from .progress import progress
 from .versions import package_version
 from .vocab import Vocab, read_vocab
@@ -314,7 +315,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     side = {p.name: sha256_file(p) for p in [ckpt.root / "config.json", *tokenizer_files(ckpt.root)] if p.is_file()}
     out = Path(out)
     with atomic_file(out) as tmp:
-        w = gguf.GGUFWriter(tmp, arch.arch_name)
+        w = Writer(tmp, arch.arch_name)
         for p in plans:
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32 if p.qtype == Q.F32 else np.float16), p.nbytes, raw_dtype=p.qtype)
         _write_metadata(w, ckpt, arch, cfg, vocab, ot, side, name)

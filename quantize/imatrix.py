@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
+from .gguf_writer import Writer
 from .text import check_calibration_text, token_windows
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Imatrix:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         with atomic_file(path) as tmp:
-            w = gguf.GGUFWriter(tmp, arch="")
+            w = Writer(tmp, arch="")
             w.add_type("imatrix")
             w.add_array("imatrix.datasets", self.datasets)
             w.add_uint32("imatrix.chunk_count", self.chunk_count)

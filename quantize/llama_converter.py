@@ -25,7 +25,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from . import TOOL_NAME
@@ -33,6 +32,7 @@ from .atomic import atomic_file, partial_prefix, sha256_file
 from .checkpoint import Checkpoint, tokenizer_files
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
+from .gguf_writer import Writer
 from .split import write_tensors_copied
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources:
 
     reader = open_gguf(src)
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        w = gguf.GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
+        w = Writer(dst, str(reader.fields["general.architecture"].contents()))
         copy_metadata(reader, w)
         add_provenance(w, architecture, sources)
         w.add_string(CONVERTER_KEY, who)

@@ -37,6 +37,7 @@ from .architectures import for_gguf
 from .atomic import atomic_file, check_output
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, field_value, open_gguf
+from .gguf_writer import Writer
 from .imatrix import Imatrix
 from .split import MappedTensor
 
@@ -208,7 +209,7 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
                                 "(recipe: [ladder] smooth = false)")
         col_scale = {r: plan.scales[n] for n, rs in plan.readers.items() for r in rs}
         with atomic_file(out) as tmp:
-            w = gguf.GGUFWriter(tmp, arch)
+            w = Writer(tmp, arch)
             copy_metadata(reader, w)
             for t in reader.tensors:
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic import link_or_copy
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
+from .gguf_writer import Writer
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
 CHUNK = 64 << 20
@@ -84,7 +85,7 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
     with _staging(dest) as tmp, open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         # The budget leaves room for the (largest) first shard's metadata and per-tensor alignment.
         budget = max_bytes - header - len(reader.tensors) * 32
-        w = gguf.GGUFWriter(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
+        w = Writer(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
         copy_metadata(reader, w, _SPLIT_KEYS)
         write_tensors_copied(w, reader, mm)
         names = sorted(p.name for p in tmp.iterdir())
