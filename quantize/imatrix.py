@@ -8,6 +8,8 @@ decoder block at a time over every chunk (:mod:`quantize.stream`), name each mat
 imatrix layout (``<tensor>.in_sum2``, ``<tensor>.counts``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``) so ``llama-quantize --imatrix`` reads it too.
 
+The text is tokenized and cut into chunks as ``llama-imatrix`` does (BOS first, then consecutive
+chunks of ``ctx`` tokens, each one's first token replaced by BOS), so both tools see the same tokens.
 Calibration text is never the evaluation text: the same file is refused, a large overlap warned.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
-from .text import check_calibration_text, token_windows
+from .text import check_calibration_text, token_windows, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,8 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
     for_step(src.ckpt.architecture, "imatrix", source / "config.json")
     text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
     tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    tokens = token_windows(tok(text, add_special_tokens=False, verbose=False)["input_ids"], settings.ctx, settings.chunks,
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    tokens = token_windows(with_bos(ids, tok.bos_token_id), settings.ctx, settings.chunks,
                            tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
     stream = StreamSettings(resolve_device(settings.device, source), "float32", settings.batch_tokens)
     spill = check_stream_fits(source, stream_need(src, src.ckpt.config, "float32", tokens.size, stream.batch_tokens),
