@@ -102,7 +102,7 @@ def print_imatrix(res: dict[str, Any]) -> None:
     print(f"imatrix peak RSS: ours {res['ours_peak_rss_mb']:.0f} MB, llama-imatrix {res['llama_imatrix_peak_rss_mb']:.0f} MB")
     only = [f"only llama-imatrix: {', '.join(res['only_llama_imatrix'])}" if res["only_llama_imatrix"] else "",
             f"only ours: {', '.join(res['only_ours'])}" if res["only_ours"] else ""]
-    print(f"imatrix agreement: {res['tensors_compared']} tensors, min cosine of column means {res['min_cosine']:.6f} "
+    print(f"imatrix agreement: {res['tensors_compared']} tensors, min cosine of column means {res['min_cosine']:.8f} "
           f"({res['min_cosine_tensor']}), all >= {COSINE_MIN}: {'yes' if res['all_cosines_ok'] else 'NO'}"
           + "".join(f"; {s}" for s in only if s))
     tok = res["tokens"]
