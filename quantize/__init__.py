@@ -1,6 +1,8 @@
 """Quantization and export build system for LLM releases (convert, quantize, AWQ, check, release)."""
 
+import os
 import sys
+from pathlib import Path
 
 __version__ = "0.1.0"
 TOOL_NAME = "quantize"
@@ -13,3 +15,8 @@ if "gguf" not in sys.modules and "mistral_common" not in sys.modules:
         import gguf  # noqa: F401
     finally:
         del sys.modules["mistral_common"]
+
+
+def user_cache() -> Path:
+    """This tool's folder in the user's cache: ``$XDG_CACHE_HOME/quantize``, else ``~/.cache/quantize``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / TOOL_NAME

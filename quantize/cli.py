@@ -7,6 +7,7 @@ and exit with status 2; nothing is left at the output path.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -287,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as err:
         print(f"quantize: {err}", file=sys.stderr)
         return 2
+    finally:
+        # The process exits next: the interpreter's last garbage collections then skip the millions of
+        # objects torch and transformers left (~0.6 s of a short command's wall time).
+        gc.freeze()
 
 
 if __name__ == "__main__":

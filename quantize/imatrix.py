@@ -8,13 +8,17 @@ decoder block at a time over every chunk (:mod:`quantize.stream`), name each mat
 imatrix layout (``<tensor>.in_sum2``, ``<tensor>.counts``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``) so ``llama-quantize --imatrix`` reads it too.
 
+The text is tokenized and cut into chunks as ``llama-imatrix`` does (BOS first, then consecutive
+chunks of ``ctx`` tokens, each one's first token replaced by BOS), so both tools see the same tokens.
 Calibration text is never the evaluation text: the same file is refused, a large overlap warned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +31,7 @@ from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
 from .gguf_writer import Writer
-from .text import check_calibration_text, token_windows
+from .text import check_calibration_text, token_windows, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ class ImatrixSettings:
     ctx: int = 512  # tokens per chunk (llama-imatrix's default -c 512)
     chunks: int | None = None  # None: every full chunk of the text
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU
-    batch_tokens: int = 4096  # chunks per block call: as many as fit in this many tokens
+    batch_tokens: int = 2048  # chunks per block call: as many as fit in this many tokens (llama-imatrix: -b 2048)
 
 
 @dataclass
@@ -144,40 +148,77 @@ def expert_names(model: Any) -> dict[str, dict[str, str]]:
     return out
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block, back on after it if it was on."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compute_imatrix(source: str | Path, text_file: str | Path, settings: ImatrixSettings = ImatrixSettings(),
                     eval_text: str | Path | None = None) -> Imatrix:
     """Collect per-column sums of squared activations of every matrix over calibration chunks,
-    streaming the model one decoder block at a time (:mod:`quantize.stream`)."""
-    import torch
-    from transformers import AutoTokenizer
+    streaming the model one decoder block at a time (:mod:`quantize.stream`) on every core.
 
-    from .architectures import for_step
-    from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
-
+    The garbage collector is paused while torch, transformers, the tokenizer and the model skeleton load."""
     source, text_file = Path(source), Path(text_file)
     if source.suffix == ".gguf":
         raise QuantizeError(source, "the importance matrix runs the fp16 Hugging Face checkpoint one block at a time; "
                             "pass the checkpoint folder this GGUF was converted from")
-    src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
-    for_step(src.ckpt.architecture, "imatrix", source / "config.json")
-    text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
-    tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    tokens = token_windows(tok(text, add_special_tokens=False, verbose=False)["input_ids"], settings.ctx, settings.chunks,
-                           tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
-    stream = StreamSettings(resolve_device(settings.device, source), "float32", settings.batch_tokens)
-    spill = check_stream_fits(source, stream_need(src, src.ckpt.config, "float32", tokens.size, stream.batch_tokens),
-                              "the importance matrix")
-    model = StreamedModel(source, src, stream)
-    names = gguf_matrix_names(model.sk.model)
-    experts = expert_names(model.sk.model)
+    with collector_paused():  # the imports allocate millions of long-lived objects each collection would traverse
+        import torch
+        from transformers import AutoTokenizer
+
+        from .architectures import for_step
+        from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
+
+        src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
+        for_step(src.ckpt.architecture, "imatrix", source / "config.json")
+        text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        tokens = token_windows(with_bos(ids, tok.bos_token_id), settings.ctx, settings.chunks,
+                               tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
+        stream = StreamSettings(resolve_device(settings.device, source), "float32", settings.batch_tokens)
+        spill = check_stream_fits(source, stream_need(src, src.ckpt.config, "float32", tokens.size, stream.batch_tokens),
+                                  "the importance matrix")
+        model = StreamedModel(source, src, stream)
+        names = gguf_matrix_names(model.sk.model)
+        experts = expert_names(model.sk.model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     expert_counts: dict[str, np.ndarray] = {}
+    # q/k/v (and gate/up) read the same input tensor: its column sums of squares are computed once
+    last: list[Any] = [None, None]  # [input tensor, its column sums of squares]
 
     def collect(gname: str, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1, x.shape[-1])
-        sums[gname] = sums[gname] + (x * x).sum(0) if gname in sums else (x * x).sum(0)
-        counts[gname] = counts.get(gname, 0) + x.shape[0]
+        if last[0] is not x:
+            flat = x.detach().reshape(-1, x.shape[-1])
+            last[:] = [x, flat.float().square().sum(0)]
+        sq = last[1]
+        if gname in sums:
+            sums[gname] += sq
+        else:
+            sums[gname] = sq.clone()
+        counts[gname] = counts.get(gname, 0) + x.numel() // x.shape[-1]
 
     def collect_experts(g: dict[str, str], mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Each expert's inputs: the tokens routed to it for gate/up, its activated products for down."""
@@ -212,17 +253,22 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
         finally:
             for h in handles:
                 h.remove()
+            last[:] = [None, None]
 
-    log.info("imatrix: %d chunks of %d tokens, one block at a time on %s", len(tokens), settings.ctx, stream.device)
-    acts = model.forward(tokens, hooked, spill, desc="imatrix")
-    try:
-        head_name = names.get(model.sk.name_of(model.sk.head)) if model.sk.head is not None else None
-        if head_name is not None:  # the output matrix reads the final norm's output; no logits are needed
-            with model.final() as norm:
-                for b in model.batches(*tokens.shape):
-                    collect(head_name, norm(acts.get(b, model.sk.device)))
-    finally:
-        acts.close()
+    threads = os.cpu_count() or 1
+    log.info("imatrix: %d chunks of %d tokens, one block at a time on %s (%d threads)", len(tokens), settings.ctx,
+             stream.device, threads)
+    with torch_threads(threads):
+        acts = model.forward(tokens, hooked, spill, desc="imatrix")
+        try:
+            head_name = names.get(model.sk.name_of(model.sk.head)) if model.sk.head is not None else None
+            if head_name is not None:  # the output matrix reads the final norm's output; no logits are needed
+                with model.final() as norm:
+                    for b in model.batches(*tokens.shape):
+                        collect(head_name, norm(acts.get(b, model.sk.device)))
+        finally:
+            acts.close()
+            last[:] = [None, None]
     log.info("imatrix: %d matrices", len(sums))
     counts |= {k: int(v.sum()) for k, v in expert_counts.items()}
     return Imatrix({k: v.cpu().numpy().astype(np.float32).reshape(-1) for k, v in sums.items()}, counts, [text_file.name],

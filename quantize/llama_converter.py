@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import TOOL_NAME
+from . import TOOL_NAME, user_cache
 from .atomic import atomic_file, partial_prefix, sha256_file
 from .checkpoint import Checkpoint, tokenizer_files
 from .errors import QuantizeError
@@ -58,8 +58,7 @@ LOGIT_TOLERANCE = 0.02  # of the logit range, as the converter's own tests allow
 
 
 def _cache_venv() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / TOOL_NAME / f"llama-converter-{PACKAGE.split('==')[1]}"
+    return user_cache() / f"llama-converter-{PACKAGE.split('==')[1]}"
 
 
 def converter_command() -> tuple[list[str], str]:

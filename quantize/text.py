@@ -48,6 +48,11 @@ def check_calibration_text(calib: Path, eval_text: Path | None) -> str:
     return text
 
 
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    """A text's token ids as llama.cpp's tools tokenize a file: the model's BOS first when it has one."""
+    return ids if bos is None else [bos, *ids]
+
+
 def token_windows(ids: list[int], ctx: int, limit: int | None, bos: int | None, text_file: Path, what: str) -> np.ndarray:
     """Consecutive non-overlapping windows of ``ctx`` tokens (at most ``limit``), each starting with BOS
     when the model has one (its first text token is replaced, as llama.cpp's tools do): ``(n, ctx)`` int64."""

@@ -21,7 +21,7 @@ from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, log_softmax, reference_logprobs, reference_rows
 from quantize.imatrix import ImatrixSettings, compute_imatrix, gguf_matrix_names
 from quantize.stream import StreamedModel, StreamSettings
-from quantize.text import token_windows
+from quantize.text import token_windows, with_bos
 
 torch = pytest.importorskip("torch")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -40,8 +40,8 @@ def whole_model(path: Path) -> Any:
 
 def windows(path: Path, text: Path, n: int) -> np.ndarray:
     tok = AutoTokenizer.from_pretrained(path)
-    return token_windows(tok(text.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"], CTX, n,
-                         tok.bos_token_id, text, "window")
+    ids = tok(text.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
+    return token_windows(with_bos(ids, tok.bos_token_id), CTX, n, tok.bos_token_id, text, "window")
 
 
 def whole_model_imatrix(path: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,0 +1,130 @@
+"""``nox -s bench -- --only imatrix``: our importance matrix against llama.cpp's own ``llama-imatrix``.
+
+Both run on the demo model (:mod:`quantize.demo`) over the same calibration text, chunks and
+context, each in its own process timed by :func:`quantize.bench.measure` (median wall time, peak
+RSS): ``llama-imatrix`` (built once by :mod:`quantize.llama_tools`) on the model's F16 GGUF with
+every core, four chunks per batch (its default ``-b 2048`` at ``-c 512``), collecting the output
+matrix too (``--process-output``) and without its perplexity (``--no-ppl``); ours with
+``python -m quantize imatrix`` on the fp16 checkpoint.  The two matrices are then compared tensor
+by tensor: the cosine similarity of their column means (``sum / count``) and their token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bench import measure
+from .imatrix import Imatrix
+
+PY = sys.executable
+COSINE_MIN = 0.999  # per tensor, column means of ours against llama-imatrix's
+TARGET_RATIO = 1.0  # our wall time over llama-imatrix's
+
+
+def demo_f16(out: Path, checkpoint: Path) -> Path:
+    """The demo checkpoint's F16 GGUF under ``out``, converted (in a child process) if not there yet."""
+    f16 = out / "demo-spm.F16.gguf"
+    if not f16.is_file():
+        subprocess.run([PY, "-m", "quantize", "convert", str(checkpoint), "-o", str(f16)], check=True)
+    return f16
+
+
+def compare(ref: Imatrix, ours: Imatrix) -> dict[str, Any]:
+    """Per tensor both hold: the cosine similarity of the column means and both token counts."""
+    rm, om = ref.means(), ours.means()
+    common = sorted(set(rm) & set(om))
+    cosines: dict[str, float] = {}
+    for name in common:
+        a, b = rm[name].astype(np.float64), om[name].astype(np.float64)
+        if a.shape != b.shape:
+            cosines[name] = float("nan")
+            continue
+        norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+        cosines[name] = float(a @ b) / norms if norms > 0 else float("nan")
+    worst = min(common, key=lambda n: -1.0 if np.isnan(cosines[n]) else cosines[n]) if common else None
+    counts = {n: (int(ref.counts[n]), int(ours.counts[n])) for n in common}
+    return {
+        "tensors_compared": len(common),
+        "only_llama_imatrix": sorted(set(rm) - set(om)),
+        "only_ours": sorted(set(om) - set(rm)),
+        "cosines": cosines,
+        "min_cosine": cosines[worst] if worst else float("nan"),
+        "min_cosine_tensor": worst,
+        "all_cosines_ok": bool(common) and all(c >= COSINE_MIN for c in cosines.values()),
+        "counts_equal": all(r == o for r, o in counts.values()),
+        "tokens": {"llama_imatrix": sorted({r for r, _ in counts.values()}), "ours": sorted({o for _, o in counts.values()})},
+        "chunk_count": {"llama_imatrix": ref.chunk_count, "ours": ours.chunk_count},
+    }
+
+
+def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None = None, repeat: int = 3) -> dict[str, Any]:
+    """Time llama-imatrix and ``quantize imatrix`` on the demo model (built or reused under ``out.parent / "demo"``)
+    over ``chunks`` chunks of ``ctx`` tokens of its calibration text, and compare the two matrices.  ``f16`` is the
+    demo's F16 GGUF (converted under ``out`` when not given); both matrices and the tools' stderr stay in ``out``."""
+    from .demo import build_demo
+    from .llama_tools import build_seconds, llama_tool
+
+    out.mkdir(parents=True, exist_ok=True)
+    demo = build_demo(out.parent / "demo", models=("mistral-spm",))
+    ckpt, calib = demo.spm, demo.text["calib"]
+    exe = llama_tool("llama-imatrix")  # built before anything is timed
+    f16 = f16 or demo_f16(out, ckpt)
+    threads = os.cpu_count() or 1
+    ref_path, ours_path = out / "imatrix-llama.gguf", out / "imatrix-ours.gguf"
+    logfile = out / "imatrix-bench.log"
+    ref = measure([str(exe), "-m", str(f16), "-f", str(calib), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
+                   "--process-output", "--no-ppl", "-o", str(ref_path)], repeat=repeat, log=logfile)
+    ours = measure([PY, "-m", "quantize", "imatrix", str(ckpt), "--text", str(calib), "--ctx", str(ctx), "--chunks", str(chunks),
+                    "--device", "cpu", "-o", str(ours_path)], repeat=repeat, log=logfile)
+    res: dict[str, Any] = {
+        "chunks": chunks, "ctx": ctx, "threads": threads, "f16": str(f16), "llama_imatrix": str(exe),
+        "llama_imatrix_s": ref.seconds, "ours_s": ours.seconds, "ratio": ours.seconds / ref.seconds,
+        "llama_imatrix_cpu_s": ref.cpu_seconds, "ours_cpu_s": ours.cpu_seconds,
+        "llama_imatrix_peak_rss_mb": ref.peak_rss_mb, "ours_peak_rss_mb": ours.peak_rss_mb,
+        "tools_build_s": build_seconds(),
+    }
+    return res | compare(Imatrix.load(ref_path), Imatrix.load(ours_path))
+
+
+def print_imatrix(res: dict[str, Any]) -> None:
+    """Print :func:`bench_imatrix`'s result: times and their ratio, peak RSS, cosines and token counts."""
+    print(f"imatrix, demo model, {res['chunks']} x {res['ctx']} tokens, {res['threads']} threads: ours {res['ours_s']:.2f}s "
+          f"(CPU {res['ours_cpu_s']:.1f}s), llama-imatrix {res['llama_imatrix_s']:.2f}s (CPU {res['llama_imatrix_cpu_s']:.1f}s) "
+          f"-> {res['ratio']:.2f}x (target <= {TARGET_RATIO:.1f}x)")
+    print(f"imatrix peak RSS: ours {res['ours_peak_rss_mb']:.0f} MB, llama-imatrix {res['llama_imatrix_peak_rss_mb']:.0f} MB")
+    only = [f"only llama-imatrix: {', '.join(res['only_llama_imatrix'])}" if res["only_llama_imatrix"] else "",
+            f"only ours: {', '.join(res['only_ours'])}" if res["only_ours"] else ""]
+    print(f"imatrix agreement: {res['tensors_compared']} tensors, min cosine of column means {res['min_cosine']:.8f} "
+          f"({res['min_cosine_tensor']}), all >= {COSINE_MIN}: {'yes' if res['all_cosines_ok'] else 'NO'}"
+          + "".join(f"; {s}" for s in only if s))
+    tok = res["tokens"]
+    print(f"imatrix tokens per tensor: llama-imatrix {tok['llama_imatrix']}, ours {tok['ours']} "
+          f"({'equal' if res['counts_equal'] else 'DIFFERENT'})")
+    if res.get("tools_build_s"):
+        print(f"llama.cpp tools: built once in {res['tools_build_s']:.0f}s ({res['llama_imatrix']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="quantize.bench_imatrix")
+    ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--f16", type=Path, help="the demo model's F16 GGUF (default: converted under --out)")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args(argv)
+    res = bench_imatrix(a.out, a.chunks, a.ctx, a.f16, a.repeat)
+    print_imatrix(res)
+    (a.out / "bench-imatrix.json").write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
