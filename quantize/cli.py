@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_demo)
 
     s = sub.add_parser("fetch-real", help="build (or reuse) Gemma 3 270M as an HF fp16 checkpoint, for tests and benchmarks")
-    s.add_argument("--cache", help="cache folder (default: $QUANTIZE_REAL_CACHE or ~/.cache/quantize/real)")
+    s.add_argument("--cache", help="cache folder (default: $QUANTIZE_REAL_CACHE or real/ in $XDG_CACHE_HOME/quantize, ~/.cache/quantize)")
     s.set_defaults(func=_fetch_real)
 
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")

@@ -1,8 +1,8 @@
 """Content identity of inputs: what build steps and the reference cache are keyed by.
 
-A file's sha256 is remembered by (path, size, mtime, inode) in ``~/.cache/quantize/sha256.json``,
-so unchanged weights are hashed once; a copied or downloaded file (new mtime) is hashed again, so
-keys stay content-based.
+A file's sha256 is remembered by (path, size, mtime, inode) in ``sha256.json`` of the user cache
+(:func:`quantize.user_cache`), so unchanged weights are hashed once; a copied or downloaded file
+(new mtime) is hashed again, so keys stay content-based.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from . import user_cache
 from .atomic import TMP_PREFIX, atomic_file, sha256_file
 
-HASH_CACHE = Path.home() / ".cache" / "quantize" / "sha256.json"
+HASH_CACHE = user_cache() / "sha256.json"
 
 
 def _key(f: Path) -> str:

@@ -10,7 +10,7 @@ options, and the HF tokenizer files with Gemma 3's chat template.  Its weights a
 model's, so it is not bit-for-bit google/gemma-3-270m, but it is a real pretrained model with
 real outlier structure, a 262k-token vocabulary and every file a release carries.
 
-Nothing in the main build needs it; the folder is cached under ``~/.cache/quantize/real/``
+Nothing in the main build needs it; the folder is cached under ``real/`` of the user cache
 (``$QUANTIZE_REAL_CACHE``), keyed by the source file's sha256 and :data:`REAL_FORMAT`.
 """
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import user_cache
 from .atomic import atomic_dir, atomic_file, file_lock
 from .errors import QuantizeError
 
@@ -101,7 +102,7 @@ GGUF_CONTROL = 3  # gguf.TokenType.CONTROL
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "quantize" / "real")
+    return Path(os.environ.get(CACHE_ENV) or user_cache() / "real")
 
 
 def _source_package(model: RealModel) -> Any:
