@@ -364,10 +364,12 @@ def bench_awq(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="quantize.bench")
-    ap.add_argument("--reference-converter", required=True, type=Path)
+    ap.add_argument("--reference-converter", type=Path, help="llama.cpp's convert-hf-to-gguf (the convert part needs it)")
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
-    ap.add_argument("--only", choices=["convert", "quantize", "quality", "awq"], help="run one part")
+    ap.add_argument("--only", choices=["convert", "quantize", "imatrix", "quality", "awq"], help="run one part")
     a = ap.parse_args(argv)
+    if a.only in (None, "convert") and a.reference_converter is None:
+        ap.error("the convert part compares with llama.cpp's converter: pass --reference-converter (nox -s bench does)")
     a.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     if a.only in (None, "convert"):
@@ -379,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quantize 2 GB F16 -> {t}: ours {r['ours_s']:.1f}s, bare llama_model_quantize {r['bare_s']:.1f}s, "
                   f"overhead {r['overhead']:+.1%} (target <= +5%); a new F16's first type, hashed after: "
                   f"{r['ours_first_s']:.1f}s ({r['overhead_first']:+.1%})")
+    if a.only in (None, "imatrix"):
+        from .bench_imatrix import bench_imatrix, print_imatrix
+
+        results["imatrix"] = bench_imatrix(a.out)
+        print_imatrix(results["imatrix"])
     if a.only in (None, "quality"):
         results["quality"] = d = bench_demo_quality(a.out)
         k = d["q4_k_m_kld"]
