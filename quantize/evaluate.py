@@ -2,8 +2,8 @@
 reference, with one method for every format so the numbers compare.
 
 Method (llama.cpp's ``llama-perplexity``, so figures line up with published ones): the text is
-tokenized once with the reference tokenizer and cut into non-overlapping windows of ``ctx``
-tokens; each window's first token is replaced by BOS and only the second half is scored.  The
+tokenized once with the reference tokenizer, BOS first, and cut into non-overlapping windows of
+``ctx`` tokens; each window's first token is replaced by BOS and only the second half is scored.  The
 same token windows go to every artifact.
 
 The reference's distributions are computed once per (model, text, ctx, chunks) and cached on
@@ -33,7 +33,7 @@ from .errors import QuantizeError
 from .fingerprint import fingerprint
 from .progress import progress
 from .stream import CheckpointSource, StreamedModel, StreamSettings, TensorSource, check_stream_fits, resolve_device, stream_need
-from .text import read_text, token_windows
+from .text import read_text, token_windows, with_bos
 from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class Windows:
 
 
 def make_windows(ids: list[int], bos: int | None, text_file: Path, settings: EvalSettings) -> Windows:
-    tokens = token_windows(ids, settings.ctx, settings.chunks, bos, text_file, "evaluation window")
+    tokens = token_windows(with_bos(ids, bos), settings.ctx, settings.chunks, bos, text_file, "evaluation window")
     return Windows(tokens, sha256_file(text_file), len(ids))
 
 

@@ -55,7 +55,7 @@ def test_f16_perplexity_equals_reference_computed_independently(demo: Demo, ladd
     ids = tok(demo.text["eval"].read_text(), add_special_tokens=False)["input_ids"]
     nll = []
     for w in range(16):
-        win = [tok.bos_token_id, *ids[w * 512 + 1 : (w + 1) * 512]]
+        win = [tok.bos_token_id, *ids[w * 512 : (w + 1) * 512 - 1]]  # llama-perplexity's cut of [BOS, *ids]
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([win])).logits[0], -1)
         nll += [-float(lp[j, win[j + 1]]) for j in range(256, 511)]
