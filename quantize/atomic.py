@@ -158,7 +158,8 @@ def _disk_full(exc: OSError) -> bool:
 
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` if the block succeeds."""
+    """Yield a temporary path beside ``final``, not yet created; rename what the block wrote there to
+    ``final`` (with a plain file's permissions) if the block succeeds."""
     final = Path(final)
     if final.is_dir():
         raise QuantizeError(final, "is a folder; a file was to be written there; choose a file path")
@@ -168,10 +169,10 @@ def atomic_file(final: Path) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(prefix=partial_prefix(final), dir=final.parent)
     except OSError as exc:
         raise QuantizeError(final.parent, f"the output folder is not writable ({exc.strerror}); choose another -o path") from exc
-    try:
-        os.fchmod(fd, plain_mode(is_dir=False))
-    finally:
-        os.close(fd)
+    os.close(fd)
+    # The random name stays ours; the file goes, so the writer creates it afresh: ext4 flushes a file
+    # that an open with O_TRUNC emptied when it is closed (auto_da_alloc), 0.6 s for a 2 GB GGUF.
+    os.unlink(tmp_name)
     tmp = Path(tmp_name)
     try:
         yield tmp
