@@ -289,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantize: {err}", file=sys.stderr)
         return 2
     finally:
-        # The process exits next: the interpreter's last garbage collections then skip the millions of
-        # objects torch and transformers left (~0.6 s of a short command's wall time).
-        gc.freeze()
+        if argv is None:  # the command itself: the process exits next, and its last garbage collections then
+            gc.freeze()  # skip the millions of objects torch and transformers left (~0.6 s of a short command)
 
 
 if __name__ == "__main__":
