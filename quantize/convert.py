@@ -31,6 +31,7 @@ from .architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architectu
 from .atomic import atomic_file, check_output, sha256_file
 from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
+from .fingerprint import file_key, known_sha256, remember_sha256
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .gguf_writer import Writer
 from .progress import progress
@@ -322,9 +323,12 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        shard_hashes = _stream_tensors(w, ckpt, cfg, plans)
+        keys = [file_key(s.path) for s in ckpt.shards]
+        shard_hashes = _stream_tensors(w, ckpt, cfg, plans, [known_sha256(s.path) for s in ckpt.shards])
         w.close()
         patch_strings(tmp, HASH_KEY, shard_hashes)
+    for s, digest, key in zip(ckpt.shards, shard_hashes, keys, strict=True):
+        remember_sha256(s.path, digest, key)
     sources = dict(zip([s.path.name for s in ckpt.shards], shard_hashes, strict=True)) | side
     log.info("wrote %s (%d tensors)", out, len(plans))
     return ConvertResult(out, len(plans), out.stat().st_size, sources)
@@ -334,7 +338,22 @@ def _submitter(pool: ThreadPoolExecutor, h: Any) -> Callable[[memoryview], Futur
     return lambda data: pool.submit(h.update, data)
 
 
-def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plans: list[TensorPlan]) -> list[str]:
+class _Known:
+    """A shard's sha256 already known (remembered from an earlier pass over the same file): nothing to hash."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    def update(self, data: memoryview) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self.digest
+
+
+def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plans: list[TensorPlan],
+                    known: list[str | None]) -> list[str]:
+    """Write every tensor's data in file order; each shard's sha256 (``known``, or hashed in the same pass)."""
     order = {ref.name: (i, ref.begin) for i, shard in enumerate(ckpt.shards) for ref in shard.tensors}
     by_ref = {min(p.refs, key=lambda r: order[r.name]).name: p for p in plans if p.refs}  # each plan's first part in file order
     shards = {s.path: s for s in ckpt.shards}
@@ -343,8 +362,8 @@ def _stream_tensors(w: gguf.GGUFWriter, ckpt: Checkpoint, cfg: ModelConfig, plan
             w.write_tensor_data(p.data)
     hashes = []
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as pool:
-        for shard in progress(ckpt.shards, len(ckpt.shards), "convert: shards"):
-            h = hashlib.sha256()
+        for shard, digest in progress(zip(ckpt.shards, known, strict=True), len(ckpt.shards), "convert: shards"):
+            h: Any = hashlib.sha256() if digest is None else _Known(digest)
             with ShardStream(shard) as stream:
                 pool.submit(h.update, stream.view(0, shard.header_len)).result()
                 raw = memoryview(b"")

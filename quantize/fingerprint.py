@@ -34,16 +34,33 @@ def known_sha256(f: Path) -> str | None:
     return _load().get(_key(f))
 
 
-def cached_sha256(f: Path) -> str:
-    """The sha256 of ``f``: remembered, or computed and remembered."""
-    key = _key(f)
+def file_key(f: Path) -> str:
+    """What identifies ``f``'s content as it is now: path, size, mtime and inode."""
+    return _key(f)
+
+
+def remember_sha256(f: Path, digest: str, key: str | None = None) -> None:
+    """Remember ``digest`` as the sha256 of ``f``, whose every byte its caller hashed; with ``key``
+    (:func:`file_key` taken before the bytes were read), only if the file is still as it was then."""
+    now = _key(f)
+    if key is not None and key != now:
+        return
     cache = _load()
-    if key not in cache:
-        cache[key] = sha256_file(f)
+    if cache.get(now) != digest:
+        cache[now] = digest
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(HASH_CACHE) as tmp:
             tmp.write_text(json.dumps(cache))
-    return str(cache[key])
+
+
+def cached_sha256(f: Path) -> str:
+    """The sha256 of ``f``: remembered, or computed and remembered."""
+    known = known_sha256(f)
+    if known is None:
+        key = _key(f)
+        known = sha256_file(f)
+        remember_sha256(f, known, key)
+    return known
 
 
 def fingerprint(path: Path) -> str:

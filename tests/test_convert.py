@@ -80,6 +80,30 @@ def test_source_hashes_are_the_files_sha256(demo: Demo, spm_f16: Path) -> None:
         assert sha256_file(demo.spm / name) == digest, name
 
 
+def test_a_changed_shard_is_hashed_again(demo: Demo, tmp_path: Path) -> None:
+    """Shard hashes are remembered across conversions, and a shard rewritten with other bytes of the
+    same size gets its new sha256 in the next conversion's provenance, not the remembered one."""
+    import shutil
+
+    from quantize.atomic import sha256_file
+
+    src = tmp_path / "model"
+    shutil.copytree(demo.spm, src)
+    shard = next(src.glob("*.safetensors"))
+
+    def recorded(out: Path) -> str:
+        convert(src, out)
+        meta = metadata(open_gguf(out))
+        return dict(zip(meta["quantize.source.files"], meta["quantize.source.sha256"], strict=True))[shard.name]
+
+    first = recorded(tmp_path / "a.gguf")
+    assert first == recorded(tmp_path / "b.gguf") == sha256_file(shard)
+    data = bytearray(shard.read_bytes())
+    data[-2:] = bytes(b ^ 0xFF for b in data[-2:])  # the last weight's bits: same size, other content
+    shard.write_bytes(bytes(data))
+    assert recorded(tmp_path / "c.gguf") == sha256_file(shard) != first
+
+
 @pytest.mark.parametrize("which", ["spm", "bpe"])
 def test_llama_cpp_loads_and_stops_at_im_end(which: str, spm_f16: Path, bpe_f16: Path) -> None:
     import llama_cpp
