@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ROWS_PER_SOFTMAX = 64  # bound the float32 scratch of log-softmax over large vocabularies
 LN2_INV = math.log2(math.e)  # log2 e: natural log = base-2 log / log2 e
 METRIC_BLOCK_ENTRIES = 1 << 20  # float32 entries per row block of window_metrics (4 MiB per buffer: fewer, longer torch calls)
-REFERENCE_FORMAT = 3  # the reference cache's layout (3: float32 probabilities relative to each row's top token)
+REFERENCE_FORMAT = 4  # the reference cache's layout (3: float32 probabilities relative to each row's top token; 4: windows cut from [BOS, *text])
 REFERENCE_ARRAYS = ("w", "c", "s", "top")  # per window, in reference_rows' order
 
 
