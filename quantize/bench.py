@@ -221,7 +221,8 @@ def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
         subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
                         "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
                         str(path), str(layers), str(shards), str(demo.spm)], check=True)
-    res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in big.glob("*.safetensors")) / 1e9, 2)}
+    shards = list(big.glob("*.safetensors"))
+    res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in shards) / 1e9, 2), "shards": len(shards)}
     # every contender writes a new file each run, as a first conversion does
     cmd = [PY, "-m", "quantize", "convert", str(big), "-o", str(out / "ours.gguf")]
     ours = measure(cmd, fresh=out / "ours.gguf")  # the shards' sha256 remembered from the untimed run (or a build's step keys)
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_convert(r: dict[str, Any]) -> None:
-    print(f"convert {r['input_gb']} GB fp16 (5 shards): ours {r['ours_s']:.1f}s, reference {r['reference_s']:.1f}s, "
+    print(f"convert {r['input_gb']} GB fp16 ({r['shards']} shards): ours {r['ours_s']:.1f}s, reference {r['reference_s']:.1f}s, "
           f"plain copy {r['copy_s']:.1f}s -> {r['ours_vs_reference']:.2f}x reference (target <= 0.5), "
           f"{r['ours_vs_copy']:.2f}x copy (target <= 1.3); new shards, hashed in the pass: {r['ours_first_s']:.1f}s, "
           f"{r['ours_first_vs_reference']:.2f}x reference, {r['ours_first_vs_copy']:.2f}x copy")
