@@ -221,8 +221,8 @@ def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
         subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
                         "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
                         str(path), str(layers), str(shards), str(demo.spm)], check=True)
-    shards = list(big.glob("*.safetensors"))
-    res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in shards) / 1e9, 2), "shards": len(shards)}
+    files = list(big.glob("*.safetensors"))
+    res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in files) / 1e9, 2), "shards": len(files)}
     # every contender writes a new file each run, as a first conversion does
     cmd = [PY, "-m", "quantize", "convert", str(big), "-o", str(out / "ours.gguf")]
     ours = measure(cmd, fresh=out / "ours.gguf")  # the shards' sha256 remembered from the untimed run (or a build's step keys)
