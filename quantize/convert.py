@@ -12,10 +12,8 @@ does not grow with model size; the hashes are patched into the already-written h
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,10 +29,11 @@ from .architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architectu
 from .atomic import atomic_file, check_output, sha256_file
 from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
-from .fingerprint import file_key, known_sha256, remember_sha256
+from .fingerprint import file_key, known_sha256s, remember_sha256s
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .gguf_writer import Writer
 from .progress import progress
+from .split import append_range
 from .versions import package_version
 from .vocab import Vocab, read_vocab
 
@@ -222,17 +221,13 @@ class _StreamedTensor:
     def _write_part(self, fout: Any, ref: TensorRef, source: ShardStream, hashed: bool) -> None:
         p = self.plan
         if p.transform is None and STORED_AS.get(ref.dtype) == p.qtype:  # the bytes as they are: the kernel copies them
-            fout.flush()
-            pos = fout.tell()
-            for b0 in range(ref.begin, ref.end, CHUNK_BYTES):
+            for b0 in range(ref.begin, ref.end, CHUNK_BYTES):  # hashed from the map while the kernel copies
                 b1 = min(ref.end, b0 + CHUNK_BYTES)
                 pending = self.hash_async(source.view(b0, b1)) if hashed else None
-                copy_range(source.fd, fout.fileno(), b0, pos, b1 - b0)
-                pos += b1 - b0
+                append_range(fout, source.fd, b0, b1)
                 if pending is not None:
                     pending.result()
                     source.release(b1)
-            fout.seek(pos)
             return
         row_bytes = ref.nbytes // ref.shape[0] if ref.shape else ref.nbytes
         rows = ref.shape[0] if ref.shape else 1
@@ -250,21 +245,6 @@ class _StreamedTensor:
                 pending.result()
                 source.release(ref.begin + r1 * row_bytes)
         del arr
-
-
-def copy_range(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
-    """Copy ``n`` bytes between two files' offsets in the kernel (``copy_file_range``, else ``sendfile``)."""
-    while n > 0:
-        try:
-            done = os.copy_file_range(src, dst, n, src_at, dst_at)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.lseek(dst, dst_at, os.SEEK_SET)
-            done = os.sendfile(dst, src, src_at, n)
-        if done <= 0:
-            raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
-        src_at, dst_at, n = src_at + done, dst_at + done, n - done
 
 
 def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cfg: ModelConfig, vocab: Vocab,
@@ -324,11 +304,10 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         keys = [file_key(s.path) for s in ckpt.shards]
-        shard_hashes = _stream_tensors(w, ckpt, cfg, plans, [known_sha256(s.path) for s in ckpt.shards])
+        shard_hashes = _stream_tensors(w, ckpt, cfg, plans, known_sha256s([s.path for s in ckpt.shards]))
         w.close()
         patch_strings(tmp, HASH_KEY, shard_hashes)
-    for s, digest, key in zip(ckpt.shards, shard_hashes, keys, strict=True):
-        remember_sha256(s.path, digest, key)
+    remember_sha256s([(s.path, digest, key) for s, digest, key in zip(ckpt.shards, shard_hashes, keys, strict=True)])
     sources = dict(zip([s.path.name for s in ckpt.shards], shard_hashes, strict=True)) | side
     log.info("wrote %s (%d tensors)", out, len(plans))
     return ConvertResult(out, len(plans), out.stat().st_size, sources)

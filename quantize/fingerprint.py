@@ -17,7 +17,8 @@ from .atomic import TMP_PREFIX, atomic_file, sha256_file
 HASH_CACHE = user_cache() / "sha256.json"
 
 
-def _key(f: Path) -> str:
+def file_key(f: Path) -> str:
+    """What identifies ``f``'s content as it is now: path, size, mtime and inode."""
     st = f.stat()
     return f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
@@ -29,37 +30,35 @@ def _load() -> dict[str, str]:
         return {}
 
 
-def known_sha256(f: Path) -> str | None:
-    """The remembered sha256 of ``f`` as it is now, or None (nothing is hashed)."""
-    return _load().get(_key(f))
-
-
-def file_key(f: Path) -> str:
-    """What identifies ``f``'s content as it is now: path, size, mtime and inode."""
-    return _key(f)
-
-
-def remember_sha256(f: Path, digest: str, key: str | None = None) -> None:
-    """Remember ``digest`` as the sha256 of ``f``, whose every byte its caller hashed; with ``key``
-    (:func:`file_key` taken before the bytes were read), only if the file is still as it was then."""
-    now = _key(f)
-    if key is not None and key != now:
-        return
+def known_sha256s(files: list[Path]) -> list[str | None]:
+    """The remembered sha256 of each file as it is now, or None (nothing is hashed)."""
     cache = _load()
-    if cache.get(now) != digest:
-        cache[now] = digest
+    return [cache.get(file_key(f)) for f in files]
+
+
+def known_sha256(f: Path) -> str | None:
+    """The remembered sha256 of ``f`` as it is now, or None."""
+    return known_sha256s([f])[0]
+
+
+def remember_sha256s(hashed: list[tuple[Path, str, str]]) -> None:
+    """Remember ``(file, sha256, key)`` entries, whose every byte their caller hashed, each only if the
+    file is still as its :func:`file_key` ``key`` (taken before the bytes were read) says."""
+    cache = _load()
+    fresh = {key: digest for f, digest, key in hashed if file_key(f) == key and cache.get(key) != digest}
+    if fresh:
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(HASH_CACHE) as tmp:
-            tmp.write_text(json.dumps(cache))
+            tmp.write_text(json.dumps(cache | fresh))
 
 
 def cached_sha256(f: Path) -> str:
     """The sha256 of ``f``: remembered, or computed and remembered."""
     known = known_sha256(f)
     if known is None:
-        key = _key(f)
+        key = file_key(f)
         known = sha256_file(f)
-        remember_sha256(f, known, key)
+        remember_sha256s([(f, known, key)])
     return known
 
 

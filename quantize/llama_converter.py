@@ -111,18 +111,16 @@ def convert_external(ckpt: Checkpoint, out: Path, outtype: str = "f16") -> tuple
 
 
 def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources: dict[str, str]) -> int:
-    """Copy ``src`` to ``dst`` adding our provenance keys (tensor bytes copied from a memory map); the tensor count."""
-    import mmap
-
+    """Copy ``src`` to ``dst`` adding our provenance keys (tensor bytes copied by the kernel); the tensor count."""
     from .convert import add_provenance
 
     reader = open_gguf(src)
-    with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with open(src, "rb") as f:
         w = Writer(dst, str(reader.fields["general.architecture"].contents()))
         copy_metadata(reader, w)
         add_provenance(w, architecture, sources)
         w.add_string(CONVERTER_KEY, who)
-        write_tensors_copied(w, reader, mm)
+        write_tensors_copied(w, reader, f.fileno())
     return len(reader.tensors)
 
 

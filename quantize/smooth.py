@@ -183,9 +183,9 @@ def smooth_need(src: Path) -> int:
 
 
 @contextmanager
-def _mapped(path: Path) -> Iterator[mmap.mmap]:
+def _mapped(path: Path) -> Iterator[tuple[int, mmap.mmap]]:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        yield mm
+        yield f.fileno(), mm
 
 
 def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> SmoothPlan:
@@ -199,7 +199,7 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
     groups = smooth_groups(reader, src)
     im = Imatrix.load(imatrix)
     arch = str(reader.fields["general.architecture"].contents())
-    with _mapped(src) as mm:
+    with _mapped(src) as (fd, mm):
         source = FloatSource(mm, reader)
         plan = plan_smoothing(source, im, groups)
         if not any(n.startswith("blk.") for n in plan.scales):  # a "smoothed" copy that is not, otherwise
@@ -226,7 +226,7 @@ def smooth_gguf(src: Path, imatrix: Path, out: Path, out_imatrix: Path) -> Smoot
                     w.write_tensor_data(_from_float32(data, STORAGE[t.tensor_type]))
                     del data
                 else:
-                    w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+                    w.write_tensor_data(MappedTensor(fd, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
             w.close()
     for name in im.sums:
         if name in col_scale:

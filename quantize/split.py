@@ -12,7 +12,7 @@ renamed into place only when all of them are complete.
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -29,29 +29,44 @@ from .gguf_info import copy_metadata, open_gguf
 from .gguf_writer import Writer
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
-CHUNK = 64 << 20
 # Keys the split writer sets on each shard itself.
 _SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                          gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT})
 
 
-class MappedTensor:
-    """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: copies one tensor's bytes from
-    the source map in chunks and drops the source pages behind it."""
+def copy_range(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
+    """Copy ``n`` bytes between two files' offsets in the kernel (``copy_file_range``, else ``sendfile``):
+    no bytes pass through this process, so none of them stay resident in it."""
+    while n > 0:
+        try:
+            done = os.copy_file_range(src, dst, n, src_at, dst_at)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.lseek(dst, dst_at, os.SEEK_SET)
+            done = os.sendfile(dst, src, src_at, n)
+        if done <= 0:
+            raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
+        src_at, dst_at, n = src_at + done, dst_at + done, n - done
 
-    def __init__(self, mm: mmap.mmap, offset: int, nbytes: int) -> None:
-        self.mm, self.offset, self.nbytes = mm, offset, nbytes
+
+def append_range(fout: Any, src: int, begin: int, end: int) -> None:
+    """Append bytes ``[begin, end)`` of the open file ``src`` to the file object ``fout`` (:func:`copy_range`)."""
+    fout.flush()
+    pos = fout.tell()
+    copy_range(src, fout.fileno(), begin, pos, end - begin)
+    fout.seek(pos + end - begin)
+
+
+class MappedTensor:
+    """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: one tensor's bytes of the open
+    file ``fd``, copied by the kernel."""
+
+    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
+        self.fd, self.offset, self.nbytes = fd, offset, nbytes
 
     def tofile(self, fout: Any) -> None:
-        view = memoryview(self.mm)
-        try:
-            for start in range(self.offset, self.offset + self.nbytes, CHUNK):
-                end = min(start + CHUNK, self.offset + self.nbytes)
-                fout.write(view[start:end])
-                page = start - start % mmap.PAGESIZE
-                self.mm.madvise(mmap.MADV_DONTNEED, page, end - page)
-        finally:
-            view.release()
+        append_range(fout, self.fd, self.offset, self.offset + self.nbytes)
 
 
 @contextmanager
@@ -82,12 +97,12 @@ def split_gguf(src: str | Path, dest: str | Path, max_bytes: int) -> list[Path]:
                             f"{max_bytes}; raise split_max_gb")
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     dest.mkdir(parents=True, exist_ok=True)
-    with _staging(dest) as tmp, open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with _staging(dest) as tmp, open(src, "rb") as f:
         # The budget leaves room for the (largest) first shard's metadata and per-tensor alignment.
         budget = max_bytes - header - len(reader.tensors) * 32
         w = Writer(tmp / f"{src.stem}.gguf", arch, split_max_size=budget)
         copy_metadata(reader, w, _SPLIT_KEYS)
-        write_tensors_copied(w, reader, mm)
+        write_tensors_copied(w, reader, f.fileno())
         names = sorted(p.name for p in tmp.iterdir())
         if len(names) < 2:
             raise QuantizeError(src, "did not split; the split size is larger than the file")
@@ -106,9 +121,9 @@ def place_gguf(src: Path, dest: Path, max_bytes: int | None) -> list[Path]:
     return [out]
 
 
-def write_tensors_copied(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mm: mmap.mmap) -> None:
+def write_tensors_copied(w: gguf.GGUFWriter, reader: gguf.GGUFReader, fd: int) -> None:
     """Finish ``w`` (its metadata already added) with every tensor of ``reader`` copied unchanged from
-    its memory map ``mm``, chunk by chunk."""
+    ``fd``, the same file open."""
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
@@ -116,5 +131,5 @@ def write_tensors_copied(w: gguf.GGUFWriter, reader: gguf.GGUFReader, mm: mmap.m
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for t in reader.tensors:
-        w.write_tensor_data(MappedTensor(mm, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
+        w.write_tensor_data(MappedTensor(fd, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
     w.close()
