@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,32 @@ def test_matches_reference_converter(demo: Demo, spm_f16: Path, reference_conver
     assert differ <= {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}, differ
     for key in differ:
         assert ref_meta[key][:32000] == our_meta[key][:32000], key
+
+
+@pytest.mark.parametrize("values", [
+    [b"<s>", b"</s>", b"\xe2\x96\x81the"],  # token pieces as SentencePiece vocabularies hold them
+    ["<s>", "caf\u00e9", "\u2581the"], [b"raw", "text"], [0.0, -1000.0, 0.5], [1, 2, 3], [True, False],
+    [1, 2.5], [[1, 2], [3]],
+])
+def test_metadata_arrays_pack_as_gguf_py_packs_them(values: list[object], tmp_path: Path) -> None:
+    import gguf
+
+    from quantize.gguf_writer import Writer
+
+    files = []
+    for cls in (gguf.GGUFWriter, Writer):
+        w = cls(tmp_path / f"{cls.__name__}.gguf", "llama")
+        try:
+            w.add_array("test.values", values)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+        except (ValueError, TypeError, struct.error) as e:  # refused by both, with the same error
+            files.append(type(e))
+        else:
+            files.append((tmp_path / f"{cls.__name__}.gguf").read_bytes())
+        finally:
+            w.close()
+    assert files[0] == files[1]
 
 
 # Llama 3.1's rope scaling on the demo's SentencePiece model relabelled Llama (same tensors; a tokenizer
