@@ -7,8 +7,12 @@ A file's sha256 is remembered by (path, size, mtime, inode) in ``sha256.json`` o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from . import user_cache
@@ -60,6 +64,33 @@ def cached_sha256(f: Path) -> str:
         known = sha256_file(f)
         remember_sha256s([(f, known, key)])
     return known
+
+
+def _lower_this_thread() -> None:
+    """Let the kernel run the calling thread only on cores nothing else wants (Linux SCHED_IDLE), or
+    at the lowest nice level where that is refused; unchanged where the platform has neither."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, not the process
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+def sha256_when_idle(f: Path) -> Future[str]:
+    """:func:`cached_sha256` of ``f`` on a thread of the lowest scheduling class: it takes the time
+    the work it runs beside leaves idle (a quantizer's single-threaded reads and writes), and the
+    rest once that work is done."""
+    done: Future[str] = Future()
+
+    def run() -> None:
+        _lower_this_thread()
+        try:
+            done.set_result(cached_sha256(f))
+        except BaseException as exc:  # handed to whoever waits for the digest
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name=f"sha256 {f.name}", daemon=True).start()
+    return done
 
 
 def fingerprint(path: Path) -> str:

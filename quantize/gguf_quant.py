@@ -21,7 +21,7 @@ import numpy as np
 from . import TOOL_NAME, __version__
 from .atomic import atomic_file, check_output, partial_prefix, sha256_file
 from .errors import QuantizeError
-from .fingerprint import cached_sha256, known_sha256
+from .fingerprint import known_sha256, sha256_when_idle
 from .gguf_header import read_header
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .imatrix import Imatrix
@@ -136,7 +136,7 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
                             "(make one with `quantize imatrix`)")
     overrides: dict[str, str | int] = {
         f"{TOOL_NAME}.gguf.type": qt.name,
-        # remembered when a build keyed a step by it; otherwise hashed after llama.cpp is done, not beside it
+        # remembered when a build keyed a step by it; otherwise hashed on cores llama.cpp leaves idle
         INPUT_HASH_KEY: input_hash or PLACEHOLDER,
         f"{TOOL_NAME}.gguf.smoothed": int(origin != src),
         f"{TOOL_NAME}.gguf.tool": f"{TOOL_NAME} {__version__}, llama-cpp-python {package_version('llama-cpp-python')}",
@@ -162,12 +162,13 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
         }
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
+    hashed = sha256_when_idle(origin) if input_hash is None else None
     with atomic_file(out) as tmp:
         rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantizeError(origin, f"llama.cpp's quantizer failed making {qt.name} (status {rc}); see its log above")
-        if input_hash is None:
-            patch_strings(tmp, INPUT_HASH_KEY, [cached_sha256(origin)])
+        if hashed is not None:
+            patch_strings(tmp, INPUT_HASH_KEY, [hashed.result()])
     del keep, kv
     log.info("wrote %s (%s)", out, qt.name)
     return out

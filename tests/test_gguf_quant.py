@@ -117,6 +117,23 @@ def test_provenance(ladder) -> None:  # type: ignore[no-untyped-def]
     assert not [s for s in strings if "/tmp/" in s or "/work/" in s or "/home/" in s]
 
 
+def test_a_new_input_is_hashed_beside_the_quantizer(ladder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An F16 no build has hashed (a copy: new inode and mtime) is hashed on an idle-class thread
+    while llama.cpp quantizes; the artifact records its sha256 and the hash is remembered."""
+    import shutil
+
+    from quantize.atomic import sha256_file
+    from quantize.fingerprint import known_sha256
+
+    f16 = tmp_path / "copied.F16.gguf"
+    shutil.copyfile(ladder.f16, f16)
+    assert known_sha256(f16) is None
+    out = quantize_gguf(f16, tmp_path / "copied.Q8_0.gguf", QuantizeSettings("Q8_0"))
+    digest = sha256_file(f16)
+    assert metadata(open_gguf(out))["quantize.gguf.input_sha256"] == digest
+    assert known_sha256(f16) == digest
+
+
 def test_calibration_text_must_not_be_the_evaluation_text(demo: Demo, tmp_path: Path) -> None:
     from quantize.errors import QuantizeError
 
