@@ -237,11 +237,11 @@ def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, n
     whether both put the same token on top.
 
     One row block of the artifact's logits ``x`` is read in place and taken relative to its top, in
-    base 2 (torch's ``exp2`` is several times faster than its ``exp``): ``b = (x - max x) log2 e``.
-    With the reference's cached ``w``, ``c`` and ``s`` (:func:`reference_rows`),
-    ``KL = c + e^c (s - sum w b / log2 e) + log sum 2^b``: one exp2 pass, one sum and one dot
-    product per row, in float32 with torch's cascade sums (within 1e-6 of float64).  The top tokens
-    agree when the reference's top has ``b = 0``.  Row blocks are small enough to stay in cache."""
+    base 2 (torch's ``exp2`` is several times faster than its ``exp``): ``b = (x - max x) log2 e``,
+    in one pass.  With the reference's cached ``w``, ``c`` and ``s`` (:func:`reference_rows`),
+    ``KL = c + e^c (s - sum w b / log2 e) + log sum 2^b``: one dot product, then one exp2 pass in
+    place and one sum per row, in float32 with torch's cascade sums (within 1e-6 of float64).  The
+    target's and the reference top's logits are read from ``x``.  Row blocks stay in cache."""
     import torch
 
     x = torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
@@ -251,17 +251,18 @@ def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, n
     nll, kld = torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
     top = torch.empty(len(x), dtype=torch.bool)
     rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))  # row blocks that stay in cache
-    b_buf, e_buf = torch.empty(rows, x.shape[1]), torch.empty(rows, x.shape[1])
+    b_buf = torch.empty(rows, x.shape[1])
     for r in range(0, len(x), rows):
         sl = slice(r, r + rows)
         xb = x[sl]
-        b, e = b_buf[: len(xb)], e_buf[: len(xb)]
-        torch.sub(xb, xb.amax(-1, keepdim=True), out=b).mul_(LN2_INV)
-        lse = torch.exp2(b, out=e).sum(-1).double().log()
-        nll[sl] = lse - b.gather(1, tgt[sl, None])[:, 0].double() / LN2_INV
-        top[sl] = b.gather(1, top_r[sl, None])[:, 0] >= 0  # the reference's top token is the artifact's too
+        m = xb.amax(-1, keepdim=True)
+        b = torch.add(m * -LN2_INV, xb, alpha=LN2_INV, out=b_buf[: len(xb)])
+        dot = torch.linalg.vecdot(w[sl], b).double() / LN2_INV
+        lse = torch.exp2_(b).sum(-1).double().log()
+        nll[sl] = lse - (xb.gather(1, tgt[sl, None])[:, 0] - m[:, 0]).double()
+        top[sl] = xb.gather(1, top_r[sl, None])[:, 0] >= m[:, 0]  # the reference's top token is the artifact's too
         c = c_r[sl]
-        kld[sl] = c + c.exp() * (s_r[sl] - torch.linalg.vecdot(w[sl], b).double() / LN2_INV) + lse
+        kld[sl] = c + c.exp() * (s_r[sl] - dot) + lse
     return nll.numpy(), kld.numpy(), top.numpy()
 
 
