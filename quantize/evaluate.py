@@ -231,39 +231,53 @@ def reference_rows(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return w, c, s, top.numpy().astype(np.int64)
 
 
+def row_sums_torch(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What :func:`quantize.gate_kernel.row_sums` computes, with torch (where no C compiler is): per
+    row, ``max x``, ``sum 2^b`` and ``sum w b`` with ``b = (x - max x) log2 e``.  Row blocks of
+    METRIC_BLOCK_ENTRIES stay in cache: ``b`` in one pass, the dot product, then ``exp2`` in place
+    and its sum, in float32 with torch's cascade sums (torch's ``exp2`` is several times faster
+    than its ``exp``)."""
+    import torch
+
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    top, sum2, dot = torch.empty(len(x)), torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
+    rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))
+    b_buf = torch.empty(rows, x.shape[1])
+    for r in range(0, len(x), rows):
+        sl = slice(r, r + rows)
+        xb = xt[sl]
+        m = xb.amax(-1, keepdim=True)
+        b = torch.add(m * -LN2_INV, xb, alpha=LN2_INV, out=b_buf[: len(xb)])
+        dot[sl] = torch.linalg.vecdot(wt[sl], b).double()
+        sum2[sl] = torch.exp2_(b).sum(-1).double()
+        top[sl] = m[:, 0]
+    return top.numpy(), sum2.numpy(), dot.numpy()
+
+
 def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                    targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
     whether both put the same token on top.
 
-    One row block of the artifact's logits ``x`` is read in place and taken relative to its top, in
-    base 2 (torch's ``exp2`` is several times faster than its ``exp``): ``b = (x - max x) log2 e``,
-    in one pass.  With the reference's cached ``w``, ``c`` and ``s`` (:func:`reference_rows`),
-    ``KL = c + e^c (s - sum w b / log2 e) + log sum 2^b``: one dot product, then one exp2 pass in
-    place and one sum per row, in float32 with torch's cascade sums (within 1e-6 of float64).  The
-    target's and the reference top's logits are read from ``x``.  Row blocks stay in cache."""
-    import torch
+    The artifact's logits ``x`` are read in place; one pass over each row after its maximum gives
+    ``S = sum 2^b`` and ``D = sum w b`` with ``b = (x - max x) log2 e`` (the compiled kernel of
+    :mod:`quantize.gate_kernel`, else :func:`row_sums_torch`).  With the reference's cached ``w``,
+    ``c`` and ``s`` (:func:`reference_rows`), ``KL = c + e^c (s - D / log2 e) + log S``; the
+    target's log-likelihood is ``x_t - max x - log S``, and the top tokens agree when the
+    reference's top has the row's maximum."""
+    from .gate_kernel import row_sums
 
-    x = torch.from_numpy(logits if logits.dtype == np.float32 else logits.astype(np.float32))
-    w = torch.from_numpy(ref_rows[0])
-    c_r, s_r, top_r = (torch.from_numpy(np.ascontiguousarray(a)) for a in ref_rows[1:])
-    tgt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
-    nll, kld = torch.empty(len(x), dtype=torch.float64), torch.empty(len(x), dtype=torch.float64)
-    top = torch.empty(len(x), dtype=torch.bool)
-    rows = max(1, min(METRIC_BLOCK_ENTRIES // x.shape[1], len(x)))  # row blocks that stay in cache
-    b_buf = torch.empty(rows, x.shape[1])
-    for r in range(0, len(x), rows):
-        sl = slice(r, r + rows)
-        xb = x[sl]
-        m = xb.amax(-1, keepdim=True)
-        b = torch.add(m * -LN2_INV, xb, alpha=LN2_INV, out=b_buf[: len(xb)])
-        dot = torch.linalg.vecdot(w[sl], b).double() / LN2_INV
-        lse = torch.exp2_(b).sum(-1).double().log()
-        nll[sl] = lse - (xb.gather(1, tgt[sl, None])[:, 0] - m[:, 0]).double()
-        top[sl] = xb.gather(1, top_r[sl, None])[:, 0] >= m[:, 0]  # the reference's top token is the artifact's too
-        c = c_r[sl]
-        kld[sl] = c + c.exp() * (s_r[sl] - dot) + lse
-    return nll.numpy(), kld.numpy(), top.numpy()
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    w, c, s, top_r = ref_rows
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    sums = row_sums(x, w)
+    m, sum2, dot = sums if sums is not None else row_sums_torch(x, w)
+    rows = np.arange(len(x))
+    lse = np.log(sum2)
+    nll = lse - (x[rows, targets] - m).astype(np.float64)
+    top = x[rows, top_r] >= m  # the reference's top token is the artifact's too
+    kld = c + np.exp(c) * (s - dot / LN2_INV) + lse
+    return nll, kld, top
 
 
 # --- reference cache ------------------------------------------------------------------------

@@ -66,11 +66,23 @@ def test_f16_perplexity_equals_reference_computed_independently(demo: Demo, ladd
     assert abs(f16["ppl"] / ppl - 1) < 1e-3
 
 
-def test_stored_reference_scores_its_own_logits_exactly() -> None:
+@pytest.fixture(params=["compiled", "torch"])
+def row_sums_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The gate's row sums by the compiled kernel (which must build on this machine) or by torch."""
+    import quantize.gate_kernel as gk
+
+    if request.param == "compiled":
+        assert gk.kernel() is not None, "the gate kernel did not compile; run with -v to see the compiler's error"
+    else:
+        monkeypatch.setattr(gk, "row_sums", lambda x, w, threads=0: None)
+    return str(request.param)
+
+
+def test_stored_reference_scores_its_own_logits_exactly(row_sums_by: str) -> None:
     """The gate's own scoring (window_metrics, from the stored relative probabilities and per-row
     terms) of the exact logits against their stored distribution: KL divergence zero within 1e-6,
     same top token, the target's log-likelihood exact; a real difference is seen, and matches the
-    KL divergence computed directly in float64."""
+    KL divergence computed directly in float64.  By the compiled kernel and by torch."""
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((64, 32002)) * 3).astype(np.float32)
     logits[:, :10] += 12  # peaked distributions like a trained LM's
@@ -92,6 +104,57 @@ def test_stored_reference_scores_its_own_logits_exactly() -> None:
     assert direct.mean() > 1e-3 and np.allclose(kld, direct, rtol=1e-4, atol=1e-6)
     assert np.allclose(nll, -lq[np.arange(64), targets], atol=1e-5)
     assert (top == (exact.argmax(-1) == shifted.argmax(-1))).all() and not top.all()
+
+
+def test_a_broken_artifact_scores_nan_or_infinite(row_sums_by: str) -> None:
+    """NaN logits give a NaN KL divergence and an infinite logit an infinite or NaN one, so the
+    gate's "not <=" fails the artifact; finite rows beside them are unaffected."""
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((4, 4096)) * 3).astype(np.float32)
+    ref = reference_rows(log_softmax(logits))
+    _, clean, _ = window_metrics(logits, ref, np.zeros(4, np.int64))
+    broken = logits.copy()
+    broken[0, 7], broken[1, 9], broken[2, 11] = np.nan, np.inf, -np.inf
+    _, kld, _ = window_metrics(broken, ref, np.zeros(4, np.int64))
+    assert np.isnan(kld[0]) and not kld[1] <= 1 and not kld[2] <= 1
+    assert kld[3] == pytest.approx(clean[3], abs=1e-7)
+
+
+def test_compiled_and_torch_row_sums_agree_at_a_262k_vocabulary() -> None:
+    from quantize.evaluate import row_sums_torch
+    from quantize.gate_kernel import row_sums
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((6, 262144)) * 4).astype(np.float32)
+    x[:, :20] += 15
+    w = reference_rows(log_softmax(x + rng.standard_normal(x.shape).astype(np.float32)))[0]
+    compiled = row_sums(x, w)
+    assert compiled is not None, "the gate kernel did not compile"
+    m, sum2, dot = compiled
+    tm, tsum2, tdot = row_sums_torch(x, w)
+    assert np.array_equal(m, tm) and np.allclose(sum2, tsum2, rtol=1e-6) and np.allclose(dot, tdot, rtol=1e-6)
+    # both round b = (x - max) log2 e to float32 (|b| up to ~60 here: ~2e-6 relative in 2^b)
+    b = (x.astype(np.float64) - x.max(-1, keepdims=True)) * math.log2(math.e)
+    assert np.allclose(sum2, np.exp2(b).sum(-1), rtol=3e-6) and np.allclose(dot, (w * b).sum(-1), rtol=3e-6)
+
+
+def test_without_a_compiler_the_gate_sums_with_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A compiler that fails leaves nothing in the cache and the gate on torch, saying so once."""
+    import quantize.gate_kernel as gk
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "false")
+    gk.kernel.cache_clear()
+    try:
+        rng = np.random.default_rng(3)
+        logits = (rng.standard_normal((8, 1000)) * 3).astype(np.float32)
+        _, kld, top = window_metrics(logits, reference_rows(log_softmax(logits)), np.zeros(8, np.int64))
+        assert np.abs(kld).max() < 1e-6 and top.all()
+        assert gk.kernel() is None and "sums its rows with torch" in caplog.text
+        assert not list((tmp_path / "quantize" / "gate-kernel").glob("*"))
+    finally:
+        gk.kernel.cache_clear()
 
 
 def test_reference_is_cached(demo: Demo, tmp_path: Path) -> None:

@@ -45,3 +45,16 @@ def test_evaluating_an_awq_folder_without_autoawq_is_a_one_line_error(demo: Demo
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr == MESSAGE  # the one line, nothing else
     assert not (tmp_path / "eval").exists()
+
+
+def test_the_wheel_ships_the_gate_kernel_source(tmp_path: Path) -> None:
+    """A non-editable install compiles the gate's kernel from the C source in the package: the wheel holds it."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("quantize/gate_kernel.c")
+    assert shipped == (root / "quantize" / "gate_kernel.c").read_bytes()
