@@ -53,7 +53,16 @@ def remember_sha256s(hashed: list[tuple[Path, str, str]]) -> None:
     if fresh:
         HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(HASH_CACHE) as tmp:
-            tmp.write_text(json.dumps(cache | fresh))
+            tmp.write_text(json.dumps({k: v for k, v in cache.items() if _still(k)} | fresh))
+
+
+def _still(key: str) -> bool:
+    """Whether the file a remembered key names is still as the key says (entries of files since
+    changed or removed are dropped whenever the cache is written, so it does not grow without end)."""
+    try:
+        return file_key(Path(key.rsplit(":", 3)[0])) == key
+    except (OSError, ValueError):
+        return False
 
 
 def cached_sha256(f: Path) -> str:

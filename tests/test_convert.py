@@ -105,6 +105,25 @@ def test_a_changed_shard_is_hashed_again(demo: Demo, tmp_path: Path) -> None:
     assert recorded(tmp_path / "c.gguf") == sha256_file(shard) != first
 
 
+def test_the_hash_cache_forgets_changed_and_removed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import quantize.fingerprint as fp
+
+    monkeypatch.setattr(fp, "HASH_CACHE", tmp_path / "cache" / "sha256.json")
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    for f in (a, b, c, d):
+        f.write_bytes(f.name.encode() * 1000)
+    fp.cached_sha256(a), fp.cached_sha256(b)
+    kept = fp.file_key(a)
+    b.unlink()
+    fp.cached_sha256(c)  # the next write drops b's entry and keeps a's
+    assert set(json.loads(fp.HASH_CACHE.read_text())) == {kept, fp.file_key(c)}
+    os.utime(a, ns=(1, 1))  # a changed: its remembered key no longer matches
+    fp.cached_sha256(d)
+    assert set(json.loads(fp.HASH_CACHE.read_text())) == {fp.file_key(c), fp.file_key(d)}
+
+
 @pytest.mark.parametrize("which", ["spm", "bpe"])
 def test_llama_cpp_loads_and_stops_at_im_end(which: str, spm_f16: Path, bpe_f16: Path) -> None:
     import llama_cpp
