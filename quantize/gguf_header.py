@@ -9,7 +9,10 @@ in header order, each padded to the alignment), and a data section that ends whe
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,18 +76,25 @@ class _Cursor:
         return self.take(_SCALAR[V(vtype)])
 
 
-def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
+def read_header(path: str | Path) -> GGUFHeader:
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            buf = f.read(max_header)
+            size = os.fstat(f.fileno()).st_size
+            # mapped: only the header's pages are read, however large the file
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as buf:
+                kv, infos, end = _parse(path, buf)
     except FileNotFoundError:
         raise QuantizeError(path, "no such file") from None
     except IsADirectoryError:
         raise QuantizeError(path, "is a folder, not a GGUF file") from None
     except PermissionError:
         raise QuantizeError(path, "cannot be read (permission denied)") from None
+    return _check_layout(path, kv, infos, end, size)
+
+
+def _parse(path: Path, buf: Any) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
+    """The metadata, the tensor infos and where the tensor infos end."""
     if buf[:4] != b"GGUF":
         raise QuantizeError(path, "not a valid GGUF file (no GGUF magic); convert it first with `quantize convert`")
     c = _Cursor(buf)
@@ -108,10 +118,15 @@ def read_header(path: str | Path, max_header: int = 64 << 20) -> GGUFHeader:
             infos.append((name, dims, ttype, offset))
     except (struct.error, ValueError, KeyError) as exc:
         raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from None
+    return kv, infos, c.pos
+
+
+def _check_layout(path: Path, kv: dict[str, Any], infos: list[tuple[str, tuple[int, ...], int, int]], end: int,
+                  size: int) -> GGUFHeader:
     align = int(kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
     if align < 1 or align & (align - 1):
         raise QuantizeError(path, f"general.alignment {align} is not a power of two; the file is damaged")
-    data_start = -(-c.pos // align) * align
+    data_start = -(-end // align) * align
     tensors, expected, data_bytes, n_params, data_end = {}, 0, 0, 0, data_start
     for name, dims, ttype, offset in infos:
         try:
