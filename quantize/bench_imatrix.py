@@ -16,12 +16,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bench import measure
+from .bench import Run, measure
 from .imatrix import Imatrix
 
 PY = sys.executable
@@ -65,7 +66,7 @@ def compare(ref: Imatrix, ours: Imatrix) -> dict[str, Any]:
     }
 
 
-def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None = None, repeat: int = 3) -> dict[str, Any]:
+def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None = None, repeat: int = 5) -> dict[str, Any]:
     """Time llama-imatrix and ``quantize imatrix`` on the demo model (built or reused under ``out.parent / "demo"``)
     over ``chunks`` chunks of ``ctx`` tokens of its calibration text, and compare the two matrices.  ``f16`` is the
     demo's F16 GGUF (converted under ``out`` when not given); both matrices and the tools' stderr stay in ``out``."""
@@ -80,10 +81,19 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     threads = os.cpu_count() or 1
     ref_path, ours_path = out / "imatrix-llama.gguf", out / "imatrix-ours.gguf"
     logfile = out / "imatrix-bench.log"
-    ref = measure([str(exe), "-m", str(f16), "-f", str(calib), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
-                   "--process-output", "--no-ppl", "-o", str(ref_path)], repeat=repeat, log=logfile)
-    ours = measure([PY, "-m", "quantize", "imatrix", str(ckpt), "--text", str(calib), "--ctx", str(ctx), "--chunks", str(chunks),
-                    "--device", "cpu", "-o", str(ours_path)], repeat=repeat, log=logfile)
+    commands = {
+        "ref": [str(exe), "-m", str(f16), "-f", str(calib), "-c", str(ctx), "--chunks", str(chunks), "-t", str(threads),
+                "--process-output", "--no-ppl", "-o", str(ref_path)],
+        "ours": [PY, "-m", "quantize", "imatrix", str(ckpt), "--text", str(calib), "--ctx", str(ctx), "--chunks", str(chunks),
+                 "--device", "cpu", "-o", str(ours_path)],
+    }
+    for cmd in commands.values():  # untimed: page cache, bytecode, remembered hashes
+        measure(cmd, warm=False, repeat=1, log=logfile)
+    runs: dict[str, list[Run]] = {k: [] for k in commands}
+    for _ in range(repeat):  # alternated, medians: the machine drifts over the minutes this takes
+        for k, cmd in commands.items():
+            runs[k].append(measure(cmd, warm=False, repeat=1, log=logfile))
+    ref, ours = (_median(runs[k]) for k in ("ref", "ours"))
     res: dict[str, Any] = {
         "chunks": chunks, "ctx": ctx, "threads": threads, "f16": str(f16), "llama_imatrix": str(exe),
         "llama_imatrix_s": ref.seconds, "ours_s": ours.seconds, "ratio": ours.seconds / ref.seconds,
@@ -92,6 +102,12 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
         "tools_build_s": build_seconds(),
     }
     return res | compare(Imatrix.load(ref_path), Imatrix.load(ours_path))
+
+
+def _median(runs: list[Run]) -> Run:
+    """The median-time run, with the highest peak RSS of all."""
+    mid = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    return replace(mid, peak_rss_mb=max(r.peak_rss_mb for r in runs))
 
 
 def print_imatrix(res: dict[str, Any]) -> None:
@@ -118,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--f16", type=Path, help="the demo model's F16 GGUF (default: converted under --out)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args(argv)
     res = bench_imatrix(a.out, a.chunks, a.ctx, a.f16, a.repeat)
     print_imatrix(res)
