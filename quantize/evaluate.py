@@ -33,7 +33,7 @@ from .errors import QuantizeError
 from .fingerprint import fingerprint
 from .progress import progress
 from .stream import CheckpointSource, StreamedModel, StreamSettings, TensorSource, check_stream_fits, resolve_device, stream_need
-from .text import read_text, token_windows, with_bos
+from .text import hf_tokenizer, read_text, token_windows, with_bos
 from .thresholds import DEFAULT_THRESHOLDS, Threshold
 
 log = logging.getLogger(__name__)
@@ -347,8 +347,6 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
         return (lambda: eng), eng.tokenize, eng.bos
     if not (ref_path / "config.json").is_file():
         raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
-    from transformers import AutoTokenizer
-
     from .architectures import ARCHITECTURES
 
     src = CheckpointSource.open(ref_path)  # an incomplete checkpoint is refused before tokenizing
@@ -356,9 +354,8 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
         raise QuantizeError(ref_path / "config.json", f"the streamed float32 reference runs the families of this tool's table; "
                             f"{src.ckpt.architecture} is not one: pass its F16 GGUF as the reference (its converter's "
                             "output was checked against HF's logits)")
-    tok = AutoTokenizer.from_pretrained(ref_path, local_files_only=True)
-    return ((lambda: StreamedEngine(ref_path, settings)), (lambda t: tok(t, add_special_tokens=False, verbose=False)["input_ids"]),
-            tok.bos_token_id)
+    tok = hf_tokenizer(ref_path)
+    return (lambda: StreamedEngine(ref_path, settings)), tok.encode, tok.bos
 
 
 def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:

@@ -31,7 +31,7 @@ from .atomic import atomic_file
 from .errors import QuantizeError
 from .gguf_info import field_value, open_gguf
 from .gguf_writer import Writer
-from .text import check_calibration_text, token_windows, with_bos
+from .text import check_calibration_text, hf_tokenizer, token_windows, with_bos
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,6 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
                             "pass the checkpoint folder this GGUF was converted from")
     with collector_paused():  # the imports allocate millions of long-lived objects each collection would traverse
         import torch
-        from transformers import AutoTokenizer
 
         from .architectures import for_step
         from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
@@ -193,10 +192,9 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
         src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
         for_step(src.ckpt.architecture, "imatrix", source / "config.json")
         text = check_calibration_text(text_file, Path(eval_text) if eval_text else None)
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-        tokens = token_windows(with_bos(ids, tok.bos_token_id), settings.ctx, settings.chunks,
-                               tok.bos_token_id, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
+        tok = hf_tokenizer(source)
+        tokens = token_windows(with_bos(tok.encode(text), tok.bos), settings.ctx, settings.chunks,
+                               tok.bos, text_file, "chunk")  # each chunk starts with BOS, as in llama-imatrix
         stream = StreamSettings(resolve_device(settings.device, source), "float32", settings.batch_tokens)
         spill = check_stream_fits(source, stream_need(src, src.ckpt.config, "float32", tokens.size, stream.batch_tokens),
                                   "the importance matrix")

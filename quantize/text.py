@@ -7,9 +7,13 @@ streamed forward both take the ``(n, ctx)`` array :func:`token_windows` returns.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +50,40 @@ def check_calibration_text(calib: Path, eval_text: Path | None) -> str:
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
     return text
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A checkpoint's tokenizer for running text: ``encode`` adds no special tokens; ``bos`` is its BOS id or None."""
+
+    encode: Callable[[str], list[int]]
+    bos: int | None
+
+
+def _special(value: Any) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json record it (a string or an AddedToken dict)."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def hf_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer of checkpoint ``folder``: its ``tokenizer.json`` in the tokenizers library (what
+    transformers' fast tokenizer runs, without transformers' ~0.4 s of loading), BOS named by
+    tokenizer_config.json or special_tokens_map.json; transformers' AutoTokenizer when there is no
+    tokenizer.json (a SentencePiece model alone)."""
+    if not (folder / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return Tokenizer(lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"], tok.bos_token_id)
+    from tokenizers import Tokenizer as Fast
+
+    fast = Fast.from_file(str(folder / "tokenizer.json"))
+    bos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file() and (token := _special(json.loads((folder / name).read_text(encoding="utf-8")).get("bos_token"))):
+            bos = fast.token_to_id(token)
+            break
+    return Tokenizer(lambda text: fast.encode(text, add_special_tokens=False).ids, bos)
 
 
 def with_bos(ids: list[int], bos: int | None) -> list[int]:

@@ -157,6 +157,26 @@ def test_without_a_compiler_the_gate_sums_with_torch(tmp_path: Path, monkeypatch
         gk.kernel.cache_clear()
 
 
+@pytest.mark.parametrize("which", ["spm", "bpe", "qwen3", "tekken", "gemma3"])
+def test_text_tokenizes_as_transformers_tokenizes_it(which: str, demo: Demo, request: pytest.FixtureRequest,
+                                                     tmp_path: Path) -> None:
+    """hf_tokenizer (the tokenizers library on tokenizer.json, BOS from the tokenizer config) gives the
+    ids and BOS transformers' AutoTokenizer gives, on text with markup, special-token lookalikes,
+    accents, CJK and emoji."""
+    from families import qwen_tokenizer, tekken_tokenizer
+    from transformers import AutoTokenizer
+
+    from quantize.text import hf_tokenizer
+
+    folder = {"spm": lambda: demo.spm, "bpe": lambda: demo.bpe, "qwen3": qwen_tokenizer,
+              "tekken": lambda: tekken_tokenizer(tmp_path / "tekken"), "gemma3": lambda: request.getfixturevalue("gemma3")}[which]()
+    text = demo.text["eval"].read_text()[:20000] + "\n<s> </s> <|im_start|>user\n  caf\u00e9 \u6f22\u5b57 \U0001f600\t\tend"
+    ours = hf_tokenizer(folder)
+    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert ours.encode(text) == hf(text, add_special_tokens=False, verbose=False)["input_ids"]
+    assert ours.bos == hf.bos_token_id
+
+
 def test_reference_is_cached(demo: Demo, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     ref = reference_logprobs(demo.spm, demo.text["eval"], EvalSettings(ctx=256, chunks=4), cache)
