@@ -7,7 +7,6 @@ streamed forward both take the ``(n, ctx)`` array :func:`token_windows` returns.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -77,10 +76,15 @@ def hf_tokenizer(folder: Path) -> Tokenizer:
         return Tokenizer(lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"], tok.bos_token_id)
     from tokenizers import Tokenizer as Fast
 
-    fast = Fast.from_file(str(folder / "tokenizer.json"))
+    from .checkpoint import read_json_object
+
+    try:
+        fast = Fast.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # the tokenizers library raises plain Exceptions
+        raise QuantizeError(folder / "tokenizer.json", f"not a tokenizer the tokenizers library reads ({exc})") from exc
     bos = None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / name).is_file() and (token := _special(json.loads((folder / name).read_text(encoding="utf-8")).get("bos_token"))):
+        if (folder / name).is_file() and (token := _special(read_json_object(folder / name).get("bos_token"))):
             bos = fast.token_to_id(token)
             break
     return Tokenizer(lambda text: fast.encode(text, add_special_tokens=False).ids, bos)
