@@ -255,7 +255,7 @@ def row_sums_torch(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-                   targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   targets: np.ndarray, threads: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per scored token: negative log-likelihood of the target, KL(reference || artifact) and
     whether both put the same token on top.
 
@@ -264,13 +264,13 @@ def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, n
     :mod:`quantize.gate_kernel`, else :func:`row_sums_torch`).  With the reference's cached ``w``,
     ``c`` and ``s`` (:func:`reference_rows`), ``KL = c + e^c (s - D / log2 e) + log S``; the
     target's log-likelihood is ``x_t - max x - log S``, and the top tokens agree when the
-    reference's top has the row's maximum."""
+    reference's top has the row's maximum.  The kernel runs ``threads`` threads (0: every core)."""
     from .gate_kernel import row_sums
 
     x = np.ascontiguousarray(logits, dtype=np.float32)
     w, c, s, top_r = ref_rows
     w = np.ascontiguousarray(w, dtype=np.float32)
-    sums = row_sums(x, w)
+    sums = row_sums(x, w, threads)
     m, sum2, dot = sums if sums is not None else row_sums_torch(x, w)
     rows = np.arange(len(x))
     lse = np.log(sum2)
@@ -422,7 +422,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
     nll, kld, top1 = [], [], []
     logits = engine.scored_logits(tokens, ref.windows.rows)
     for w, window_logits in progress(enumerate(logits), tokens.shape[0], f"eval {path.name}"):
-        n, k, t = window_metrics(window_logits, ref.window(w), tokens[w, first + 1 :])
+        n, k, t = window_metrics(window_logits, ref.window(w), tokens[w, first + 1 :], settings.threads)
         nll.append(n)
         kld.append(k)
         top1.append(t)
