@@ -17,7 +17,9 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,7 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
     sampled every 50 ms and its highest value reported too.  With ``fresh``, that output file is
     removed before every run, so each writes a new file (on ext4, replacing an existing file by a
     rename or emptying it with O_TRUNC makes the kernel flush the new data at once)."""
-    times, peaks, cpus, anons = [], [], [], []
+    runs = []
     for attempt in range(repeat + (1 if warm else 0)):
         if fresh is not None:
             fresh.unlink(missing_ok=True)
@@ -88,12 +90,39 @@ def measure(cmd: list[str], warm: bool = True, repeat: int = 3, log: Path | None
                 raise RuntimeError(f"{' '.join(cmd)} failed: {tail}")
         if warm and attempt == 0:
             continue
-        times.append(seconds)
-        peaks.append(usage.ru_maxrss / 1024)
-        anons.append(anon_peak[0])
-        cpus.append(usage.ru_utime + usage.ru_stime)
-    median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
-    return Run(times[median], max(peaks), cpus[median], max(anons) if anon else None)
+        runs.append(Run(seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, anon_peak[0] if anon else None))
+    return median_run(runs)
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The median-time run (its CPU time), with the highest peak RSS and anonymous RSS of them all."""
+    mid = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
+    anons = [r.peak_anon_mb for r in runs if r.peak_anon_mb is not None]
+    return replace(mid, peak_rss_mb=max(r.peak_rss_mb for r in runs), peak_anon_mb=max(anons) if anons else None)
+
+
+def alternated(contenders: dict[str, Callable[[], Run]], rounds: int) -> dict[str, Run]:
+    """Each contender's :func:`median_run` of ``rounds`` runs, the contenders taking turns in every round
+    (the machine drifts by several percent over the minutes a comparison takes)."""
+    runs: dict[str, list[Run]] = {k: [] for k in contenders}
+    for _ in range(rounds):
+        for k, run in contenders.items():
+            runs[k].append(run())
+    return {k: median_run(v) for k, v in runs.items()}
+
+
+def converted(checkpoint: Path, f16: Path) -> Path:
+    """``checkpoint``'s F16 GGUF at ``f16``, converted (in a child process) if not there yet."""
+    if not f16.is_file():
+        subprocess.run([PY, "-m", "quantize", "convert", str(checkpoint), "-o", str(f16)], check=True)
+    return f16
+
+
+def _timed(work: Callable[[], object]) -> Run:
+    """``work`` run in this process, timed (no RSS of its own to report)."""
+    t0 = time.perf_counter()
+    work()
+    return Run(time.perf_counter() - t0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -260,9 +289,7 @@ def bench_quantize(out: Path) -> dict[str, Any]:
     """Our `quantize gguf` against a bare llama_model_quantize call, on the ~2 GB model's F16."""
     from .quant_types import quant_type
 
-    f16 = out / "random-2g.F16.gguf"
-    if not f16.is_file():
-        subprocess.run([PY, "-m", "quantize", "convert", str(out / "random-2g"), "-o", str(f16)], check=True)
+    f16 = converted(out / "random-2g", out / "random-2g.F16.gguf")
     res: dict[str, Any] = {}
     for t in ("Q4_K_M", "Q6_K"):
         cmd = [PY, "-m", "quantize", "gguf", str(f16), "--type", t, "-o", str(out / f"ours.{t}.gguf")]
@@ -274,11 +301,9 @@ def bench_quantize(out: Path) -> dict[str, Any]:
             "bare": ([PY, "-c", _BARE_QUANTIZE, str(f16), str(bare_out), str(quant_type(t).ftype)], bare_out),
         }
         measure(cmd, warm=False, repeat=1, fresh=mine)  # untimed: remembers the F16's hash and fills the page cache
-        times: dict[str, list[float]] = {k: [] for k in contenders}
-        for _ in range(QUANTIZE_ROUNDS):  # alternated, medians: the machine drifts over minutes
-            for k, (command, output) in contenders.items():
-                times[k].append(measure(command, warm=False, repeat=1, fresh=output).seconds)
-        ours, first, bare = (sorted(times[k])[QUANTIZE_ROUNDS // 2] for k in ("ours", "first", "bare"))
+        med = alternated({k: partial(measure, command, warm=False, repeat=1, fresh=output)
+                          for k, (command, output) in contenders.items()}, QUANTIZE_ROUNDS)
+        ours, first, bare = (med[k].seconds for k in ("ours", "first", "bare"))
         res[t] = {"ours_s": ours, "ours_first_s": first, "bare_s": bare,
                   "overhead": ours / bare - 1, "overhead_first": first / bare - 1}
         for f in (mine, bare_out):
@@ -338,16 +363,15 @@ def gate_throughput(artifact: Path, reference: Path, text: Path, es: Any, cache:
     n_tok = windows.size
     engine = LlamaCppEngine(artifact, es.ctx)
     score_artifact(artifact, ref, es, DEFAULT_THRESHOLDS, engine)  # untimed: maps the model and the cache once
-    bare, ours = [], []
-    for _ in range(GATE_ROUNDS):  # alternated, medians: one pass is well under a second and the machine drifts
-        t0 = time.perf_counter()
+
+    def forward_only() -> None:
         for _ in engine.scored_logits(windows, ref.windows.rows):
             pass
-        bare.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        score_artifact(artifact, ref, es, DEFAULT_THRESHOLDS, engine)
-        ours.append(time.perf_counter() - t0)
-    bare_s, ours_s = sorted(bare)[GATE_ROUNDS // 2], sorted(ours)[GATE_ROUNDS // 2]
+
+    med = alternated({"bare": lambda: _timed(forward_only),  # one pass is well under a second
+                      "ours": lambda: _timed(lambda: score_artifact(artifact, ref, es, DEFAULT_THRESHOLDS, engine))},
+                     GATE_ROUNDS)
+    bare_s, ours_s = med["bare"].seconds, med["ours"].seconds
     out = {"ours_gguf": n_tok / ours_s, "bare_llama_cpp": n_tok / bare_s, "overhead": ours_s / bare_s - 1}
     if eval_all:  # the way a llama-cpp-python user gets a window's logits
         from llama_cpp import Llama

@@ -14,28 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bench import Run, measure
+from .bench import PY, alternated, converted, measure
 from .imatrix import Imatrix
 
-PY = sys.executable
 COSINE_MIN = 0.999  # per tensor, column means of ours against llama-imatrix's
 TARGET_RATIO = 1.0  # our wall time over llama-imatrix's
-
-
-def demo_f16(out: Path, checkpoint: Path) -> Path:
-    """The demo checkpoint's F16 GGUF under ``out``, converted (in a child process) if not there yet."""
-    f16 = out / "demo-spm.F16.gguf"
-    if not f16.is_file():
-        subprocess.run([PY, "-m", "quantize", "convert", str(checkpoint), "-o", str(f16)], check=True)
-    return f16
 
 
 def compare(ref: Imatrix, ours: Imatrix) -> dict[str, Any]:
@@ -77,7 +67,7 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     demo = build_demo(out.parent / "demo", models=("mistral-spm",))
     ckpt, calib = demo.spm, demo.text["calib"]
     exe = llama_tool("llama-imatrix")  # built before anything is timed
-    f16 = f16 or demo_f16(out, ckpt)
+    f16 = f16 or converted(ckpt, out / "demo-spm.F16.gguf")
     threads = os.cpu_count() or 1
     ref_path, ours_path = out / "imatrix-llama.gguf", out / "imatrix-ours.gguf"
     logfile = out / "imatrix-bench.log"
@@ -89,11 +79,8 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     }
     for cmd in commands.values():  # untimed: page cache, bytecode, remembered hashes
         measure(cmd, warm=False, repeat=1, log=logfile)
-    runs: dict[str, list[Run]] = {k: [] for k in commands}
-    for _ in range(repeat):  # alternated, medians: the machine drifts over the minutes this takes
-        for k, cmd in commands.items():
-            runs[k].append(measure(cmd, warm=False, repeat=1, log=logfile))
-    ref, ours = (_median(runs[k]) for k in ("ref", "ours"))
+    med = alternated({k: partial(measure, cmd, warm=False, repeat=1, log=logfile) for k, cmd in commands.items()}, repeat)
+    ref, ours = med["ref"], med["ours"]
     res: dict[str, Any] = {
         "chunks": chunks, "ctx": ctx, "threads": threads, "f16": str(f16), "llama_imatrix": str(exe),
         "llama_imatrix_s": ref.seconds, "ours_s": ours.seconds, "ratio": ours.seconds / ref.seconds,
@@ -102,12 +89,6 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
         "tools_build_s": build_seconds(),
     }
     return res | compare(Imatrix.load(ref_path), Imatrix.load(ours_path))
-
-
-def _median(runs: list[Run]) -> Run:
-    """The median-time run, with the highest peak RSS of all."""
-    mid = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
-    return replace(mid, peak_rss_mb=max(r.peak_rss_mb for r in runs))
 
 
 def print_imatrix(res: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from .architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architectu
 from .atomic import atomic_file, check_output, sha256_file
 from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
 from .errors import QuantizeError
-from .fingerprint import file_key, known_sha256s, remember_sha256s
+from .fingerprint import file_key, remember_sha256s, remembered
 from .gguf_patch import PLACEHOLDER, patch_strings
 from .gguf_writer import Writer
 from .progress import progress
@@ -304,7 +304,7 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         keys = [file_key(s.path) for s in ckpt.shards]
-        shard_hashes = _stream_tensors(w, ckpt, cfg, plans, known_sha256s([s.path for s in ckpt.shards]))
+        shard_hashes = _stream_tensors(w, ckpt, cfg, plans, remembered(keys))
         w.close()
         patch_strings(tmp, HASH_KEY, shard_hashes)
     remember_sha256s([(s.path, digest, key) for s, digest, key in zip(ckpt.shards, shard_hashes, keys, strict=True)])

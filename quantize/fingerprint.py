@@ -23,8 +23,11 @@ HASH_CACHE = user_cache() / "sha256.json"
 
 def file_key(f: Path) -> str:
     """What identifies ``f``'s content as it is now: path, size, mtime and inode."""
-    st = f.stat()
-    return f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return _key_of(str(f.resolve()), f.stat())
+
+
+def _key_of(resolved: str, st: os.stat_result) -> str:
+    return f"{resolved}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _load() -> dict[str, str]:
@@ -34,15 +37,15 @@ def _load() -> dict[str, str]:
         return {}
 
 
-def known_sha256s(files: list[Path]) -> list[str | None]:
-    """The remembered sha256 of each file as it is now, or None (nothing is hashed)."""
+def remembered(keys: list[str]) -> list[str | None]:
+    """The remembered sha256 under each :func:`file_key`, or None (nothing is hashed)."""
     cache = _load()
-    return [cache.get(file_key(f)) for f in files]
+    return [cache.get(k) for k in keys]
 
 
 def known_sha256(f: Path) -> str | None:
     """The remembered sha256 of ``f`` as it is now, or None."""
-    return known_sha256s([f])[0]
+    return remembered([file_key(f)])[0]
 
 
 def remember_sha256s(hashed: list[tuple[Path, str, str]]) -> None:
@@ -59,17 +62,18 @@ def remember_sha256s(hashed: list[tuple[Path, str, str]]) -> None:
 def _still(key: str) -> bool:
     """Whether the file a remembered key names is still as the key says (entries of files since
     changed or removed are dropped whenever the cache is written, so it does not grow without end)."""
+    path = key.rsplit(":", 3)[0]  # already resolved
     try:
-        return file_key(Path(key.rsplit(":", 3)[0])) == key
+        return _key_of(path, os.stat(path)) == key
     except (OSError, ValueError):
         return False
 
 
 def cached_sha256(f: Path) -> str:
     """The sha256 of ``f``: remembered, or computed and remembered."""
-    known = known_sha256(f)
+    key = file_key(f)
+    known = remembered([key])[0]
     if known is None:
-        key = file_key(f)
         known = sha256_file(f)
         remember_sha256s([(f, known, key)])
     return known
