@@ -112,14 +112,17 @@ class Added(NamedTuple):
     declared: bool
 
 
-def added_tokens(root: Path) -> dict[int, Added]:
-    """id -> added token, from every place HF tokenizers record added tokens."""
+def added_tokens(root: Path, tokenizer_json: dict[str, Any] | None = None) -> dict[int, Added]:
+    """id -> added token, from every place HF tokenizers record added tokens (``tokenizer_json``: the
+    folder's ``tokenizer.json`` if the caller has parsed it already)."""
     out: dict[int, Added] = {}
     if (p := root / "added_tokens.json").is_file():
         for text, tid in _json(p).items():
             out[int(tid)] = Added(text, False, True)
-    if (p := root / "tokenizer.json").is_file():
-        for tok in _json(p).get("added_tokens", []):
+    if tokenizer_json is None and (p := root / "tokenizer.json").is_file():
+        tokenizer_json = _json(p)
+    if tokenizer_json is not None:
+        for tok in tokenizer_json.get("added_tokens", []):
             out[int(tok["id"])] = Added(tok["content"], bool(tok.get("special")), False)
     if (p := root / "tokenizer_config.json").is_file():
         for tid, tok in (_json(p).get("added_tokens_decoder") or {}).items():
@@ -221,7 +224,7 @@ def _bpe(root: Path, n_vocab: int, unembedded: Collection[str]) -> Vocab:
         raise QuantizeError(path, f"tokenizer model {model.get('type')!r} is not supported; supported: SentencePiece (tokenizer.model), BPE")
     pre = _pre_tokenizer_name(path, tj.get("pre_tokenizer"))
     vocab: dict[str, int] = model["vocab"]
-    extra = added_tokens(root)
+    extra = added_tokens(root, tj)
     _drop_unembedded(extra, n_vocab, unembedded, path)
     n_tok = max([*vocab.values(), *extra]) + 1
     if n_tok > n_vocab:
