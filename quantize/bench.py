@@ -177,6 +177,7 @@ class Shape:
 
 # The checkpoint `nox -s bench` converts: hidden 2048, GQA 16/4 heads, ~120 MB per layer, the demo's ChatML vocabulary.
 BENCH_SHAPE = Shape(2048, 5632, 16, 4, 32002, layers=0, eos_token_id=32001)
+BENCH_LAYERS = 18  # the 1.9 GB model convert and quantize are timed on
 ROWS_PER_DRAW = 1024  # random rows drawn in float32 at a time, so a tensor is never held in float32
 
 
@@ -240,32 +241,45 @@ def _copy_command(src: Path, dst: Path) -> list[str]:
     return ["sh", "-c", 'cat "$0"/*.safetensors > "$1"', str(src), str(dst)]
 
 
-def bench_convert(out: Path, reference: Path) -> dict[str, Any]:
+def bench_model(out: Path, layers: int) -> Path:
+    """BENCH_SHAPE at ``layers`` blocks in ``out``, in shards of ~380 MB, built if not there yet (in a
+    child process: a forked child's peak RSS would otherwise include this process's pages)."""
+    from .demo import build_demo
+
+    path = out / f"random-{layers}-layers"
+    shards = -(-replace(BENCH_SHAPE, layers=layers).fp16_bytes // 380_000_000)
+    subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
+                    "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
+                    str(path), str(layers), str(shards), str(build_demo(out.parent / "demo").spm)], check=True)
+    return path
+
+
+def bench_convert(out: Path, reference: Path, layers: int = BENCH_LAYERS) -> dict[str, Any]:
+    """Our convert against llama.cpp's converter and a plain copy, on BENCH_SHAPE at ``layers`` (1.9 GB
+    at 18) and at half that (peak RSS must not grow with the model)."""
     from .demo import build_demo
 
     demo = build_demo(out.parent / "demo")
-    # Made in a child process: a forked child's peak RSS would otherwise include this process's pages.
-    small, big = out / "random-1g", out / "random-2g"
-    for path, layers, shards in ((small, 9, 3), (big, 18, 5)):
-        subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
-                        "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
-                        str(path), str(layers), str(shards), str(demo.spm)], check=True)
+    small, big = bench_model(out, layers // 2), bench_model(out, layers)
     files = list(big.glob("*.safetensors"))
     res: dict[str, Any] = {"input_gb": round(sum(p.stat().st_size for p in files) / 1e9, 2), "shards": len(files)}
-    # every contender writes a new file each run, as a first conversion does
+
+    def run(cmd: list[str], output: str, warm: bool = True) -> Run:
+        """``measure`` writing a new ``output`` each run, removed afterwards (the disk holds one at a time)."""
+        try:
+            return measure(cmd, warm=warm, fresh=out / output)
+        finally:
+            (out / output).unlink(missing_ok=True)
+
     cmd = [PY, "-m", "quantize", "convert", str(big), "-o", str(out / "ours.gguf")]
-    ours = measure(cmd, fresh=out / "ours.gguf")  # the shards' sha256 remembered from the untimed run (or a build's step keys)
+    ours = run(cmd, "ours.gguf")  # the shards' sha256 remembered from the untimed run (or a build's step keys)
     # new shards (touched: their remembered hashes no longer apply), hashed in the same pass as the copy
-    first = measure(["sh", "-c", 'touch "$0"/*.safetensors && exec "$@"', str(big), *cmd], warm=False, fresh=out / "ours.gguf")
-    ours_small = measure([PY, "-m", "quantize", "convert", str(small), "-o", str(out / "ours-small.gguf")],
-                         fresh=out / "ours-small.gguf")
-    ref = measure([str(reference), str(big), "--outfile", str(out / "reference.gguf"), "--outtype", "f16"],
-                  fresh=out / "reference.gguf")
-    copy = measure(_copy_command(big, out / "copy.bin"), fresh=out / "copy.bin")
+    first = run(["sh", "-c", 'touch "$0"/*.safetensors && exec "$@"', str(big), *cmd], "ours.gguf", warm=False)
+    ours_small = run([PY, "-m", "quantize", "convert", str(small), "-o", str(out / "ours-small.gguf")], "ours-small.gguf")
+    ref = run([str(reference), str(big), "--outfile", str(out / "reference.gguf"), "--outtype", "f16"], "reference.gguf")
+    copy = run(_copy_command(big, out / "copy.bin"), "copy.bin")
     # what does not grow with the model: the 40 MB demo has the same 32k vocabulary and tokenizer files
-    tiny = measure([PY, "-m", "quantize", "convert", str(demo.spm), "-o", str(out / "ours-demo.gguf")], fresh=out / "ours-demo.gguf")
-    for f in ("ours.gguf", "ours-small.gguf", "reference.gguf", "copy.bin", "ours-demo.gguf"):
-        (out / f).unlink(missing_ok=True)
+    tiny = run([PY, "-m", "quantize", "convert", str(demo.spm), "-o", str(out / "ours-demo.gguf")], "ours-demo.gguf")
     res |= {
         "ours_s": ours.seconds, "ours_first_s": first.seconds, "reference_s": ref.seconds, "copy_s": copy.seconds,
         "ours_vs_reference": ours.seconds / ref.seconds, "ours_vs_copy": ours.seconds / copy.seconds,
@@ -289,7 +303,7 @@ def bench_quantize(out: Path) -> dict[str, Any]:
     """Our `quantize gguf` against a bare llama_model_quantize call, on the ~2 GB model's F16."""
     from .quant_types import quant_type
 
-    f16 = converted(out / "random-2g", out / "random-2g.F16.gguf")
+    f16 = converted(bench_model(out, BENCH_LAYERS), out / f"random-{BENCH_LAYERS}-layers.F16.gguf")
     res: dict[str, Any] = {}
     for t in ("Q4_K_M", "Q6_K"):
         cmd = [PY, "-m", "quantize", "gguf", str(f16), "--type", t, "-o", str(out / f"ours.{t}.gguf")]
@@ -420,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-converter", type=Path, help="llama.cpp's convert-hf-to-gguf (the convert part needs it)")
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
     ap.add_argument("--only", choices=["convert", "quantize", "imatrix", "quality", "awq"], help="run one part")
+    ap.add_argument("--convert-layers", type=int, default=BENCH_LAYERS,
+                    help="decoder blocks of the model convert is timed on (18: 1.9 GB; 75: 7 GB, needs ~20 GB of disk)")
     a = ap.parse_args(argv)
     if a.only in (None, "convert") and a.reference_converter is None:
         ap.error("the convert part compares with llama.cpp's converter: pass --reference-converter (nox -s bench does)")
@@ -428,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     results: dict[str, Any] = {}
     if a.only in (None, "convert"):
-        results["convert"] = bench_convert(a.out, a.reference_converter)
+        results["convert"] = bench_convert(a.out, a.reference_converter, a.convert_layers)
         _print_convert(results["convert"])
     if a.only in (None, "quantize"):
         results["quantize"] = q = bench_quantize(a.out)
@@ -472,7 +488,7 @@ def _print_convert(r: dict[str, Any]) -> None:
           f"{r['ours_vs_copy']:.2f}x copy (target <= 1.3); new shards, hashed in the pass: {r['ours_first_s']:.2f}s, "
           f"{r['ours_first_vs_reference']:.2f}x reference, {r['ours_first_vs_copy']:.2f}x copy")
     print(f"convert fixed cost (the 40 MB demo, same 32k vocabulary): {r['ours_fixed_s']:.2f}s (interpreter, imports, "
-          f"tokenizer); the rest of the 1.9 GB run {r['ours_beyond_fixed_vs_copy']:.2f}x copy")
+          f"tokenizer); the rest of the {r['input_gb']} GB run {r['ours_beyond_fixed_vs_copy']:.2f}x copy")
     print(f"convert peak RSS: ours {r['ours_peak_rss_mb']:.0f} MB (half-size model {r['ours_peak_rss_mb_half_model']:.0f} MB; "
           f"target < 500, flat), reference {r['reference_peak_rss_mb']:.0f} MB, copy {r['copy_peak_rss_mb']:.0f} MB")
 
