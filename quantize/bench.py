@@ -247,6 +247,8 @@ def bench_model(out: Path, layers: int) -> Path:
     from .demo import build_demo
 
     path = out / f"random-{layers}-layers"
+    if (path / "config.json").is_file():
+        return path
     shards = -(-replace(BENCH_SHAPE, layers=layers).fp16_bytes // 380_000_000)
     subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
                     "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
