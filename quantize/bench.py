@@ -178,6 +178,7 @@ class Shape:
 # The checkpoint `nox -s bench` converts: hidden 2048, GQA 16/4 heads, ~120 MB per layer, the demo's ChatML vocabulary.
 BENCH_SHAPE = Shape(2048, 5632, 16, 4, 32002, layers=0, eos_token_id=32001)
 BENCH_LAYERS = 18  # the 1.9 GB model convert and quantize are timed on
+BENCH_SHARD_BYTES = 380_000_000  # 6 shards at 18 blocks, 20 at 75
 ROWS_PER_DRAW = 1024  # random rows drawn in float32 at a time, so a tensor is never held in float32
 
 
@@ -230,10 +231,9 @@ def random_checkpoint(out: Path, shape: Shape, tokenizer: Path, shard_bytes: int
     return out
 
 
-def bench_checkpoint(out: Path, layers: int, shards: int, template: Path) -> Path:
-    """The random checkpoint ``nox -s bench`` converts: BENCH_SHAPE at ``layers``, in about ``shards`` shards."""
-    shape = replace(BENCH_SHAPE, layers=layers)
-    return random_checkpoint(out, shape, template, shard_bytes=-(-shape.fp16_bytes // shards))
+def bench_checkpoint(out: Path, layers: int, template: Path) -> Path:
+    """The random checkpoint ``nox -s bench`` converts: BENCH_SHAPE at ``layers``, in shards of at most BENCH_SHARD_BYTES."""
+    return random_checkpoint(out, replace(BENCH_SHAPE, layers=layers), template, shard_bytes=BENCH_SHARD_BYTES)
 
 
 def _copy_command(src: Path, dst: Path) -> list[str]:
@@ -242,17 +242,16 @@ def _copy_command(src: Path, dst: Path) -> list[str]:
 
 
 def bench_model(out: Path, layers: int) -> Path:
-    """BENCH_SHAPE at ``layers`` blocks in ``out``, in shards of ~380 MB, built if not there yet (in a
+    """:func:`bench_checkpoint` at ``layers`` blocks in ``out``, built if not there yet (in a
     child process: a forked child's peak RSS would otherwise include this process's pages)."""
     from .demo import build_demo
 
     path = out / f"random-{layers}-layers"
     if (path / "config.json").is_file():
         return path
-    shards = -(-replace(BENCH_SHAPE, layers=layers).fp16_bytes // 380_000_000)
     subprocess.run([PY, "-c", "import sys; from pathlib import Path; from quantize.bench import bench_checkpoint; "
-                    "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))",
-                    str(path), str(layers), str(shards), str(build_demo(out.parent / "demo").spm)], check=True)
+                    "bench_checkpoint(Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))",
+                    str(path), str(layers), str(build_demo(out.parent / "demo").spm)], check=True)
     return path
 
 
