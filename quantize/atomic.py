@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import QuantizeError
+from .portable import lock_exclusive, proc_text
 
 TMP_PREFIX = ".partial-"
 
@@ -32,23 +34,20 @@ TMP_PREFIX = ".partial-"
 def file_lock(path: Path, waiting: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` for the block; if another process holds it, log
     ``waiting`` and wait for it (builds of the same thing then run one after the other)."""
-    import fcntl
-    import logging
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusive(lock, wait=False)
         except BlockingIOError:
             logging.getLogger(__name__).warning("%s; waiting for it", waiting)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            lock_exclusive(lock)
         yield
 
 
 def umask() -> int:
     """The process's file-mode creation mask (read from /proc where the kernel shows it, else set and restored)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
+    with contextlib.suppress(ValueError, IndexError):
+        for line in (proc_text("self/status") or "").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     mask = os.umask(0o022)
@@ -244,11 +243,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def _dir_lock(folder: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``folder`` itself (no lock file left behind)."""
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock_exclusive(fd)
         yield
     finally:
         os.close(fd)

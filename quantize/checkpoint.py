@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QuantizeError
+from .portable import release_pages
 
 # safetensors dtype name -> (numpy dtype of the stored bits, bytes per element).
 # bf16 has no numpy dtype: its bits are carried as uint16 and widened when needed.
@@ -251,23 +252,25 @@ class ShardStream:
         return memoryview(self._map)[begin:end]
 
     def release(self, end: int) -> None:
-        """Drop the mapped pages before ``end`` from this process's resident set."""
+        """Drop the mapped pages before ``end`` from this process's resident set (where the system can:
+        :func:`quantize.portable.release_pages`)."""
         if self._map is None:
             return
         page = mmap.PAGESIZE
         upto = (end // page) * page
         if upto > self._released:
-            self._map.madvise(mmap.MADV_DONTNEED, self._released, upto - self._released)
+            release_pages(self._map, self._released, upto - self._released)
             self._released = upto
 
     def drop(self, begin: int, end: int) -> None:
-        """Drop the whole mapped pages inside ``[begin, end)`` from this process's resident set."""
+        """Drop the whole mapped pages inside ``[begin, end)`` from this process's resident set (where the
+        system can: :func:`quantize.portable.release_pages`)."""
         if self._map is None:
             return
         page = mmap.PAGESIZE
         lo, hi = -(-begin // page) * page, (end // page) * page
         if hi > lo:
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            release_pages(self._map, lo, hi - lo)
 
     def tensors(self) -> Iterator[tuple[TensorRef, memoryview, memoryview]]:
         """Yield ``(ref, bytes_since_last, tensor_bytes)``; the middle part covers gaps too."""

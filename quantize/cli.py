@@ -18,6 +18,7 @@ from typing import NoReturn
 from . import __version__
 from .atomic import atomic_file, check_output, check_writable_folder
 from .errors import QuantizeError
+from .portable import unsupported_platform
 from .thresholds import Threshold
 
 Handler = Callable[[argparse.Namespace], int]
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (why := unsupported_platform()) is not None:
+        print(f"quantize: {why}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(args.verbose, sys.stderr.isatty())

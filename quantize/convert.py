@@ -3,8 +3,8 @@
 The plan (every tensor's GGUF name, type and shape) is made and validated from the safetensors
 headers and ``config.json`` before the output file is opened.  Tensors are then streamed shard by
 shard in file order, in bounded chunks.  A tensor stored as the GGUF stores it (no transform, same
-type) is copied file to file by the kernel (``copy_file_range``); the others are converted in row
-chunks through a memory map.  Each shard's sha256 is computed from that memory map in the same
+type) is copied file to file (:func:`quantize.portable.copy_range`: in the kernel where the system
+offers it); the others are converted in row chunks through a memory map.  Each shard's sha256 is computed from that memory map in the same
 pass, on a second thread, whose pages are released as soon as they are written, so peak memory
 does not grow with model size; the hashes are patched into the already-written header at the end
 (the header precedes the data, so they cannot be known when it is written).

@@ -7,7 +7,6 @@ A file's sha256 is remembered by (path, size, mtime, inode) in ``sha256.json`` o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from . import user_cache
 from .atomic import TMP_PREFIX, atomic_file, sha256_file
+from .portable import lower_this_thread
 
 HASH_CACHE = user_cache() / "sha256.json"
 
@@ -79,25 +79,16 @@ def cached_sha256(f: Path) -> str:
     return known
 
 
-def _lower_this_thread() -> None:
-    """Let the kernel run the calling thread only on cores nothing else wants (Linux SCHED_IDLE), or
-    at the lowest nice level where that is refused; unchanged where the platform has neither."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, not the process
-    except (AttributeError, OSError):
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
 def sha256_when_idle(f: Path) -> Future[str]:
-    """:func:`cached_sha256` of ``f`` on a thread of the lowest scheduling class: it takes the time
+    """:func:`cached_sha256` of ``f`` on a thread of the lowest priority the system gives
+    (:func:`quantize.portable.lower_this_thread`; Linux: the idle scheduling class): it takes the time
     the work it runs beside leaves idle (a quantizer's single-threaded reads and writes), and the
     rest once that work is done."""
     done: Future[str] = Future()
 
     def run() -> None:
-        _lower_this_thread()
         try:
+            lower_this_thread()
             done.set_result(cached_sha256(f))
         except BaseException as exc:  # handed to whoever waits for the digest
             done.set_exception(exc)

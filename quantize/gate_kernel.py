@@ -10,8 +10,8 @@ dot product, summed in float per 512 entries and in double across them), rows sp
 threads.
 
 The C source ships in the package and is compiled on first use with the system compiler (``$CC``
-or ``cc``; ``-O3 -march=native``, OpenMP where the compiler has it) into
-``<user cache>/gate-kernel/<key>.so``, keyed by the source, the compiler's version, the flags and
+or ``cc``; ``-O3 -march=native``, OpenMP where the compiler has it, ``-march=native`` left out where
+the compiler refuses it) into ``<user cache>/gate-kernel/<key>.so``, keyed by the source, the compiler's version, the flags and
 the CPU's feature flags, and renamed into place when complete.  Without a working compiler the
 gate uses its torch implementation (:func:`quantize.evaluate.row_sums_torch`) and says so once;
 ``QUANTIZE_GATE_KERNEL=torch`` chooses that one.
@@ -35,13 +35,16 @@ import numpy as np
 from . import user_cache
 from .atomic import atomic_file
 from .errors import QuantizeError
+from .portable import proc_text
 
 log = logging.getLogger(__name__)
 
 ENV = "QUANTIZE_GATE_KERNEL"  # "torch": skip the compiled kernel
 SOURCE = Path(__file__).with_name("gate_kernel.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+NATIVE = "-march=native"  # left out on a last try: some compilers (older Apple clang on arm64) refuse it
+FLAGS = ("-O3", NATIVE, "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
 OPENMP = "-fopenmp"
+SYSCTL_CPU = ("machdep.cpu.brand_string", "machdep.cpu.features", "machdep.cpu.leaf7_features")
 
 
 def _compiler() -> str | None:
@@ -49,11 +52,20 @@ def _compiler() -> str | None:
 
 
 def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    return next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    """The CPU's feature flags: the ``flags``/``Features`` line of /proc/cpuinfo, else what ``sysctl``
+    tells of the CPU (``machdep.cpu.*``, as Darwin names them), else ``platform.processor()``."""
+    text = proc_text("cpuinfo")
+    if text is not None:
+        return next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    sysctl = shutil.which("sysctl")
+    if sysctl is not None:
+        try:
+            out = subprocess.run([sysctl, "-n", *SYSCTL_CPU], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            return out
+    return platform.processor()
 
 
 def _key(cc: str) -> str:
@@ -68,9 +80,10 @@ def _key(cc: str) -> str:
 
 
 def _build(cc: str, out: Path) -> bool:
-    """Compile the kernel to ``out`` (atomically), with OpenMP where the compiler has it."""
+    """Compile the kernel to ``out`` (atomically), with OpenMP where the compiler has it, and without
+    ``-march=native`` where the compiler refuses it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for flags in ((*FLAGS, OPENMP), FLAGS):
+    for flags in ((*FLAGS, OPENMP), FLAGS, tuple(f for f in FLAGS if f != NATIVE)):
         try:
             with atomic_file(out) as tmp:
                 res = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)

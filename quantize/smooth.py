@@ -39,6 +39,7 @@ from .errors import QuantizeError
 from .gguf_info import copy_metadata, field_value, open_gguf
 from .gguf_writer import Writer
 from .imatrix import Imatrix
+from .portable import release_pages
 from .split import MappedTensor
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def _act_quant_error(x2: np.ndarray, block: int = 256) -> float:
 
 class FloatSource:
     """A float GGUF's tensors read one at a time from a private memory map: each read is a copy,
-    and the pages it touched are dropped from this process's resident set afterwards."""
+    and the pages it touched are dropped from this process's resident set afterwards (where the system
+    can: :func:`quantize.portable.release_pages`)."""
 
     def __init__(self, mm: mmap.mmap, reader: gguf.GGUFReader) -> None:
         self.mm = mm
@@ -115,7 +117,7 @@ class FloatSource:
 
     def release(self, t: gguf.ReaderTensor) -> None:
         begin = int(t.data_offset) - int(t.data_offset) % mmap.PAGESIZE
-        self.mm.madvise(mmap.MADV_DONTNEED, begin, int(t.data_offset) + int(t.n_bytes) - begin)
+        release_pages(self.mm, begin, int(t.data_offset) + int(t.n_bytes) - begin)
 
     def float32(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a float32 copy in numpy order (rows, columns)."""

@@ -12,7 +12,6 @@ renamed into place only when all of them are complete.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from .atomic import link_or_copy
 from .errors import QuantizeError
 from .gguf_info import copy_metadata, open_gguf
 from .gguf_writer import Writer
+from .portable import copy_range
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
 # Keys the split writer sets on each shard itself.
@@ -34,24 +34,9 @@ _SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV
                          gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT})
 
 
-def copy_range(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
-    """Copy ``n`` bytes between two files' offsets in the kernel (``copy_file_range``, else ``sendfile``):
-    no bytes pass through this process, so none of them stay resident in it."""
-    while n > 0:
-        try:
-            done = os.copy_file_range(src, dst, n, src_at, dst_at)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            os.lseek(dst, dst_at, os.SEEK_SET)
-            done = os.sendfile(dst, src, src_at, n)
-        if done <= 0:
-            raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
-        src_at, dst_at, n = src_at + done, dst_at + done, n - done
-
-
 def append_range(fout: Any, src: int, begin: int, end: int) -> None:
-    """Append bytes ``[begin, end)`` of the open file ``src`` to the file object ``fout`` (:func:`copy_range`)."""
+    """Append bytes ``[begin, end)`` of the open file ``src`` to the file object ``fout``
+    (:func:`quantize.portable.copy_range`)."""
     fout.flush()
     pos = fout.tell()
     copy_range(src, fout.fileno(), begin, pos, end - begin)
@@ -60,7 +45,7 @@ def append_range(fout: Any, src: int, begin: int, end: int) -> None:
 
 class MappedTensor:
     """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: one tensor's bytes of the open
-    file ``fd``, copied by the kernel."""
+    file ``fd``, copied by :func:`quantize.portable.copy_range`."""
 
     def __init__(self, fd: int, offset: int, nbytes: int) -> None:
         self.fd, self.offset, self.nbytes = fd, offset, nbytes

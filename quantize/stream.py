@@ -31,6 +31,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .errors import QuantizeError
+from .portable import unnamed_file
 from .progress import progress
 from .safetensors_io import read_tensor
 
@@ -385,8 +386,8 @@ class Activations:
         self.shape = (n, ctx, hidden)
         self.dtype = dtype
         self._file: Any = None
-        if spill:  # a file without a name (O_TMPFILE): nothing is left behind even by a killed run
-            self._file = tempfile.TemporaryFile(prefix="quantize-activations-", suffix=".f16", dir=spill_dir)  # noqa: SIM115 - closed by close()
+        if spill:  # a file without a name (O_TMPFILE, else unlinked as soon as made): a killed run leaves nothing
+            self._file = unnamed_file(spill_dir, prefix="quantize-activations-", suffix=".f16")
             self._map = np.memmap(self._file, dtype=np.float16, mode="w+", shape=self.shape)
             log.info("carried activations spilled to an unnamed file in %s (%.1f GiB, float16)",
                      spill_dir or tempfile.gettempdir(), self._map.nbytes / GiB)
