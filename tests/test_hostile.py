@@ -2,7 +2,8 @@
 
 Each case of :data:`CASES` is a command line, the exit status it must end with, the file its one
 message must name, and the folder that must be byte-for-byte unchanged afterwards.  Then faults:
-two writers of one output, and SIGKILL at a random point followed by a rerun.
+two writers of one output, and SIGKILL at a random point followed by a rerun (``kill.py``: the random
+choices are seeded, the seed printed; rerun a failure with ``QUANTIZE_TEST_SEED=<seed>``).
 """
 
 from __future__ import annotations
@@ -10,28 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import copy_checkpoint
+from kill import cli, killed_then_rerun, partials
 
 from quantize.demo import Demo
 from quantize.gguf_header import read_header
 from quantize.lora import train_demo_lora
-
-
-def _cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "quantize", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -46,10 +40,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
         else:
             out[rel] = (0, "dir")
     return out
-
-
-def _partials(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob(".partial-*")]
 
 
 @dataclass
@@ -202,7 +192,7 @@ def _empty(tmp: Path) -> Path:
 def test_hostile_input(case: str, ws: Workspace, tmp_path: Path) -> None:
     args, status, named, unchanged = CASES[case](ws, tmp_path)
     before, before_ws = _snapshot(unchanged), _snapshot(ws.root)
-    res = _cli(*args)
+    res = cli(*args)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == status, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
@@ -212,16 +202,16 @@ def test_hostile_input(case: str, ws: Workspace, tmp_path: Path) -> None:
     assert str(named) in lines[0], res.stderr
     assert _snapshot(unchanged) == before
     assert _snapshot(ws.root) == before_ws
-    assert not _partials(tmp_path) and not _partials(ws.root)
+    assert not partials(tmp_path) and not partials(ws.root)
 
 
 def test_verify_names_the_unsafe_entries(ws: Workspace, tmp_path: Path) -> None:
     """The symlink and the ``../`` name are reported as unsafe (not as missing), and nothing outside is read."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    link = _cli("verify", _tampered_release(ws, tmp_path / "a", "symlink"))
+    link = cli("verify", _tampered_release(ws, tmp_path / "a", "symlink"))
     assert "unsafe: m.Q4_K_M.gguf (a symbolic link" in link.stderr and "missing" not in link.stderr, link.stderr
-    dotdot = _cli("verify", _tampered_release(ws, tmp_path / "b", "dotdot"))
+    dotdot = cli("verify", _tampered_release(ws, tmp_path / "b", "dotdot"))
     assert "unsafe: ../outside.gguf (leaves the release folder)" in dotdot.stderr, dotdot.stderr
     assert "extra: m.Q4_K_M.gguf" in dotdot.stderr  # the file the manifest no longer lists
 
@@ -235,43 +225,7 @@ def test_two_writers_of_one_output(ws: Workspace, tmp_path: Path) -> None:
         assert rc == 0 or (rc == 2 and len(err.strip().splitlines()) == 1), err
     assert any(rc == 0 for rc, _ in results)
     assert read_header(out).tensors.keys() == read_header(ws.f16).tensors.keys()
-    assert not _partials(tmp_path)
-
-
-def _killed_then_rerun(argv: list[str | Path], final: Path, folder: Path, longest: float, valid: Callable[[Path], bool],
-                       mid_write: bool = True) -> None:
-    """Run ``argv`` and SIGKILL it at a random point: up to ``longest`` seconds after its first partial
-    appears in ``folder`` (``mid_write``), or after it starts.  Whatever is then under ``final`` must be
-    complete; a run that finished before the kill is retried with half the delay, so that one kill lands
-    in a live run.  Then rerun to the end: exit 0, a complete output, and no partial left behind."""
-    delay = random.uniform(0.0 if mid_write else 0.5, longest)
-    for _ in range(8):
-        p = subprocess.Popen([sys.executable, "-m", "quantize", *map(str, argv)], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        start = time.monotonic()
-        while mid_write and not _partials(folder) and p.poll() is None:
-            time.sleep(0.02)
-        time.sleep(max(0.0, delay - (0.0 if mid_write else time.monotonic() - start)))
-        killed = p.poll() is None
-        left = _partials(folder) if killed else []
-        if killed:
-            p.send_signal(signal.SIGKILL)
-        p.wait()
-        renamed = final.exists()
-        print(f"\nSIGKILL {delay:.2f} s after {'its first partial' if mid_write else 'start'}: {argv[0]}, "
-              f"{'killed' if killed else 'had finished'}{', output complete' if renamed else ''}, {len(left)} partial(s)")
-        if renamed:  # finished (or renamed) before the kill: it must be whole
-            assert valid(final), f"{final} is incomplete after SIGKILL at {delay:.2f} s"
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        if killed and not renamed and (left or not mid_write):
-            break
-        delay = random.uniform(0.0, delay)  # earlier
-    else:
-        pytest.fail("no kill landed in a live run")
-    res = _cli(*argv)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert valid(final)
-    assert not _partials(folder), _partials(folder)
+    assert not partials(tmp_path)
 
 
 def _gguf_of_type(qtype: str) -> Callable[[Path], bool]:
@@ -280,34 +234,83 @@ def _gguf_of_type(qtype: str) -> Callable[[Path], bool]:
 
 def test_sigkill_gguf_then_rerun(ws: Workspace, tmp_path: Path) -> None:
     out = tmp_path / "q.gguf"
-    _killed_then_rerun(["gguf", ws.f16, "--type", "Q4_K_M", "--imatrix", ws.imatrix, "--smooth", "-o", out], out, tmp_path,
-                       1.5, _gguf_of_type("Q4_K_M"))
+    killed_then_rerun(["gguf", ws.f16, "--type", "Q4_K_M", "--imatrix", ws.imatrix, "--smooth", "-o", out], out, tmp_path,
+                      1.5, _gguf_of_type("Q4_K_M"))
 
 
 def test_sigkill_imatrix_then_rerun(ws: Workspace, tmp_path: Path) -> None:
     out = tmp_path / "i.gguf"
-    _killed_then_rerun(["imatrix", ws.hf, "--text", ws.calib, "--chunks", "16", "-o", out], out, tmp_path, 6.0,
-                       lambda p: read_header(p).kv.get("general.type") == "imatrix", mid_write=False)
+    killed_then_rerun(["imatrix", ws.hf, "--text", ws.calib, "--chunks", "16", "-o", out], out, tmp_path, 6.0,
+                      lambda p: read_header(p).kv.get("general.type") == "imatrix", mid_write=False)
+
+
+def _awq_loads_like_fp16(hf: Path, text: Path) -> Callable[[Path], bool]:
+    """Whether an AWQ folder is whole, as a downloader loads it: its index maps exactly the tensors its
+    shards hold to those shards (every shard whole), it loads back as the source's model with every
+    tensor (``load_awq_as_float``, as test_awq), and its logits on one held-out window are those of the
+    fp16 model within test_awq's bounds (relative error < 0.05, top-1 agreement > 0.95)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize.awq import load_awq_as_float
+    from quantize.checkpoint import read_shard_header
+    from quantize.errors import QuantizeError
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    x = torch.tensor([[tok.bos_token_id, *tok(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][:255]]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(input_ids=x).logits[0]
+
+    def valid(folder: Path) -> bool:
+        try:
+            index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+            held = {t.name: s.name for s in sorted(folder.glob("*.safetensors")) for t in read_shard_header(s).tensors}
+            if index != held:
+                print(f"{folder}: the index and the shards differ: {sorted(set(index.items()) ^ set(held.items()))[:5]}")
+                return False
+            model = load_awq_as_float(folder)
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0]
+        except (OSError, KeyError, ValueError, RuntimeError, QuantizeError) as e:
+            print(f"{folder}: does not load: {e}")
+            return False
+        rel = float((logits - ref).norm() / ref.norm())
+        agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        print(f"{folder.name}: logits vs fp16: relative error {rel:.4f}, top-1 agreement {agree:.3f}")
+        return rel < 0.05 and agree > 0.95
+
+    return valid
 
 
 def test_sigkill_awq_then_rerun(ws: Workspace, tmp_path: Path) -> None:
     out = tmp_path / "awq"
-    _killed_then_rerun(["awq", ws.hf, "--calib", ws.calib, "--samples", "4", "--seq-len", "128", "-o", out], out, tmp_path,
-                       8.0, lambda p: (p / "config.json").is_file() and any(p.glob("*.safetensors")))
+    valid = _awq_loads_like_fp16(ws.hf, ws.eval)
+    killed_then_rerun(["awq", ws.hf, "--calib", ws.calib, "--samples", "4", "--seq-len", "128", "-o", out], out, tmp_path,
+                      8.0, valid)
+    # The check has teeth: a shard one byte short, or a tensor the index does not list, is not a valid folder.
+    short, unlisted = tmp_path / "short", tmp_path / "unlisted"
+    for bad in (short, unlisted):
+        shutil.copytree(out, bad)
+    shard = min(short.glob("*.safetensors"))
+    os.truncate(shard, shard.stat().st_size - 1)
+    index = json.loads((unlisted / "model.safetensors.index.json").read_text())
+    del index["weight_map"][min(index["weight_map"])]
+    (unlisted / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert not valid(short) and not valid(unlisted)
 
 
 def test_sigkill_build_then_rerun(ws: Workspace, tmp_path: Path) -> None:
     recipe = _recipe(ws, tmp_path, imatrix="imatrix = true\nimatrix_chunks = 8")
     art = tmp_path / "art"
     final = art / "build" / "Demo-Mistral-ChatML" / "Demo-Mistral-ChatML.Q4_K_M.gguf"
-    _killed_then_rerun(["build", recipe, "--artifacts", art, "--until", "gguf", "--types", "Q4_K_M", "--demo-root", ws.demo.root.parent],
-                       final, art, 6.0, _gguf_of_type("Q4_K_M"))
+    killed_then_rerun(["build", recipe, "--artifacts", art, "--until", "gguf", "--types", "Q4_K_M", "--demo-root", ws.demo.root.parent],
+                      final, art, 6.0, _gguf_of_type("Q4_K_M"))
 
 
 def test_a_gguf_next_to_its_checkpoint_can_be_rewritten(ws: Workspace, tmp_path: Path) -> None:
     """llama.cpp's converter writes into the model folder by default; a rerun of that must work."""
     hf = copy_checkpoint(ws.hf, tmp_path / "hf")
     for _ in range(2):
-        res = _cli("convert", hf, "-o", hf / "m.F16.gguf")
+        res = cli("convert", hf, "-o", hf / "m.F16.gguf")
         assert res.returncode == 0, res.stderr
     assert read_header(hf / "m.F16.gguf").tensors.keys() == read_header(ws.f16).tensors.keys()

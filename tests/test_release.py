@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import ARTIFACTS, ROOT
+from kill import BuildStep, cli, killed_then_rerun
 
 from quantize.demo import Demo
 from quantize.errors import QuantizeError
@@ -219,26 +218,23 @@ def test_touching_eval_text_reruns_only_evaluation(demo: Demo, tmp_path: Path) -
 
 
 def test_sigkill_midway_then_rerun_gives_a_complete_release(demo: Demo, tmp_path: Path) -> None:
+    """SIGKILL a live ``quantize build`` while it computes the importance matrix (the kill checked to
+    land there), then rerun it: a complete release that ``quantize verify`` accepts."""
     recipe = _recipe(tmp_path, demo)
     out = tmp_path / "k"
-    cmd = [sys.executable, "-m", "quantize", "build", str(recipe), "--artifacts", str(out), "--demo-root", str(DEMO_ROOT)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    steps = out / "build" / "Tiny" / ".steps"
-    deadline = time.time() + 300
-    while not (steps / "convert.key").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the importance matrix / quantization by now
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "release" / "Tiny").exists()
-    # Nothing half-written stands under a final name: every GGUF there is whole.
-    for gguf in (out / "build" / "Tiny").glob("[!.]*.gguf"):
-        r = open_gguf(gguf)
-        assert max(int(t.data_offset) + int(t.n_bytes) for t in r.tensors) <= gguf.stat().st_size, gguf
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert verify(out / "release" / "Tiny").ok
-    assert not list(out.rglob(".partial-*"))
+    build, release = out / "build" / "Tiny", out / "release" / "Tiny"
+
+    def nothing_half_written() -> None:
+        assert not release.exists()
+        # Nothing half-written stands under a final name: every GGUF there is whole.
+        for gguf in build.glob("[!.]*.gguf"):
+            r = open_gguf(gguf)
+            assert max(int(t.data_offset) + int(t.n_bytes) for t in r.tensors) <= gguf.stat().st_size, gguf
+
+    killed_then_rerun(["-v", "build", recipe, "--artifacts", out, "--demo-root", DEMO_ROOT], release, out, 5.0,
+                      lambda p: cli("verify", p).returncode == 0, step=BuildStep("imatrix", build, build / "Tiny.imatrix.gguf"),
+                      after_kill=nothing_half_written)
+    assert verify(release).ok
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated", "missing", "extra"])
