@@ -1,21 +1,25 @@
 """The release workflow (.github/workflows/release.yml), linted with actionlint and executed the way
-GitHub executes it for a ``workflow_dispatch`` with default inputs, without Docker:
+a GitHub runner executes it for a ``workflow_dispatch`` with default inputs, without Docker:
 
 * jobs in ``needs`` order, matrices expanded, each job in a fresh clone of a commit of the current
   working tree (a temporary commit object made with a private index: no branch or ref changes);
 * ``${{ }}`` expressions evaluated (inputs, matrix, env, github, vars and secrets empty, ``||``,
   ``&&``, ``!``, comparisons with GitHub's loose equality, startsWith/endsWith/contains/format and
   the status functions), a step's ``if:`` wrapped in ``success() &&`` as GitHub does;
-* every ``run:`` step executed with ``bash --noprofile --norc -eo pipefail``;
+* ``actions/setup-python`` gives the job a bare interpreter of the requested version: a new venv
+  holding pip only, first on a ``PATH`` from which every other ``python`` and ``nox`` is removed;
+* every ``run:`` step executed as written with ``bash --noprofile --norc -eo pipefail``: the
+  workflow's own ``pip install nox``, then nox creating its venvs in the job's clone with the
+  noxfile's install commands.  Jobs share pip's download and wheel caches (as ``cache: pip`` does),
+  nothing else of the test's environment (its venv, ``PYTHONPATH``, ``NOX*``, ``QUANTIZE_*``, the
+  user cache);
 * ``actions/upload-artifact`` / ``download-artifact`` implemented: only the uploaded paths (globs,
   the least-common-ancestor root, hidden files only with ``include-hidden-files``) reach the jobs
-  that download them; checkout and setup-python are the clone and the current interpreter; any
-  other action fails the test unless its ``if:`` skips it (the GitHub release and the Hub upload).
+  that download them; checkout is the clone; any other action fails the test unless its ``if:``
+  skips it (the GitHub release and the Hub upload).
 
-Nox runs each session with ``--no-venv --no-install`` on the test's interpreter (the venv the
-``tests`` session built with the same ``_install``), and ``PYTHONPATH`` points at the job's clone,
-so the clone's code runs.  The demo models are the test machine's cache (``demo`` fixture), seeded
-into the first job's clone; every later job gets them only from the workflow's artifacts.
+The demo models are the test machine's cache (``demo`` fixture), seeded into the first job's clone;
+every later job gets them only from the workflow's artifacts.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from bare import bare_venv, runner_env, snapshot_commit
 from conftest import ARTIFACTS, ROOT
 
 from quantize.demo import Demo
@@ -341,19 +345,6 @@ class JobRun:
     produced: set[str] = field(default_factory=set)  # files under artifacts/ its run: steps made or changed
 
 
-def _snapshot_commit(repo: Path) -> str:
-    """A commit object of the working tree (tracked and untracked, .gitignore honoured), made with a
-    private index; no branch, ref or index of the repository changes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "GIT_INDEX_FILE": f"{tmp}/index", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-               "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
-        git = ["git", "-C", str(repo)]
-        subprocess.run([*git, "add", "-A"], env=env, check=True)
-        tree = subprocess.run([*git, "write-tree"], env=env, check=True, capture_output=True, text=True).stdout.strip()
-        return subprocess.run([*git, "commit-tree", tree, "-m", "workflow test"], env=env, check=True,
-                              capture_output=True, text=True).stdout.strip()
-
-
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_ino)
             for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
@@ -399,18 +390,22 @@ def _step_outputs(path: Path) -> dict[str, str]:
     return out
 
 
+class StepFailed(AssertionError):
+    """A ``run:`` step exited non-zero: the job, the step as written, its exit status and its output."""
+
+    def __init__(self, job: str, step: str, rc: int, log: str) -> None:
+        self.job, self.step, self.rc, self.log = job, step, rc, log
+        tail = "\n".join(log.splitlines()[-30:])
+        super().__init__(f"{job}: `{step}` exited {rc}:\n{tail}")
+
+
 def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]) -> list[JobRun]:
     wf = yaml.safe_load(path.read_text())
     trigger = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
     inputs = {k: v.get("default", "") for k, v in (trigger["workflow_dispatch"].get("inputs") or {}).items()}
-    commit = _snapshot_commit(repo)
+    commit = snapshot_commit(repo)
     store = tmp / "artifact-store"
-    store.mkdir()
-    bin_dir = tmp / "bin"  # setup-python: the current interpreter; nox on it, sharing its packages
-    bin_dir.mkdir()
-    for tool, command in {"python": f'"{sys.executable}"', "nox": f'"{sys.executable}" -m nox --no-venv --no-install'}.items():
-        (bin_dir / tool).write_text(f'#!/bin/sh\nexec {command} "$@"\n')
-        (bin_dir / tool).chmod(0o755)
+    store.mkdir(parents=True)
     runs: list[JobRun] = []
     outputs: dict[str, dict[str, str]] = {}  # job id -> its `outputs:`, evaluated when its (last) run ends
     for job_id in _jobs_in_order(wf["jobs"]):
@@ -430,6 +425,7 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
             for scope in (wf.get("env", {}), job.get("env", {})):
                 ctx["env"] = {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in scope.items()}}
             run = JobRun(name, work, _text(interpolate(job.get("runs-on", ""), ctx)))
+            python_bin: Path | None = None  # until setup-python runs, the runner has no `python`
             assert condition(job.get("if"), ctx), f"job {name} skipped on workflow_dispatch"
             for i, step in enumerate(job["steps"]):
                 step_ctx = {**ctx, "env": {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in step.get("env", {}).items()}}}
@@ -444,17 +440,17 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                         upload_artifact(work, store, args)
                     elif action == "actions/download-artifact":
                         download_artifact(work, store, args)
+                    elif action == "actions/setup-python":
+                        python_bin = bare_venv(tmp / f"{work.name}-python", str(args["python-version"]))  # setup-python
                     else:
-                        assert action in ("actions/checkout", "actions/setup-python"), f"{name}: cannot run {step['uses']}"
+                        assert action == "actions/checkout", f"{name}: cannot run {step['uses']}"
                     run.steps.append(f"action: {step['uses']}")
                     continue
                 script = tmp / f"{work.name}-step{i}.sh"
                 script.write_text(interpolate(step["run"], step_ctx))
-                env = {**os.environ, **step_ctx["env"], "CI": "true", "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(work),
-                       "GITHUB_REF": base["github"]["ref"], "GITHUB_EVENT_NAME": "workflow_dispatch", "PYTHONPATH": str(work),
-                       "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-                for var in [v for v in env if v == "VIRTUAL_ENV" or v.startswith("NOX")]:
-                    env.pop(var)
+                env = {**runner_env(python_bin, tmp / f"{work.name}-cache"), **step_ctx["env"], "CI": "true",
+                       "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(work), "GITHUB_REF": base["github"]["ref"],
+                       "GITHUB_EVENT_NAME": "workflow_dispatch"}
                 out_file = tmp / f"{work.name}-step{i}.output"
                 out_file.touch()
                 env["GITHUB_OUTPUT"] = str(out_file)
@@ -463,7 +459,8 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                 with log.open("w") as out:
                     rc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=work, env=env,
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-                assert rc == 0, f"{name}: `{label}` exited {rc}:\n" + "\n".join(log.read_text().splitlines()[-30:])
+                if rc != 0:
+                    raise StepFailed(name, label, rc, log.read_text())
                 after = _files(work / "artifacts")
                 run.produced |= {f for f, st in after.items() if before.get(f) != st and Path(f).name != ".lock"}  # the build lock is no product
                 run.steps.append(f"ran: {label}")
@@ -476,8 +473,14 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
 
 # --- the run ----------------------------------------------------------------------------------
 
+def _drop_venvs(tmp: Path) -> None:
+    """The jobs' interpreters and nox venvs (gigabytes each), once the tests have read the run."""
+    for venv in [*tmp.glob("job-*-python"), *tmp.glob("job-*/.nox")]:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> list[JobRun]:
+def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[JobRun]]:
     from quantize.lora import train_demo_lora
 
     train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")  # the recipe's demo:lora, cached like the models
@@ -488,7 +491,25 @@ def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> list[J
         shutil.copytree(cache.resolve(), work / "artifacts" / "demo")
 
     tmp = tmp_path_factory.mktemp("workflow")
-    return run_workflow(WORKFLOW, ROOT, tmp, seed)
+    try:
+        yield run_workflow(WORKFLOW, ROOT, tmp, seed)
+    finally:
+        _drop_venvs(tmp)
+
+
+def test_a_workflow_missing_an_install_step_fails_at_the_step_that_needed_it(tmp_path: Path) -> None:
+    """The runner's interpreter is bare: with the convert job's ``pip install nox`` removed, the job
+    stops at its first nox step, naming the module that was never installed."""
+    text = WORKFLOW.read_text()
+    install = "      - run: python -m pip install nox\n"
+    assert install in text
+    broken = tmp_path / "release.yml"
+    broken.write_text(text.replace(install, "", 1))  # the first job's only
+    with pytest.raises(StepFailed) as failed:
+        run_workflow(broken, ROOT, tmp_path / "run", lambda work: None)
+    assert (failed.value.job, failed.value.step, failed.value.rc) == ("convert", "python -m nox -s convert", 1)
+    assert "No module named nox" in failed.value.log
+    _drop_venvs(tmp_path / "run")
 
 
 def test_workflow_runs_end_to_end_and_the_release_verifies(workflow_run: list[JobRun]) -> None:
@@ -497,15 +518,16 @@ def test_workflow_runs_end_to_end_and_the_release_verifies(workflow_run: list[Jo
     quants = [t for t in load_recipe(ROOT / "recipes" / "demo.toml").ladder.gguf if t != "F16"]  # one gguf job each
     assert [r.name for r in workflow_run] == ["convert", *(f"gguf ({t})" for t in quants), "awq", "gate-and-release"]
     gate = workflow_run[-1]
-    assert "ran: nox -s verify" in gate.steps
+    assert "ran: python -m nox -s verify" in gate.steps
     # publishing and the GitHub release need a tag and secrets: their own conditions skip them
     assert "skipped: Upload to the Hugging Face Hub" in gate.steps
     assert "skipped: softprops/action-gh-release@v3" in gate.steps
     assert {r.runs_on for r in workflow_run} == {"ubuntu-latest"}  # no GPU runner named: AWQ on a CPU runner
     releases = [p for p in (gate.work / "artifacts" / "release").iterdir() if p.is_dir()]
     assert [p.name for p in releases] == ["Demo-Mistral-ChatML"]
-    out = subprocess.run([sys.executable, "-m", "quantize", "verify", str(releases[0])], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(gate.work)})
+    # the quantize the job's nox installed from the job's clone, not the test's
+    out = subprocess.run([str(gate.work / ".nox" / "_build" / "bin" / "quantize"), "verify", str(releases[0])],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     manifest = json.loads((releases[0] / "manifest.json").read_text())
     assert [a["kind"] for a in manifest["artifacts"]] == ["F16", "Q6_K", "Q4_K_M", "imatrix", "AWQ"]
