@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks: a skip fails under CI=true)
 
 from quantize.convert import convert
 from quantize.demo import Demo, build_demo
