@@ -22,6 +22,7 @@ import mmap
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,31 +46,30 @@ def copy_range(src: int, dst: int, src_at: int, dst_at: int, n: int) -> None:
     """Copy ``n`` bytes of the file ``src`` from offset ``src_at`` to the file ``dst`` at offset
     ``dst_at``: by ``os.copy_file_range`` where present and accepted, else by ``os.sendfile`` (``dst``'s
     position is moved), else by :func:`copy_by_reads`.  Raises OSError(EIO) if ``src`` ends early."""
-    kernel_copy = getattr(os, "copy_file_range", None)
-    while n > 0 and kernel_copy is not None:
+    if (kernel_copy := getattr(os, "copy_file_range", None)) is not None:
+        src_at, dst_at, n = _copy_while_accepted(lambda s, d, k: kernel_copy(src, dst, k, s, d), _COPY_REFUSED, src_at, dst_at, n)
+    if n > 0 and (send := getattr(os, "sendfile", None)) is not None:
+        os.lseek(dst, dst_at, os.SEEK_SET)
+        src_at, dst_at, n = _copy_while_accepted(lambda s, d, k: send(dst, src, s, k), _SENDFILE_REFUSED, src_at, dst_at, n)
+    if n > 0:
+        copy_by_reads(src, dst, src_at, dst_at, n)
+
+
+def _copy_while_accepted(step: Callable[[int, int, int], int], refused: frozenset[int], src_at: int, dst_at: int,
+                         n: int) -> tuple[int, int, int]:
+    """Call ``step(src_at, dst_at, count)`` (it returns the bytes it copied) until ``n`` bytes are copied
+    or it fails with an errno in ``refused``; the source offset, destination offset and count left."""
+    while n > 0:
         try:
-            done = kernel_copy(src, dst, n, src_at, dst_at)
+            done = step(src_at, dst_at, n)
         except OSError as e:
-            if e.errno not in _COPY_REFUSED:
+            if e.errno not in refused:
                 raise
             break
         if done <= 0:
             raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
         src_at, dst_at, n = src_at + done, dst_at + done, n - done
-    if n > 0 and (send := getattr(os, "sendfile", None)) is not None:
-        os.lseek(dst, dst_at, os.SEEK_SET)
-        while n > 0:
-            try:
-                done = send(dst, src, src_at, n)
-            except OSError as e:
-                if e.errno not in _SENDFILE_REFUSED:
-                    raise
-                break
-            if done <= 0:
-                raise OSError(errno.EIO, f"copied no bytes at offset {src_at}: the source file shrank")
-            src_at, dst_at, n = src_at + done, dst_at + done, n - done
-    if n > 0:
-        copy_by_reads(src, dst, src_at, dst_at, n)
+    return src_at, dst_at, n
 
 
 def copy_by_reads(src: int, dst: int, src_at: int, dst_at: int, n: int, chunk: int = COPY_CHUNK) -> None:
