@@ -7,7 +7,8 @@ a GitHub runner executes it for a ``workflow_dispatch`` with default inputs, wit
   ``&&``, ``!``, comparisons with GitHub's loose equality, startsWith/endsWith/contains/format and
   the status functions), a step's ``if:`` wrapped in ``success() &&`` as GitHub does;
 * ``actions/setup-python`` gives the job a bare interpreter of the requested version: a new venv
-  holding pip only, first on a ``PATH`` from which every other ``python`` and ``nox`` is removed;
+  holding pip only, first on a ``PATH`` from which every other ``python`` and ``nox`` is removed
+  (with ``cache: pip``, a file to key the cache must exist, or the step fails as the action does);
 * every ``run:`` step executed as written with ``bash --noprofile --norc -eo pipefail``: the
   workflow's own ``pip install nox``, then nox creating its venvs in the job's clone with the
   noxfile's install commands.  Jobs share pip's download and wheel caches (as ``cache: pip`` does),
@@ -441,7 +442,11 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
                     elif action == "actions/download-artifact":
                         download_artifact(work, store, args)
                     elif action == "actions/setup-python":
-                        python_bin = bare_venv(tmp / f"{work.name}-python", str(args["python-version"]))  # setup-python
+                        if args.get("cache") == "pip":  # the action fails the job when nothing can key its cache
+                            keys = str(args.get("cache-dependency-path") or "**/requirements.txt\n**/pyproject.toml").split()
+                            assert any(glob.glob(k, root_dir=work, recursive=True) for k in keys), \
+                                f"{name}: setup-python (cache: pip): no file matches {keys}"
+                        python_bin = bare_venv(tmp / f"{work.name}-python", str(args["python-version"]))
                     else:
                         assert action == "actions/checkout", f"{name}: cannot run {step['uses']}"
                     run.steps.append(f"action: {step['uses']}")
