@@ -49,14 +49,18 @@ def pip_cache() -> Path:
 
 
 def runner_env(python_bin: Path | None, cache: Path) -> dict[str, str]:
-    """The test's environment less its venv, nox's and the project's variables, ``PYTHONPATH``, and
-    every ``PATH`` folder holding a ``python`` or ``nox``; ``python_bin`` first on ``PATH``; a user
-    cache of its own (``cache``), pip's cache shared with the test machine."""
-    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV"}
+    """The test's environment less its venv, nox's and the project's variables, ``PYTHONPATH``,
+    ``PYTHONDONTWRITEBYTECODE`` and every ``PATH`` folder holding a ``python`` or ``nox``;
+    ``python_bin`` first on ``PATH``; a user cache of its own (``cache``), pip's cache shared with the
+    test machine, pip's byte-compiling off."""
+    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV", "PYTHONDONTWRITEBYTECODE"}
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("NOX", "QUANTIZE_", "PYTEST_"))}
     path = [d for d in os.environ["PATH"].split(os.pathsep)
             if d and not any((Path(d) / exe).exists() for exe in ("python", "nox"))]
     env["PATH"] = os.pathsep.join(([str(python_bin)] if python_bin else []) + path)
     env["PIP_CACHE_DIR"] = str(pip_cache())
+    # pip installs the same files without byte-compiling all of them (torch's: half the install time);
+    # Python compiles what a command imports, once, as PYTHONDONTWRITEBYTECODE is dropped above
+    env["PIP_COMPILE"] = "0"
     env["XDG_CACHE_HOME"] = str(cache)
     return env

@@ -63,7 +63,7 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
     release.mkdir()
     (release / "manifest.json").write_text(json.dumps({"artifacts": []}))
     commands: dict[str, list[str | Path]] = {
-        "demo": ["demo", "--root", demo.root],
+        "demo": ["demo", "--root", demo.root.parent],  # the cache folder: the demo is reused, not trained
         "convert": ["convert", demo.spm, "-o", f16],
         "inspect": ["inspect", f16],
         "imatrix": ["imatrix", demo.spm, "--text", text, "--ctx", "128", "--chunks", "2", "-o", im],
@@ -76,11 +76,14 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
         "verify": ["verify", release],
     }
     assert set(commands) | {"awq", "fetch-real"} == _subcommands(), "a subcommand without a case here"
+    cached = sorted(demo.root.parent.rglob("*"))
     for name, args in commands.items():  # in order: each uses what the ones before made
         start = time.monotonic()
         res = _run(fresh, tmp_path, *args)
         print(f"quantize {name}: exit {res.returncode} in {time.monotonic() - start:.1f} s")
         assert res.returncode == 0, f"quantize {name}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        if name == "demo":
+            assert sorted(demo.root.parent.rglob("*")) == cached, "quantize demo rebuilt the cached demo"
     assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "merged" / "config.json").is_file()
     assert next((tmp_path / "artifacts").rglob("*.F16.gguf"), None) is not None
 

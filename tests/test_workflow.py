@@ -35,7 +35,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +403,8 @@ class StepFailed(AssertionError):
 
 
 def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]) -> list[JobRun]:
+    """Every job of the workflow at ``path`` on a snapshot of ``repo``, in ``needs`` order; the runs of a
+    matrix at the same time, as GitHub runs them.  ``seed`` prepares the clone of a job that needs none."""
     wf = yaml.safe_load(path.read_text())
     trigger = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` as true
     inputs = {k: v.get("default", "") for k, v in (trigger["workflow_dispatch"].get("inputs") or {}).items()}
@@ -414,66 +418,77 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
         base = {"inputs": inputs, "vars": {}, "secrets": {}, "github": {
             "ref": "refs/heads/main", "event_name": "workflow_dispatch", "repository": "local/quantize"},
             "needs": {n: {"result": "success", "outputs": outputs[n]} for n in _needs(job)}}
-        for matrix in _matrix(job, base):
-            name = job_id + (f" ({', '.join(map(str, matrix.values()))})" if matrix else "")
-            work = tmp / f"job-{len(runs)}-{job_id}"
-            subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(repo), str(work)], check=True)
-            subprocess.run(["git", "-C", str(work), "checkout", "--quiet", "--detach", commit], check=True)
-            if not _needs(job):
-                seed(work)
-            ctx = {**base, "matrix": matrix, "runner": {"os": "Linux", "temp": str(tmp)}, "steps": {}}
-            ctx["env"] = {}
-            for scope in (wf.get("env", {}), job.get("env", {})):
-                ctx["env"] = {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in scope.items()}}
-            run = JobRun(name, work, _text(interpolate(job.get("runs-on", ""), ctx)))
-            python_bin: Path | None = None  # until setup-python runs, the runner has no `python`
-            assert condition(job.get("if"), ctx), f"job {name} skipped on workflow_dispatch"
-            for i, step in enumerate(job["steps"]):
-                step_ctx = {**ctx, "env": {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in step.get("env", {}).items()}}}
-                label = step.get("name") or step.get("uses") or step.get("run", "").strip()
-                if not condition(step.get("if"), step_ctx):
-                    run.steps.append(f"skipped: {label}")
-                    continue
-                if "uses" in step:
-                    action = step["uses"].split("@")[0]
-                    args = interpolate(step.get("with", {}), step_ctx)
-                    if action == "actions/upload-artifact":
-                        upload_artifact(work, store, args)
-                    elif action == "actions/download-artifact":
-                        download_artifact(work, store, args)
-                    elif action == "actions/setup-python":
-                        if args.get("cache") == "pip":  # the action fails the job when nothing can key its cache
-                            keys = str(args.get("cache-dependency-path") or "**/requirements.txt\n**/pyproject.toml").split()
-                            assert any(glob.glob(k, root_dir=work, recursive=True) for k in keys), \
-                                f"{name}: setup-python (cache: pip): no file matches {keys}"
-                        python_bin = bare_venv(tmp / f"{work.name}-python", str(args["python-version"]))
-                    else:
-                        assert action == "actions/checkout", f"{name}: cannot run {step['uses']}"
-                    run.steps.append(f"action: {step['uses']}")
-                    continue
-                script = tmp / f"{work.name}-step{i}.sh"
-                script.write_text(interpolate(step["run"], step_ctx))
-                env = {**runner_env(python_bin, tmp / f"{work.name}-cache"), **step_ctx["env"], "CI": "true",
-                       "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(work), "GITHUB_REF": base["github"]["ref"],
-                       "GITHUB_EVENT_NAME": "workflow_dispatch"}
-                out_file = tmp / f"{work.name}-step{i}.output"
-                out_file.touch()
-                env["GITHUB_OUTPUT"] = str(out_file)
-                before = _files(work / "artifacts")
-                log = tmp / f"{work.name}-step{i}.log"
-                with log.open("w") as out:
-                    rc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=work, env=env,
-                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-                if rc != 0:
-                    raise StepFailed(name, label, rc, log.read_text())
-                after = _files(work / "artifacts")
-                run.produced |= {f for f, st in after.items() if before.get(f) != st and Path(f).name != ".lock"}  # the build lock is no product
-                run.steps.append(f"ran: {label}")
-                if "id" in step:
-                    ctx["steps"][step["id"]] = {"outputs": _step_outputs(out_file), "outcome": "success"}
+        matrices = _matrix(job, base)
+        works = [tmp / f"job-{len(runs) + k}-{job_id}" for k in range(len(matrices))]
+        with ThreadPoolExecutor(len(matrices)) as pool:
+            done = list(pool.map(partial(_run_job, wf=wf, job_id=job_id, base=base, repo=repo, commit=commit, store=store, seed=seed),
+                                 matrices, works))
+        for run, ctx in done:
             outputs[job_id] = {k: _text(v) for k, v in interpolate(job.get("outputs", {}), ctx).items()}
             runs.append(run)
     return runs
+
+
+def _run_job(matrix: dict[str, Any], work: Path, *, wf: dict[str, Any], job_id: str, base: dict[str, Any], repo: Path, commit: str,
+             store: Path, seed: Callable[[Path], None]) -> tuple[JobRun, dict[str, Any]]:
+    """One run of a job (one matrix combination) in a fresh clone at ``work``: the run and its final context."""
+    job, tmp = wf["jobs"][job_id], work.parent
+    name = job_id + (f" ({', '.join(map(str, matrix.values()))})" if matrix else "")
+    subprocess.run(["git", "clone", "--quiet", "--shared", "--no-checkout", str(repo), str(work)], check=True)
+    subprocess.run(["git", "-C", str(work), "checkout", "--quiet", "--detach", commit], check=True)
+    if not _needs(job):
+        seed(work)
+    ctx = {**base, "matrix": matrix, "runner": {"os": "Linux", "temp": str(tmp)}, "steps": {}}
+    ctx["env"] = {}
+    for scope in (wf.get("env", {}), job.get("env", {})):
+        ctx["env"] = {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in scope.items()}}
+    run = JobRun(name, work, _text(interpolate(job.get("runs-on", ""), ctx)))
+    python_bin: Path | None = None  # until setup-python runs, the runner has no `python`
+    assert condition(job.get("if"), ctx), f"job {name} skipped on workflow_dispatch"
+    for i, step in enumerate(job["steps"]):
+        step_ctx = {**ctx, "env": {**ctx["env"], **{k: _text(interpolate(v, ctx)) for k, v in step.get("env", {}).items()}}}
+        label = step.get("name") or step.get("uses") or step.get("run", "").strip()
+        if not condition(step.get("if"), step_ctx):
+            run.steps.append(f"skipped: {label}")
+            continue
+        if "uses" in step:
+            action = step["uses"].split("@")[0]
+            args = interpolate(step.get("with", {}), step_ctx)
+            if action == "actions/upload-artifact":
+                upload_artifact(work, store, args)
+            elif action == "actions/download-artifact":
+                download_artifact(work, store, args)
+            elif action == "actions/setup-python":
+                if args.get("cache") == "pip":  # the action fails the job when nothing can key its cache
+                    keys = str(args.get("cache-dependency-path") or "**/requirements.txt\n**/pyproject.toml").split()
+                    assert any(glob.glob(k, root_dir=work, recursive=True) for k in keys), \
+                        f"{name}: setup-python (cache: pip): no file matches {keys}"
+                python_bin = bare_venv(tmp / f"{work.name}-python", str(args["python-version"]))
+            else:
+                assert action == "actions/checkout", f"{name}: cannot run {step['uses']}"
+            run.steps.append(f"action: {step['uses']}")
+            continue
+        script = tmp / f"{work.name}-step{i}.sh"
+        script.write_text(interpolate(step["run"], step_ctx))
+        env = {**runner_env(python_bin, tmp / f"{work.name}-cache"), **step_ctx["env"], "CI": "true",
+               "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(work), "GITHUB_REF": base["github"]["ref"],
+               "GITHUB_EVENT_NAME": "workflow_dispatch"}
+        out_file = tmp / f"{work.name}-step{i}.output"
+        out_file.touch()
+        env["GITHUB_OUTPUT"] = str(out_file)
+        before = _files(work / "artifacts")
+        log = tmp / f"{work.name}-step{i}.log"
+        with log.open("w") as out:
+            rc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=work, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            raise StepFailed(name, label, rc, log.read_text())
+        after = _files(work / "artifacts")
+        run.produced |= {f for f, st in after.items() if before.get(f) != st and Path(f).name != ".lock"}  # the build lock is no product
+        run.steps.append(f"ran: {label}")
+        if "id" in step:
+            ctx["steps"][step["id"]] = {"outputs": _step_outputs(out_file), "outcome": "success"}
+    return run, ctx
 
 
 # --- the run ----------------------------------------------------------------------------------
