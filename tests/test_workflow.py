@@ -13,7 +13,8 @@ a GitHub runner executes it for a ``workflow_dispatch`` with default inputs, wit
   workflow's own ``pip install nox``, then nox creating its venvs in the job's clone with the
   noxfile's install commands.  Jobs share pip's download and wheel caches (as ``cache: pip`` does),
   nothing else of the test's environment (its venv, ``PYTHONPATH``, ``NOX*``, ``QUANTIZE_*``, the
-  user cache);
+  user cache); pip does not byte-compile what it installs (``PIP_COMPILE=0``: the same files);
+* the runs of a matrix at the same time, as GitHub runs them;
 * ``actions/upload-artifact`` / ``download-artifact`` implemented: only the uploaded paths (globs,
   the least-common-ancestor root, hidden files only with ``include-hidden-files``) reach the jobs
   that download them; checkout is the clone; any other action fails the test unless its ``if:``
