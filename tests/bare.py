@@ -31,10 +31,11 @@ def clone_snapshot(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def bare_venv(venv: Path, version: str) -> Path:
-    """A new venv holding pip only, made from the Python ``version`` the test's venv was made from
-    (what actions/setup-python gives a job); its bin folder."""
+def bare_venv(venv: Path, version: str | None = None) -> Path:
+    """A new venv holding pip only, made from the Python the test's venv was made from, which must be
+    ``version`` where one is asked for (what actions/setup-python gives a job); its bin folder."""
     have = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = version or have
     exe = Path(sys.base_prefix) / "bin" / f"python{have}"
     assert version == have and exe.is_file(), f"Python {version} asked for; this machine has {have} at {sys.base_prefix}"
     subprocess.run([str(exe), "-m", "venv", str(venv)], check=True)

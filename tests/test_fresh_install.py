@@ -27,7 +27,7 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     """The ``quantize`` of a fresh venv into which a clean clone was pip-installed (not editable)."""
     tmp = tmp_path_factory.mktemp("fresh")
     src = clone_snapshot(ROOT, tmp / "src")
-    bin_dir = bare_venv(tmp / "venv", "3.11")
+    bin_dir = bare_venv(tmp / "venv")
     env = runner_env(bin_dir, tmp / "cache")
     for args in ([TORCH], [str(src)]):
         res = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--quiet", *args], env=env,
