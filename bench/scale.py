@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench import PY, Shape, measure, random_checkpoint
+from bench.measure import PY, Shape, measure, random_checkpoint, run_record, write_json
 
 MISTRAL_7B = Shape(4096, 14336, 32, 8, 32000, layers=32, max_positions=32768)
 LLAMA2_70B = Shape(8192, 28672, 64, 8, 32000, layers=80)
@@ -103,8 +103,8 @@ def mistral_tokenizer(out: Path) -> Path:
     file transformers writes; 32000 tokens, no added ones."""
     from transformers import LlamaTokenizer
 
-    from .atomic import atomic_dir
-    from .demo import mistral_tokenizer_model
+    from quantize.atomic import atomic_dir
+    from quantize.models.demo import mistral_tokenizer_model
 
     if (out / "tokenizer_config.json").is_file():
         return out
@@ -120,8 +120,8 @@ def mistral_tokenizer(out: Path) -> Path:
 def random_adapter(out: Path, shape: Shape, base: Path, r: int = 16, alpha: int = 32, seed: int = 1) -> Path:
     """A PEFT LoRA adapter for a ``shape`` checkpoint: every attention and MLP matrix, random A and
     nonzero random B, small enough (merged delta ~10 % of a weight's spread) to keep the model sane."""
-    from .atomic import atomic_dir
-    from .checkpoint import write_safetensors
+    from quantize.atomic import atomic_dir
+    from quantize.formats.safetensors import write_safetensors
 
     if (out / "adapter_config.json").is_file():
         return out
@@ -193,7 +193,7 @@ def run_depth(root: Path, blocks: int, sizes: Sizes, stages: tuple[Stage, ...], 
     gen_log = root / "logs" / f"{blocks}blocks-inputs.log"
     gen_log.parent.mkdir(parents=True, exist_ok=True)
     cached = (model_paths(root, shape)[1] / "adapter_config.json").is_file()
-    gen = measure([PY, "-m", "quantize.bench_scale", "--make-inputs", str(blocks), "--out", str(root)], warm=False, repeat=1,
+    gen = measure([PY, "-m", "bench.scale", "--make-inputs", str(blocks), "--out", str(root)], warm=False, repeat=1,
                   log=gen_log)
     base, lora = model_paths(root, shape)
     name = f"BenchScale-Mistral-7B-width-{blocks}blocks"
@@ -276,7 +276,10 @@ def extrapolate(lo: dict[str, Any], hi: dict[str, Any], floor_mb: float, target:
     return out
 
 
-def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
+def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float, cores: int | None = None) -> str:
+    """The report in markdown: the measured table per stage and depth, then (from two depths or more) the
+    extrapolation to Mistral-7B and Llama-2-70B; ``cores``: the measuring machine's CPU count (default: this one's)."""
+    cores = cores or os.cpu_count()
     runs = sorted(results, key=lambda r: r["blocks"])
     lo, hi = runs[0], runs[-1]
     depths = [r["blocks"] for r in runs]
@@ -317,7 +320,7 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
                 f"{_fmt_s(r['inputs']['seconds'])}, generator peak RSS {_fmt_mb(r['inputs']['peak_rss_mb'])}." for r in runs),
               f"Import floor (a process importing torch, transformers and quantize): {_fmt_mb(floor_mb)}.",
               "Time is the wall time of one cold run per stage (page cache as the previous stage left it), then the stage "
-              "process's CPU time (user + system) and the machine's 5-minute load average (2 cores): wall time depends on "
+              f"process's CPU time (user + system) and the machine's 5-minute load average ({cores} cores): wall time depends on "
               "what else shares the cores, CPU time much less. Peak RSS is the kernel's high-water mark from wait4; it "
               "counts the pages of files the stage maps (llama.cpp maps the GGUF it evaluates or quantizes: those pages "
               "are the page cache's, dropped under pressure). Heap is the highest anonymous RSS (RssAnon, without mapped "
@@ -331,7 +334,7 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
                   "parameters per block) the per-block time, the growth and the peak above the import floor are scaled by "
                   "that ratio (the embeddings and output matrix, 2x wider, are inside that term, so conservatively). "
                   "No GPU figure: none is measured here. Same small calibration/evaluation sizes as above. Built on wall times: "
-                  "when the load average above exceeds the 2 cores, other jobs' work is in them and the per-block figures "
+                  f"when the load average above exceeds the {cores} cores, other jobs' work is in them and the per-block figures "
                   "are noisy; re-run on an idle machine before planning by them.", "",
                   "| stage | scales with | Mistral-7B (32 blocks) time | peak RSS | heap | Llama-2-70B (80 blocks) time | peak RSS | heap |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -345,8 +348,14 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float) -> str:
     return "\n".join(lines)
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """:func:`render` of the results file's content (its runs, sizes, import floor and the machine's CPU count)."""
+    cores = data.get("run", {}).get("machine", {}).get("cpus")
+    return render(data["runs"], Sizes(**data.get("sizes", {})), data["floor_mb"], cores)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="quantize.bench_scale")
+    ap = argparse.ArgumentParser(prog="bench.scale")
     ap.add_argument("--out", default=Path("artifacts/bench-scale"), type=Path)
     ap.add_argument("--blocks", default="2,4", help="decoder blocks per run, comma-separated (32: the full Mistral-7B depth)")
     ap.add_argument("--stages", help="only these stages (comma-separated labels); the recipe turns the others off")
@@ -366,20 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     results_file = a.out / "results.json"
     if a.report_only:
         data = json.loads(results_file.read_text())
-        sizes = Sizes(**data.get("sizes", {}))
     else:
         wanted = set(a.stages.split(",")) if a.stages else {s.label for s in STAGES}
         stages = tuple(s for s in STAGES if s.label in wanted)
         a.out.mkdir(parents=True, exist_ok=True)
-        data = {"floor_mb": baseline_rss_mb(), "sizes": asdict(sizes), "runs": []}
+        data = {"run": run_record(ap.prog, argv), "floor_mb": baseline_rss_mb(), "sizes": asdict(sizes), "runs": []}
         done: list[dict[str, Any]] = []
         for n in sorted(int(b) for b in a.blocks.split(",")):
             def saved(res: dict[str, Any]) -> None:
                 data["runs"] = [*done, res]
-                results_file.write_text(json.dumps(data, indent=2))
+                write_json(results_file, data)
 
             done.append(run_depth(a.out, n, sizes, stages, a.keep, saved))
-    report = render(data["runs"], sizes, data["floor_mb"])
+    report = markdown(data)
     (a.out / "bench-scale.md").write_text(report)
     print(report)
     return 0

@@ -4,16 +4,18 @@ A row says which GGUF architecture the family becomes, how its ``config.json`` r
 typed :class:`ModelConfig` (and what it refuses), which tensors a checkpoint must hold and with
 what shapes (symbolic dimensions resolved from the config), which tensors need a transform on the
 way (llama.cpp's Q/K row permutation for rotary attention; Gemma's ``1 + weight`` norms), what is
-cross-checked against the weights before anything is written, and which added tokens a release
-may list beyond its embedding rows.  Tensor *names* come from gguf-py's own ``TensorNameMap`` so
-they stay in step with llama.cpp.  A new family is a new row.
+cross-checked against the weights before anything is written, which added tokens a release may
+list beyond its embedding rows, which norms feed which linears (the scale groups smoothing and
+AWQ rescale), how a mixture of experts' checkpoints name its experts, and what AWQ needs.  Tensor
+*names* come from gguf-py's own ``TensorNameMap`` so they stay in step with llama.cpp.  A new
+family is a new row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .checkpoint import TensorRef
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import TensorRef
 
 T = gguf.MODEL_TENSOR
 
@@ -219,18 +221,23 @@ def check_head_dim(arch: Architecture, c: ModelConfig, tensors: Mapping[str, Ten
 class ScaleGroup:
     """An operation and the linears that read its output channel for channel: per-channel scales
     divided out of ``prev``'s output and multiplied into the readers' input columns leave the model
-    unchanged.  HF module names, ``{bid}`` standing for the decoder block.  Groups whose ``prev``
-    is a norm are what smoothing rescales (in GGUF names, through gguf-py's tensor map) and the
-    groups AWQ's search scales first; the others (``v_proj -> o_proj``, ``up_proj -> down_proj``)
-    only AWQ uses."""
+    unchanged.  HF module names, ``{bid}`` standing for the decoder block.  A row lists the groups
+    whose ``prev`` is a norm: smoothing rescales those (in GGUF names, through gguf-py's tensor
+    map), the demo plants its activation outliers in them, and the AutoAWQ layer map this tool
+    writes for Gemma 3 (:mod:`quantize.engine.awq_models`) scales them."""
 
     prev: str
     readers: tuple[str, ...]
-    inspect: str | None = None  # the module whose output AWQ's scale search compares
+    # the module whose output AWQ's scale search compares for this group (AutoAWQ's ``module2inspect``;
+    # None: the first reader), read where a layer map is built from the row
+    inspect: str | None = None
+
+
+BLOCK = "model.layers.{bid}."  # how scale groups name a decoder block's modules
 
 
 def _block_groups(attn_norm: str, qkv: tuple[str, ...], ffn_norm: str, ffn_in: tuple[str, ...]) -> tuple[ScaleGroup, ...]:
-    blk = "model.layers.{bid}."
+    blk = BLOCK
     return (
         ScaleGroup(blk + attn_norm, tuple(blk + r for r in qkv), blk + "self_attn"),
         ScaleGroup(blk + ffn_norm, tuple(blk + r for r in ffn_in), blk + "mlp"),
@@ -257,6 +264,22 @@ MOE_REFUSED = {"awq": "transformers 5 holds a mixture-of-experts block's experts
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """How a family's checkpoints name a mixture-of-experts block, which transformers 5 holds as
+    ``mlp.gate`` (the router) and 3-D ``mlp.experts.<parameter>`` tensors: the block is called
+    ``block`` there, and each expert ``i`` stores 2-D ``{block}.experts.{i}.{part}.weight`` tensors,
+    ``parts`` naming, per 3-D parameter, those stacked into expert ``i``'s slice (concatenated
+    along rows, in this order)."""
+
+    block: str
+    parts: Mapping[str, tuple[str, ...]]
+
+
+MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe", {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)})
+QWEN_MOE_EXPERTS = ExpertNames("mlp", {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Everything the build knows about one model family: one row per HF architecture class."""
 
@@ -279,10 +302,11 @@ class Architecture:
     # added tokens a release lists beyond its embedding rows, left out (the model never sees them)
     unembedded_tokens: frozenset[str] = frozenset()
     scale_groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS
-    # AWQ: the model_type key of its layer map in quantize.awq_models.MODEL_CLASSES (ours, then AutoAWQ's)
+    # AWQ: the model_type key of its layer map in quantize.engine.awq_models.MODEL_CLASSES (ours, then AutoAWQ's)
     awq_layer_map: str | None = None
     calib_dtypes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # device -> dtype, where the default cannot hold it
     refused: Mapping[str, str] = dataclasses.field(default_factory=dict)  # step (STEPS) -> why it cannot run on this family
+    experts: ExpertNames | None = None  # a mixture of experts: how its checkpoints name the experts
 
     @property
     def arch_name(self) -> str:
@@ -293,6 +317,13 @@ class Architecture:
         if step in self.refused:
             raise QuantizeError(where, f"{step} is not available for {self.hf_name}: {self.refused[step]}; "
                                        f"turn it off in the recipe ([ladder] {step} = false)")
+
+    def offset_norms(self, hf_modules: Iterable[str], n_blocks: int) -> list[str]:
+        """The modules among ``hf_modules`` (HF names) that compute ``x_hat * (1 + w)``: the norms whose
+        weight this row stores as ``w + 1`` (:func:`norm_plus_one`)."""
+        tmap = gguf.get_tensor_name_map(self.gguf_arch, n_blocks)
+        kinds = {m: tmap.get_type(m) for m in hf_modules}
+        return [m for m, kind in kinds.items() if kind is not None and self.transforms.get(kind) is norm_plus_one]
 
     def norm_groups(self, n_blocks: int) -> list[tuple[str, tuple[str, ...]]]:
         """The scale groups whose ``prev`` is a norm, as GGUF tensor names (norm, readers), every block."""
@@ -554,7 +585,10 @@ LLAMA_CPP_PRE_KEY = "b2800 (May 2024: GGUF v3 with the tokenizer.ggml.pre pre-to
 LLAMA_CPP_LLAMA = LLAMA_CPP_PRE_KEY[:-1] + "; b3472 for Llama 3.1's rope scaling, PR #8676)"
 LLAMA_CPP_QWEN3 = "b5092 (April 2025, PR #12828: Qwen3 and Qwen3-MoE)"
 
-_LLAMA = dict(
+# Mistral-7B and Llama-2/3 (incl. grouped-query 70B) are the same graph to llama.cpp.
+LLAMA = Architecture(
+    hf_name="LlamaForCausalLM",
+    model_type="llama",
     gguf_arch=gguf.MODEL_ARCH.LLAMA,
     read_config=read_llama_config,
     write_hparams=_llama_hparams,
@@ -562,62 +596,84 @@ _LLAMA = dict(
     transforms=LLAMA_TRANSFORMS,
     extra_tensors=llama3_rope_factors,
     min_llama_cpp=LLAMA_CPP_LLAMA,
+    awq_layer_map="llama",
 )
-_QWEN = dict(read_config=read_qwen_config, write_hparams=_llama_hparams, transforms={})
+MISTRAL = dataclasses.replace(LLAMA, hf_name="MistralForCausalLM", model_type="mistral", awq_layer_map="mistral")
+# Mixtral: Mistral's attention, a mixture of experts stacked into 3-D tensors (llama arch).
+MIXTRAL = dataclasses.replace(LLAMA, hf_name="MixtralForCausalLM", model_type="mixtral", shapes=MOE_SHAPES, scale_groups=MOE_GROUPS,
+                              awq_layer_map=None, refused=MOE_REFUSED, experts=MIXTRAL_EXPERTS)
+# Qwen2/2.5: biases on q, k, v; NeoX rope (HF's row order, no permutation).
+QWEN2 = Architecture(
+    hf_name="Qwen2ForCausalLM",
+    model_type="qwen2",
+    gguf_arch=gguf.MODEL_ARCH.QWEN2,
+    read_config=read_qwen_config,
+    write_hparams=_llama_hparams,
+    shapes=QWEN2_SHAPES,
+    transforms={},
+    biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}),
+    min_llama_cpp="b2961 (May 2024: after the qwen2 pre-tokenizer, PR #7114, landed between b2717 and b2961)",
+    awq_layer_map="qwen2",
+)
+# Qwen3: per-head q/k RMSNorm, no biases.
+QWEN3 = dataclasses.replace(QWEN2, hf_name="Qwen3ForCausalLM", model_type="qwen3", gguf_arch=gguf.MODEL_ARCH.QWEN3,
+                            shapes=QWEN3_SHAPES, biases=frozenset(), min_llama_cpp=LLAMA_CPP_QWEN3, awq_layer_map="qwen3")
+QWEN3_MOE = dataclasses.replace(QWEN3, hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
+                                read_config=read_qwen3moe_config, shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)},
+                                scale_groups=MOE_GROUPS, awq_layer_map=None, refused=MOE_REFUSED, experts=QWEN_MOE_EXPERTS)
 
-ARCHITECTURES: dict[str, Architecture] = {
-    a.hf_name: a
-    for a in (
-        # Mistral-7B and Llama-2/3 (incl. grouped-query 70B) are the same graph to llama.cpp.
-        Architecture(hf_name="LlamaForCausalLM", model_type="llama", awq_layer_map="llama", **_LLAMA),  # type: ignore[arg-type]
-        Architecture(hf_name="MistralForCausalLM", model_type="mistral", awq_layer_map="mistral", **_LLAMA),  # type: ignore[arg-type]
-        # Mixtral: Mistral's attention, a mixture of experts stacked into 3-D tensors (llama arch).
-        Architecture(hf_name="MixtralForCausalLM", model_type="mixtral", refused=MOE_REFUSED, scale_groups=MOE_GROUPS,
-                     **{**_LLAMA, "shapes": MOE_SHAPES}),  # type: ignore[arg-type]
-        # Qwen2/2.5: biases on q, k, v; NeoX rope (HF's row order, no permutation).
-        Architecture(hf_name="Qwen2ForCausalLM", model_type="qwen2", gguf_arch=gguf.MODEL_ARCH.QWEN2, shapes=QWEN2_SHAPES,
-                     biases=frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V}),
-                     min_llama_cpp="b2961 (May 2024: after the qwen2 pre-tokenizer, PR #7114, landed between b2717 and b2961)",
-                     awq_layer_map="qwen2", **_QWEN),  # type: ignore[arg-type]
-        # Qwen3: per-head q/k RMSNorm, no biases.
-        Architecture(hf_name="Qwen3ForCausalLM", model_type="qwen3", gguf_arch=gguf.MODEL_ARCH.QWEN3, shapes=QWEN3_SHAPES,
-                     min_llama_cpp=LLAMA_CPP_QWEN3, awq_layer_map="qwen3", **_QWEN),  # type: ignore[arg-type]
-        Architecture(hf_name="Qwen3MoeForCausalLM", model_type="qwen3_moe", gguf_arch=gguf.MODEL_ARCH.QWEN3MOE,
-                     shapes={**MOE_SHAPES, T.ATTN_Q_NORM: ("head",), T.ATTN_K_NORM: ("head",)}, min_llama_cpp=LLAMA_CPP_QWEN3,
-                     refused=MOE_REFUSED, scale_groups=MOE_GROUPS, **{**_QWEN, "read_config": read_qwen3moe_config}),  # type: ignore[arg-type]
-        # Phi-3/3.5/4-mini: fused qkv and gate_up (llama.cpp keeps both fused), LongRoPE factor tables.
-        Architecture(hf_name="Phi3ForCausalLM", model_type="phi3", gguf_arch=gguf.MODEL_ARCH.PHI3, read_config=read_phi3_config,
-                     write_hparams=_phi3_hparams, shapes=PHI3_SHAPES, transforms={}, extra_tensors=phi3_rope_factors,
-                     scale_groups=PHI3_GROUPS, awq_layer_map="phi3", min_llama_cpp="b2961 (May 2024, PR #7225: Phi-3 with the 128k rope factor tables)"),
-        # Gemma 2: four norms a block, stored as 1 + weight; attention and final logit soft-capping;
-        # sliding-window and global layers alternating.  Released in bfloat16 and calibrated in it on CUDA,
-        # as Gemma 3 is (whose activations were measured beyond float16's range; Gemma 2's were not, here).
-        Architecture(hf_name="Gemma2ForCausalLM", model_type="gemma2", gguf_arch=gguf.MODEL_ARCH.GEMMA2,
-                     read_config=read_gemma2_config, write_hparams=_llama_hparams, shapes=GEMMA2_SHAPES,
-                     transforms={k: norm_plus_one for k in GEMMA2_NORMS}, scale_groups=GEMMA_GROUPS,
-                     awq_layer_map="gemma2", calib_dtypes={"cuda": "bfloat16"}, min_llama_cpp="b3266 (June 2024, PR #8197: Gemma 2 with logit soft-capping)"),
-        # Gemma 3 text models (270M, 1B; the text part of 4B-27B): extra norms after attention and
-        # around the MLP, per-head q/k norms, norms stored as 1 + weight, tied embeddings, a
-        # sliding-window/global schedule, the 262k SentencePiece vocabulary without dummy prefix.
-        Architecture(
-            hf_name="Gemma3ForCausalLM",
-            model_type="gemma3_text",
-            gguf_arch=gguf.MODEL_ARCH.GEMMA3,
-            read_config=read_gemma3_config,
-            write_hparams=_gemma3_hparams,
-            shapes=GEMMA3_SHAPES,
-            transforms=GEMMA3_TRANSFORMS,
-            unembedded_tokens=frozenset({"<image_soft_token>"}),  # the vision processor's placeholder
-            scale_groups=GEMMA_GROUPS,
-            awq_layer_map="gemma3_text",  # our map (quantize/awq_models.py); AutoAWQ 0.2.9 has none
-            # Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
-            # on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
-            # bfloat16, the dtype Gemma 3 is released in.
-            calib_dtypes={"cuda": "bfloat16"},
-            min_llama_cpp="b4875 (12 March 2025, the first with Gemma 3)",
-        ),
-    )
-}
+# Phi-3/3.5/4-mini: fused qkv and gate_up (llama.cpp keeps both fused), LongRoPE factor tables.
+PHI3 = Architecture(
+    hf_name="Phi3ForCausalLM",
+    model_type="phi3",
+    gguf_arch=gguf.MODEL_ARCH.PHI3,
+    read_config=read_phi3_config,
+    write_hparams=_phi3_hparams,
+    shapes=PHI3_SHAPES,
+    transforms={},
+    extra_tensors=phi3_rope_factors,
+    scale_groups=PHI3_GROUPS,
+    awq_layer_map="phi3",
+    min_llama_cpp="b2961 (May 2024, PR #7225: Phi-3 with the 128k rope factor tables)",
+)
+# Gemma 2: four norms a block, stored as 1 + weight; attention and final logit soft-capping;
+# sliding-window and global layers alternating.  Released in bfloat16 and calibrated in it on CUDA,
+# as Gemma 3 is (whose activations were measured beyond float16's range; Gemma 2's were not, here).
+GEMMA2 = Architecture(
+    hf_name="Gemma2ForCausalLM",
+    model_type="gemma2",
+    gguf_arch=gguf.MODEL_ARCH.GEMMA2,
+    read_config=read_gemma2_config,
+    write_hparams=_llama_hparams,
+    shapes=GEMMA2_SHAPES,
+    transforms={k: norm_plus_one for k in GEMMA2_NORMS},
+    scale_groups=GEMMA_GROUPS,
+    awq_layer_map="gemma2",
+    calib_dtypes={"cuda": "bfloat16"},
+    min_llama_cpp="b3266 (June 2024, PR #8197: Gemma 2 with logit soft-capping)",
+)
+# Gemma 3 text models (270M, 1B; the text part of 4B-27B): extra norms after attention and
+# around the MLP, per-head q/k norms, norms stored as 1 + weight, tied embeddings, a
+# sliding-window/global schedule, the 262k SentencePiece vocabulary without dummy prefix.
+GEMMA3 = Architecture(
+    hf_name="Gemma3ForCausalLM",
+    model_type="gemma3_text",
+    gguf_arch=gguf.MODEL_ARCH.GEMMA3,
+    read_config=read_gemma3_config,
+    write_hparams=_gemma3_hparams,
+    shapes=GEMMA3_SHAPES,
+    transforms=GEMMA3_TRANSFORMS,
+    unembedded_tokens=frozenset({"<image_soft_token>"}),  # the vision processor's placeholder
+    scale_groups=GEMMA_GROUPS,
+    awq_layer_map="gemma3_text",  # our map (quantize/engine/awq_models.py); AutoAWQ 0.2.9 has none
+    # Gemma 3's residual stream outgrows float16 (max 65504): gemma-3-270m reaches 1.04e5 by block 14
+    # on Shakespeare and its float16 forward returns non-finite logits, so on CUDA it calibrates in
+    # bfloat16, the dtype Gemma 3 is released in.
+    calib_dtypes={"cuda": "bfloat16"},
+    min_llama_cpp="b4875 (12 March 2025, the first with Gemma 3)",
+)
+
+ARCHITECTURES: dict[str, Architecture] = {a.hf_name: a for a in (LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, GEMMA2, GEMMA3)}
 
 # Tensor kinds that exist once per model (every other kind once per block).
 MODEL_TENSORS = frozenset({T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ROPE_FREQS, T.ROPE_FACTORS_LONG, T.ROPE_FACTORS_SHORT})

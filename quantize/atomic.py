@@ -24,8 +24,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import QuantizeError
-from .portable import lock_exclusive, proc_text
+from quantize.errors import QuantizeError
+from quantize.portable import lock_exclusive, proc_text
 
 TMP_PREFIX = ".partial-"
 

@@ -11,11 +11,12 @@ it; this module drives it with:
 * the model loaded by transformers itself, in float32 on the CPU and float16 on CUDA;
 * calibration tokens cut from *our* text with the model's own tokenizer (AutoAWQ would otherwise
   download ``mit-han-lab/pile-val-backup``);
-* :class:`quantize.autoawq_compat.BlockKwargsAwqQuantizer`, which fixes a CPU-only aliasing bug in
-  AutoAWQ's scale search and gives each block its own attention mask and rotary embedding, and
-  :func:`quantize.autoawq_compat.offset_norms_folded`, which folds scales correctly into Gemma's
-  ``(1 + w)`` norms;
-* the layer maps of :mod:`quantize.awq_models` (AutoAWQ's, plus ours for Gemma 3);
+* :class:`quantize.engine.autoawq_compat.StreamingAwqQuantizer`, which runs AutoAWQ's per-block steps
+  with one block resident, fixes a CPU-only aliasing bug in AutoAWQ's scale search and gives each
+  block its own attention mask and rotary embedding, and
+  :func:`quantize.engine.autoawq_compat.offset_norms_folded`, which folds scales correctly into the
+  ``(1 + w)`` norms of the family's row (Gemma's);
+* the layer maps of :mod:`quantize.engine.awq_models` (AutoAWQ's, plus ours for Gemma 3 and Phi-3);
 
 and writes the folder itself, atomically: packed ``qweight``/``qzeros``/``scales`` (AutoAWQ's GEMM
 layout, what vLLM's and transformers' AWQ kernels read) plus every other tensor in float16, the
@@ -30,28 +31,32 @@ Intel's IPEX on the CPU).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import TOOL_NAME, __version__
-from .architectures import ARCHITECTURES, Architecture, for_step
-from .atomic import atomic_dir, check_output, sha256_file
-from .checkpoint import Checkpoint, copy_tokenizer_files, open_checkpoint
-from .errors import QuantizeError
-from .stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
-from .text import read_text
-from .versions import tool_versions
+import psutil
+
+from quantize import TOOL_NAME, __version__
+from quantize.architectures import ARCHITECTURES, Architecture, for_step
+from quantize.atomic import atomic_dir, check_output, sha256_file
+from quantize.engine.stream import WIDTH, CheckpointSource, Skeleton, StreamNeed, StreamSettings, resolve_device, stream_need
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import Checkpoint, copy_tokenizer_files, open_checkpoint
+from quantize.formats.safetensors import save_tensors
+from quantize.text import read_text
+from quantize.versions import tool_versions
 
 if TYPE_CHECKING:
     import torch
+
+# torch, transformers and AutoAWQ (through quantize.engine.autoawq_compat and awq_models) are imported inside
+# the functions that calibrate or load: each takes seconds, and AutoAWQ is an optional extra.
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +66,17 @@ AUTOAWQ = "autoawq==0.2.9"
 
 
 def require_autoawq() -> None:
-    """Import AutoAWQ (through :mod:`quantize.autoawq_compat`, which keeps its farewell notice off the
+    """Import AutoAWQ (through :mod:`quantize.engine.autoawq_compat`, which keeps its farewell notice off the
     console); refuse, as a one-line error, when it cannot be imported."""
     try:
-        from . import autoawq_compat  # noqa: F401
+        from quantize.engine import autoawq_compat  # noqa: F401
     except ImportError as e:
         if e.name is None or not e.name.startswith("awq"):
             raise
         raise QuantizeError("awq", f"AutoAWQ (the awq extra) is not installed; pip install --no-deps {AUTOAWQ}") from None
 
 
-# What provenance.json lists under "autoawq_fixes" (see quantize/autoawq_compat.py).
+# What provenance.json lists under "autoawq_fixes" (see quantize/engine/autoawq_compat.py).
 AUTOAWQ_FIXES = (
     "_compute_best_scale backs the block up with a copy (CopyingAwqQuantizer; CPU aliasing)",
     "each block runs with its own mask and rotary embedding, not block 0's (BlockKwargsAwqQuantizer)",
@@ -130,7 +135,7 @@ class _Source:
 
     @property
     def model_type(self) -> str:
-        """The key of the family's layer map in quantize.awq_models.MODEL_CLASSES."""
+        """The key of the family's layer map in quantize.engine.awq_models.MODEL_CLASSES."""
         assert self.family.awq_layer_map is not None
         return self.family.awq_layer_map
 
@@ -229,8 +234,6 @@ def ram_need_for(hf_dir: Path, settings: AwqSettings) -> StreamNeed:
 
 
 def _check_ram(src: _Source, settings: AwqSettings, device: str, calibrate: bool) -> None:
-    import psutil
-
     need = ram_need(src, settings, device, calibrate)
     avail = psutil.virtual_memory().available
     log.info("%s: AWQ RAM needed: %s", src.root.name, need.describe())
@@ -323,8 +326,8 @@ def _quantize_streamed(method: str, src: _Source, tokenizer: Any, samples: list[
 
     ``calib_data`` is always our token list: given a string, AutoAWQ would download a hub data set.
     """
-    from . import autoawq_compat as compat
-    from .awq_models import wrap_model
+    from quantize.engine import autoawq_compat as compat
+    from quantize.engine.awq_models import wrap_model
 
     sk = Skeleton(src.root, writer.source, StreamSettings(device, dtype))
     awq_model = wrap_model(sk.model, src.model_type)
@@ -332,7 +335,7 @@ def _quantize_streamed(method: str, src: _Source, tokenizer: Any, samples: list[
     def done(i: int, block: Any) -> None:
         writer.write(i + 1, sk.name_of(block), block.state_dict())
 
-    with compat.offset_norms_folded(), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
+    with compat.offset_norms_folded(sk.model, src.family), (compat.pinned_to_cpu() if device == "cpu" else contextlib.nullcontext()):
         if method == "awq":
             def quantizer(*args: Any, **kwargs: Any) -> Any:
                 return compat.StreamingAwqQuantizer(sk, done, *args, **kwargs)
@@ -370,7 +373,6 @@ class _ShardWriter:
 
     def write(self, k: int, prefix: str, state: dict[str, Any]) -> None:
         import torch
-        from safetensors.torch import save_file
 
         shard = f"model-{k:05d}-of-{self.count:05d}.safetensors"
         out: dict[str, torch.Tensor] = {}
@@ -385,7 +387,7 @@ class _ShardWriter:
             out[name] = t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
             self.weight_map[name] = shard
             self.total += out[name].numel() * out[name].element_size()
-        save_file(out, str(self.out / shard), metadata={"format": "pt", f"{TOOL_NAME}.method": self.method})
+        save_tensors(self.out / shard, out, metadata={"format": "pt", f"{TOOL_NAME}.method": self.method})
 
     def finish(self) -> None:
         rest = sorted(self.names - self.covered)
@@ -412,45 +414,6 @@ def _source_hashes(root: Path) -> dict[str, str]:
 
 
 # --- reading back ------------------------------------------------------------------------
-
-
-def unpack_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """GEMM-packed int32 words -> (weights ``[in, out]``, zeros ``[groups, out]``) as int32 in ``0..2^bits-1``.
-
-    AutoAWQ's own helpers (awq/utils/packing_utils.py): ``unpack_awq`` shifts the nibbles out,
-    ``reverse_awq_order`` undoes the interleaving, and the mask drops the sign bits the int8
-    cast carries.
-    """
-    import torch
-    from awq.utils.packing_utils import reverse_awq_order, unpack_awq
-
-    iw, iz = reverse_awq_order(*unpack_awq(qweight, qzeros, bits), bits)
-    mask = (1 << bits) - 1
-    return iw.to(torch.int32) & mask, iz.to(torch.int32) & mask
-
-
-def pack_gemm(iweight: torch.Tensor, izeros: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of :func:`unpack_gemm`: AutoAWQ's GEMM layout (``WQLinear_GEMM.from_linear``).
-
-    Each int32 holds ``32/bits`` consecutive output columns, nibble ``i`` holding column
-    ``AWQ_ORDER[i]`` = ``[0, 2, 4, 6, 1, 3, 5, 7][i]`` of its group of 8 (the order AWQ's CUDA
-    kernel dequantizes in).
-    """
-    from awq.utils.packing_utils import AWQ_ORDER
-
-    return _pack_columns(iweight, bits, AWQ_ORDER), _pack_columns(izeros, bits, AWQ_ORDER)
-
-
-def _pack_columns(values: torch.Tensor, bits: int, order: list[int]) -> torch.Tensor:
-    import torch
-
-    per = PACK_NUM_BITS // bits
-    rows, cols = values.shape
-    v = values.to(torch.int32).reshape(rows, cols // per, per)
-    packed = torch.zeros(rows, cols // per, dtype=torch.int32, device=values.device)
-    for i, col in enumerate(order):
-        packed |= v[..., col] << (i * bits)  # int32 shifts wrap into the sign bit, as AutoAWQ's do
-    return packed
 
 
 class AwqSource:
@@ -515,42 +478,3 @@ def load_awq_as_float(out_dir: str | Path, dtype: torch.dtype | None = None) -> 
                             f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
     return model.eval()
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def add_awq_parser(subparsers: argparse._SubParsersAction[Any]) -> argparse.ArgumentParser:
-    """``quantize awq HF_DIR -o OUT_DIR [--calib FILE] [--device ...] [--group-size N] [--samples N --seq-len N] [--method rtn]``."""
-    d = AwqSettings()
-    s = subparsers.add_parser("awq", help="4-bit AWQ (AutoAWQ, GEMM layout) of an HF checkpoint, or its RTN baseline")
-    s.add_argument("hf_dir", type=Path)
-    s.add_argument("-o", "--output", type=Path, required=True, help="output folder (written atomically)")
-    s.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: the demo's calibration split, Shakespeare; "
-                   "use text from the model's own domain for a release)")
-    s.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA if available, else CPU (float32, slow)")
-    s.add_argument("--group-size", type=int, default=d.group_size)
-    s.add_argument("--samples", type=int, default=d.samples, help="calibration windows")
-    s.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per calibration window")
-    s.add_argument("--method", choices=("awq", "rtn"), default="awq", help="rtn: the round-to-nearest baseline (no calibration)")
-    s.set_defaults(func=_awq_command)
-    return s
-
-
-def _awq_command(a: argparse.Namespace) -> int:
-    check_output(a.output, [a.hf_dir, a.calib], folder=True)
-    require_autoawq()
-    settings = AwqSettings(group_size=a.group_size, samples=a.samples, seq_len=a.seq_len, device=a.device)
-    if a.method == "rtn":
-        out = quantize_rtn(a.hf_dir, a.output, settings)
-    elif a.calib is not None:
-        out = quantize_awq(a.hf_dir, a.output, a.calib, settings)
-    else:
-        from .corpus import TextSplit, write_splits
-
-        log.warning("no --calib given: calibrating on the demo's Shakespeare split")
-        with tempfile.TemporaryDirectory(prefix="quantize-calib-") as tmp:
-            out = quantize_awq(a.hf_dir, a.output, write_splits(TextSplit(), Path(tmp))["calib"], settings)
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"{out}: {a.method.upper()} {settings.w_bit}-bit g{settings.group_size}, {size / 2**20:.1f} MiB")
-    return 0

@@ -10,22 +10,30 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
-from .atomic import atomic_file, check_output, check_writable_folder
-from .errors import QuantizeError
-from .portable import unsupported_platform
-from .thresholds import Threshold
+from quantize import __version__, progress
+from quantize.atomic import atomic_file, check_output, check_writable_folder
+from quantize.errors import QuantizeError
+from quantize.portable import unsupported_platform
+from quantize.recipe import load_recipe
+from quantize.thresholds import Threshold
+
+# Each command imports its stage when it runs: `quantize ladder` needs
+# only the standard library, since CI runs it before installing anything, and `--help` answers at once.
 
 Handler = Callable[[argparse.Namespace], int]
+DEVICES = ("auto", "cuda", "cpu")  # where a torch stage runs (auto: CUDA when there is one)
+log = logging.getLogger(__name__)
 
 
 def _demo(a: argparse.Namespace) -> int:
-    from .demo import build_demo
+    from quantize.models.demo import build_demo
 
     if a.root:
         check_writable_folder(a.root, "--root")
@@ -36,7 +44,7 @@ def _demo(a: argparse.Namespace) -> int:
 
 
 def _fetch_real(a: argparse.Namespace) -> int:
-    from .real import fetch_real, published_gguf
+    from quantize.models.real import fetch_real, published_gguf
 
     cache = Path(a.cache) if a.cache else None
     if cache:
@@ -47,7 +55,7 @@ def _fetch_real(a: argparse.Namespace) -> int:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .convert import convert
+    from quantize.convert import convert
 
     res = convert(a.hf_dir, a.output, a.outtype, a.name)
     print(f"{res.path}: {res.n_tensors} tensors, {res.n_bytes / 2**20:.1f} MiB")
@@ -55,14 +63,14 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _inspect(a: argparse.Namespace) -> int:
-    from .gguf_info import summarize
+    from quantize.inspect_gguf import summarize
 
     print(summarize(a.file).render())
     return 0
 
 
 def _gguf(a: argparse.Namespace) -> int:
-    from .gguf_quant import QuantizeSettings, quantize_gguf
+    from quantize.gguf_quant import QuantizeSettings, quantize_gguf
 
     im = Path(a.imatrix) if a.imatrix else None
     out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type, im, a.threads, a.smooth))
@@ -71,7 +79,7 @@ def _gguf(a: argparse.Namespace) -> int:
 
 
 def _imatrix(a: argparse.Namespace) -> int:
-    from .imatrix import ImatrixSettings, compute_imatrix
+    from quantize.imatrix import ImatrixSettings, compute_imatrix
 
     check_output(a.output, [a.model, a.text, a.eval_text])
     im = compute_imatrix(a.model, a.text, ImatrixSettings(a.ctx, a.chunks, a.device), a.eval_text)
@@ -80,14 +88,14 @@ def _imatrix(a: argparse.Namespace) -> int:
 
 
 def _merge(a: argparse.Namespace) -> int:
-    from .lora import merge_lora
+    from quantize.engine.lora import merge_lora
 
     print(merge_lora(a.base, a.adapter, a.output, a.allow_pickle))
     return 0
 
 
 def _smooth(a: argparse.Namespace) -> int:
-    from .smooth import smooth_gguf
+    from quantize.smooth import smooth_gguf
 
     plan = smooth_gguf(Path(a.input), Path(a.imatrix), Path(a.output), Path(a.imatrix_out))
     print(f"{a.output}: {len(plan.scales)} norms smoothed; {a.imatrix_out}")
@@ -95,7 +103,7 @@ def _smooth(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, evaluate, write_report
+    from quantize.evaluate import EvalSettings, evaluate, write_report
 
     overrides = dict(_threshold_option(spec) for spec in a.max or [])
     inputs = [a.reference, a.text, *a.artifacts]
@@ -131,7 +139,7 @@ def _threshold_option(spec: str) -> tuple[str, Threshold]:
 
 
 def _build(a: argparse.Namespace) -> int:
-    from .pipeline import build_release
+    from quantize.pipeline import build_release
 
     check_writable_folder(a.artifacts, "--artifacts")
     types = tuple(a.types.split(",")) if a.types else None
@@ -148,8 +156,42 @@ def _build(a: argparse.Namespace) -> int:
     return 3 if rel.failures else 0
 
 
+def _awq(a: argparse.Namespace) -> int:
+    from quantize.awq import AwqSettings, quantize_awq, quantize_rtn, require_autoawq
+
+    check_output(a.output, [a.hf_dir, a.calib], folder=True)
+    require_autoawq()
+    given = {"group_size": a.group_size, "samples": a.samples, "seq_len": a.seq_len, "device": a.device}
+    settings = AwqSettings(**{k: v for k, v in given.items() if v is not None})
+    if a.method == "rtn":
+        out = quantize_rtn(a.hf_dir, a.output, settings)
+    elif a.calib is not None:
+        out = quantize_awq(a.hf_dir, a.output, a.calib, settings)
+    else:
+        from quantize.models.corpus import TextSplit, write_splits
+
+        log.warning("no --calib given: calibrating on the demo's Shakespeare split")
+        with tempfile.TemporaryDirectory(prefix="quantize-calib-") as tmp:
+            out = quantize_awq(a.hf_dir, a.output, write_splits(TextSplit(), Path(tmp))["calib"], settings)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"{out}: {a.method.upper()} {settings.w_bit}-bit g{settings.group_size}, {size / 2**20:.1f} MiB")
+    return 0
+
+
+def _ladder(a: argparse.Namespace) -> int:
+    print(json.dumps([t for t in load_recipe(a.recipe).ladder.gguf if t != "F16"]))
+    return 0
+
+
+def _publish(a: argparse.Namespace) -> int:
+    from quantize.publish import publish
+
+    print(publish(a.folder))
+    return 0
+
+
 def _verify(a: argparse.Namespace) -> int:
-    from .release import verify
+    from quantize.release import verify
 
     rep = verify(a.folder)
     for line in rep.lines():
@@ -161,8 +203,6 @@ def _verify(a: argparse.Namespace) -> int:
 def quiet_libraries(verbose: bool, terminal: bool) -> None:
     """Keep library chatter out of a plain run: llama.cpp's loader log, transformers', gguf-py's and
     warnings only at ``-v``; progress bars only at ``-v`` on a terminal."""
-    import os
-
     if not verbose:
         logging.getLogger("gguf").setLevel(logging.ERROR)  # HF template details that do not affect the output
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # read by llama-cpp-python's log callback
@@ -190,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
-    from .pipeline import STAGE_NAMES
-
     s = sub.add_parser("demo", help="build (or reuse) the embedded demo checkpoints and text")
     s.add_argument("--root", help="cache folder (default: artifacts/demo)")
     s.set_defaults(func=_demo)
@@ -203,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
     s.add_argument("recipe", nargs="?")
     s.add_argument("--artifacts", default="artifacts")
-    s.add_argument("--until", default="release", choices=STAGE_NAMES, help="stop after this stage (default: the release folder)")
+    s.add_argument("--until", default="release", help="stop after this stage (default: release, the whole build; "
+                   "an unknown name lists the stages)")
     s.add_argument("--types", help="only these GGUF types (comma-separated), instead of the recipe's ladder")
     s.add_argument("--demo-root", help="where the demo models are cached (default: ARTIFACTS/demo)")
     s.set_defaults(func=_build)
@@ -235,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-text", help="the evaluation text, to refuse/warn on overlap")
     s.add_argument("--ctx", type=int, default=512)
     s.add_argument("--chunks", type=int)
-    s.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    s.add_argument("--device", default="auto", choices=DEVICES)
     s.set_defaults(func=_imatrix)
 
     s = sub.add_parser("merge", help="merge a PEFT LoRA adapter into its fp16/bf16 base, tensor by tensor")
@@ -259,16 +298,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx", type=int, default=512)
     s.add_argument("--chunks", type=int)
     s.add_argument("--threads", type=int, default=0)
-    s.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where torch engines run (reference, AWQ)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="where torch engines run (reference, AWQ)")
     s.add_argument("--json", help="also copy eval.json here")
     s.add_argument("--out-dir", default="artifacts/eval")
     s.add_argument("--cache", default="artifacts/eval-cache", help="where reference log-probabilities are cached")
     s.add_argument("--max", action="append", metavar="TYPE=RATIO,KLD", help="override a threshold, e.g. Q4_K_M=1.06,0.07")
     s.set_defaults(func=_eval)
 
-    from .awq import add_awq_parser
+    s = sub.add_parser("awq", help="4-bit AWQ (AutoAWQ, GEMM layout) of an HF checkpoint, or its RTN baseline")
+    s.add_argument("hf_dir", type=Path)
+    s.add_argument("-o", "--output", type=Path, required=True, help="output folder (written atomically)")
+    s.add_argument("--calib", type=Path, help="UTF-8 calibration text (default: the demo's calibration split, Shakespeare; "
+                   "use text from the model's own domain for a release)")
+    s.add_argument("--device", choices=DEVICES, help="auto (default): CUDA if available, else CPU (float32, slow)")
+    s.add_argument("--group-size", type=int, help="weights per scale (default: AutoAWQ's 128)")
+    s.add_argument("--samples", type=int, help="calibration windows (default: AutoAWQ's 128)")
+    s.add_argument("--seq-len", type=int, help="tokens per calibration window (default: AutoAWQ's 512)")
+    s.add_argument("--method", choices=("awq", "rtn"), default="awq", help="rtn: the round-to-nearest baseline (no calibration)")
+    s.set_defaults(func=_awq)
 
-    add_awq_parser(sub)
+    s = sub.add_parser("ladder", help="a recipe's GGUF quantizations (its ladder but F16) as a JSON list; needs only "
+                                      "the standard library, so a CI job can plan its matrix before installing anything")
+    s.add_argument("recipe", type=Path)
+    s.set_defaults(func=_ladder)
+
+    s = sub.add_parser("publish", help="upload a verified release folder to the Hugging Face Hub (needs HF_TOKEN, HF_REPO_PREFIX)")
+    s.add_argument("folder", type=Path)
+    s.set_defaults(func=_publish)
 
     s = sub.add_parser("inspect", help="summarise a GGUF file")
     s.add_argument("file")
@@ -283,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries(args.verbose, sys.stderr.isatty())
-    from . import progress
-
     progress.BARS = sys.stderr.isatty()
     handler: Handler = args.func
     try:

@@ -24,18 +24,16 @@ from typing import Any, cast
 import gguf
 import numpy as np
 
-from . import TOOL_NAME, __version__
-from .architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architecture, ModelConfig, Transform, lookup
-from .atomic import atomic_file, check_output, sha256_file
-from .checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
-from .errors import QuantizeError
-from .fingerprint import file_key, remember_sha256s, remembered
-from .gguf_patch import PLACEHOLDER, patch_strings
-from .gguf_writer import Writer
-from .progress import progress
-from .split import append_range
-from .versions import package_version
-from .vocab import Vocab, read_vocab
+from quantize.architectures import ARCHITECTURES, F32_TENSORS, MODEL_TENSORS, Architecture, ModelConfig, Transform, lookup
+from quantize.atomic import atomic_file, check_output, sha256_file
+from quantize.errors import QuantizeError
+from quantize.fingerprint import file_key, remember_sha256s, remembered
+from quantize.formats.checkpoint import Checkpoint, Shard, ShardStream, TensorRef, as_array, open_checkpoint, tokenizer_files
+from quantize.formats.gguf_write import PLACEHOLDER, Writer, append_range, patch_strings
+from quantize.formats.vocab import Vocab, read_vocab
+from quantize.llama_converter import convert_external
+from quantize.progress import progress
+from quantize.versions import HASH_KEY, add_provenance
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +52,6 @@ OUTTYPES: dict[str, OutType] = {
     "f32": OutType(Q.F32, gguf.LlamaFileType.ALL_F32),
 }
 
-HASH_KEY = f"{TOOL_NAME}.source.sha256"
 CHUNK_BYTES = 32 << 20  # rows are converted and written this many source bytes at a time
 STORED_AS = {"F16": Q.F16, "BF16": Q.BF16, "F32": Q.F32}  # safetensors dtypes whose bytes are a GGUF type's bytes
 
@@ -264,16 +261,6 @@ def _write_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, arch: Architecture, cf
     add_provenance(w, arch.hf_name, {**{s.path.name: PLACEHOLDER for s in ckpt.shards}, **side})
 
 
-def add_provenance(w: gguf.GGUFWriter, architecture: str, sources: dict[str, str]) -> None:
-    """Provenance under our own namespace (llama.cpp defines no keys for these): this tool's and
-    gguf-py's versions, the source's HF architecture, and each source file with its sha256."""
-    w.add_string(f"{TOOL_NAME}.version", __version__)
-    w.add_string(f"{TOOL_NAME}.gguf_py_version", package_version("gguf"))
-    w.add_string(f"{TOOL_NAME}.source.architecture", architecture)
-    w.add_array(f"{TOOL_NAME}.source.files", list(sources))
-    w.add_array(HASH_KEY, list(sources.values()))
-
-
 def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str | None = None) -> ConvertResult:
     """Convert the checkpoint in ``hf_dir`` to a GGUF at ``out`` (written atomically)."""
     if outtype not in OUTTYPES:
@@ -283,8 +270,6 @@ def convert(hf_dir: str | Path, out: str | Path, outtype: str = "f16", name: str
     ckpt = open_checkpoint(hf_dir)
     cfg_path = str(ckpt.root / "config.json")
     if ckpt.architecture not in ARCHITECTURES:  # the long tail: llama.cpp's converter, then our checks
-        from .llama_converter import convert_external
-
         n, sources = convert_external(ckpt, Path(out), outtype)
         return ConvertResult(Path(out), n, Path(out).stat().st_size, sources)
     arch = lookup(ckpt.architecture, cfg_path)

@@ -26,15 +26,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import gguf
 import numpy as np
+import psutil
 
-from .atomic import atomic_dir, atomic_file, sha256_file
-from .errors import QuantizeError
-from .fingerprint import fingerprint
-from .progress import progress
-from .stream import CheckpointSource, StreamedModel, StreamSettings, TensorSource, check_stream_fits, resolve_device, stream_need
-from .text import hf_tokenizer, read_text, token_windows, with_bos
-from .thresholds import DEFAULT_THRESHOLDS, Threshold
+from quantize.architectures import ARCHITECTURES
+from quantize.atomic import atomic_dir, atomic_file, sha256_file
+from quantize.awq import AwqSource
+from quantize.engine.stream import (
+    CheckpointSource,
+    StreamedModel,
+    StreamSettings,
+    TensorSource,
+    check_stream_fits,
+    resolve_device,
+    stream_need,
+)
+from quantize.errors import QuantizeError
+from quantize.fingerprint import fingerprint
+from quantize.formats.gguf_read import read_header
+from quantize.gate_kernel import row_sums
+from quantize.progress import progress
+from quantize.text import hf_tokenizer, read_text, token_windows, with_bos
+from quantize.thresholds import DEFAULT_THRESHOLDS, Threshold
+
+# torch, llama_cpp and matplotlib are imported inside the functions that use them: each takes seconds to
+# import, and a build whose steps are all up to date needs none of them.
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +84,7 @@ class Engine(Protocol):
 
 class StreamedEngine:
     """A Hugging Face model (or an AWQ folder, dequantized tensor by tensor) in torch, one decoder block
-    resident at a time, over all windows at once (:mod:`quantize.stream`)."""
+    resident at a time, over all windows at once (:mod:`quantize.engine.stream`)."""
 
     def __init__(self, folder: Path, settings: EvalSettings, source: TensorSource | None = None, dtype: str = "float32") -> None:
         self.folder = folder
@@ -145,8 +162,6 @@ class LlamaCppEngine:
 def _log_mapped_memory(path: Path) -> None:
     """State what a GGUF needs: llama.cpp maps it, so it runs at full speed with about its file size of free
     RAM, and with less still runs, reading pages from disk again for every window (much slower)."""
-    import psutil
-
     size, avail = path.stat().st_size, psutil.virtual_memory().available
     log.info("%s: runs in llama.cpp from a memory map; RAM needed about its size, %.2f GiB (%.1f GiB available)",
              path.name, size / 2**30, avail / 2**30)
@@ -156,18 +171,12 @@ def _log_mapped_memory(path: Path) -> None:
 
 
 def _awq_engine(path: Path, settings: EvalSettings) -> Engine:
-    from .awq import AwqSource
-
     return StreamedEngine(path, settings, AwqSource.open(path))
 
 
 def artifact_kind(path: Path) -> str:
     """The gate's row for an artifact: the GGUF file type, ``AWQ``/``RTN``, or ``HF``."""
     if path.is_file():  # the header's file type (read_header skips the vocabulary arrays gguf-py would parse)
-        import gguf
-
-        from .gguf_header import read_header
-
         ft = read_header(path).kv.get("general.file_type")
         try:
             name = gguf.LlamaFileType(ft).name if ft is not None else "?"
@@ -265,8 +274,6 @@ def window_metrics(logits: np.ndarray, ref_rows: tuple[np.ndarray, np.ndarray, n
     ``c`` and ``s`` (:func:`reference_rows`), ``KL = c + e^c (s - D / log2 e) + log S``; the
     target's log-likelihood is ``x_t - max x - log S``, and the top tokens agree when the
     reference's top has the row's maximum.  The kernel runs ``threads`` threads (0: every core)."""
-    from .gate_kernel import row_sums
-
     x = np.ascontiguousarray(logits, dtype=np.float32)
     w, c, s, top_r = ref_rows
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -347,7 +354,6 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
         return (lambda: eng), eng.tokenize, eng.bos
     if not (ref_path / "config.json").is_file():
         raise QuantizeError(ref_path, "reference must be an HF checkpoint folder or an F16 GGUF")
-    from .architectures import ARCHITECTURES
 
     src = CheckpointSource.open(ref_path)  # an incomplete checkpoint is refused before tokenizing
     if src.ckpt.architecture not in ARCHITECTURES:  # model-level steps (embedding/logit multipliers) unknown here

@@ -14,9 +14,9 @@ import threading
 from concurrent.futures import Future
 from pathlib import Path
 
-from . import user_cache
-from .atomic import TMP_PREFIX, atomic_file, sha256_file
-from .portable import lower_this_thread
+from quantize import user_cache
+from quantize.atomic import TMP_PREFIX, atomic_file, sha256_file
+from quantize.portable import lower_this_thread
 
 HASH_CACHE = user_cache() / "sha256.json"
 

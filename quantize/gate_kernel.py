@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from . import user_cache
-from .atomic import atomic_file
-from .errors import QuantizeError
-from .portable import proc_text
+from quantize import user_cache
+from quantize.atomic import atomic_file
+from quantize.errors import QuantizeError
+from quantize.portable import proc_text
 
 log = logging.getLogger(__name__)
 

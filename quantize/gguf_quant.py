@@ -12,21 +12,25 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import TOOL_NAME, __version__
-from .atomic import atomic_file, check_output, partial_prefix, sha256_file
-from .errors import QuantizeError
-from .fingerprint import known_sha256, sha256_when_idle
-from .gguf_header import read_header
-from .gguf_patch import PLACEHOLDER, patch_strings
-from .imatrix import Imatrix
-from .quant_types import QuantType, quant_type
-from .versions import package_version
+from quantize import TOOL_NAME, __version__
+from quantize.atomic import atomic_file, check_output, partial_prefix, sha256_file
+from quantize.errors import QuantizeError
+from quantize.fingerprint import known_sha256, sha256_when_idle
+from quantize.formats.gguf_read import read_header
+from quantize.formats.gguf_write import PLACEHOLDER, patch_strings
+from quantize.imatrix import Imatrix
+from quantize.quant_types import QuantType, quant_type
+from quantize.smooth import smooth_gguf
+from quantize.versions import package_version
+
+# llama_cpp is imported inside the functions that call it: loading the shared library takes a second.
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +114,6 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
         return _quantize(src, out, settings, origin or src, origin_imatrix)
     if settings.imatrix is None:
         raise QuantizeError(src, "--smooth needs the activation statistics of an importance matrix; pass --imatrix FILE")
-    import tempfile
-
-    from .smooth import smooth_gguf
 
     read_header(src)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ For every weight matrix W (out x in) the quantity ``llama-imatrix`` collects is 
 sum of squared activations ``sum_t x_t[j]^2`` over the calibration tokens, with the token count;
 llama.cpp's quantizers then weight each column's rounding error by the mean ``sum/count``
 (llama.cpp tools/imatrix).  We compute it in torch with forward hooks on the float32 model run one
-decoder block at a time over every chunk (:mod:`quantize.stream`), name each matrix by its GGUF tensor name through gguf-py's tensor map, and save it in llama.cpp's GGUF
+decoder block at a time over every chunk (:mod:`quantize.engine.stream`), name each matrix by its GGUF tensor name through gguf-py's tensor map, and save it in llama.cpp's GGUF
 imatrix layout (``<tensor>.in_sum2``, ``<tensor>.counts``, ``imatrix.datasets``,
 ``imatrix.chunk_count``, ``imatrix.chunk_size``) so ``llama-quantize --imatrix`` reads it too.
 
@@ -27,11 +27,22 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .atomic import atomic_file
-from .errors import QuantizeError
-from .gguf_info import field_value, open_gguf
-from .gguf_writer import Writer
-from .text import check_calibration_text, hf_tokenizer, token_windows, with_bos
+from quantize.architectures import for_step, lookup
+from quantize.atomic import atomic_file
+from quantize.engine.stream import (
+    CheckpointSource,
+    StreamedModel,
+    StreamSettings,
+    check_stream_fits,
+    resolve_device,
+    stream_need,
+)
+from quantize.errors import QuantizeError
+from quantize.formats.gguf_read import field_value, open_gguf
+from quantize.formats.gguf_write import Writer
+from quantize.text import check_calibration_text, hf_tokenizer, token_windows, with_bos
+
+# torch is imported inside the functions that run the model: reading and writing a matrix needs only numpy.
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +117,6 @@ class Imatrix:
 
 def _tensor_map(model: Any) -> gguf.TensorNameMap:
     """gguf-py's HF -> GGUF name map for the model's family."""
-    from .architectures import lookup
-
     return gguf.get_tensor_name_map(lookup(model.config.architectures[0], "config.json").gguf_arch, model.config.num_hidden_layers)
 
 
@@ -176,7 +185,7 @@ def torch_threads(n: int) -> Iterator[None]:
 def compute_imatrix(source: str | Path, text_file: str | Path, settings: ImatrixSettings = ImatrixSettings(),
                     eval_text: str | Path | None = None) -> Imatrix:
     """Collect per-column sums of squared activations of every matrix over calibration chunks,
-    streaming the model one decoder block at a time (:mod:`quantize.stream`) on every core.
+    streaming the model one decoder block at a time (:mod:`quantize.engine.stream`) on every core.
 
     The garbage collector is paused while torch, transformers, the tokenizer and the model skeleton load."""
     source, text_file = Path(source), Path(text_file)
@@ -185,9 +194,6 @@ def compute_imatrix(source: str | Path, text_file: str | Path, settings: Imatrix
                             "pass the checkpoint folder this GGUF was converted from")
     with collector_paused():  # the imports allocate millions of long-lived objects each collection would traverse
         import torch
-
-        from .architectures import for_step
-        from .stream import CheckpointSource, StreamedModel, StreamSettings, check_stream_fits, resolve_device, stream_need
 
         src = CheckpointSource.open(source)  # refuses a folder that is not a complete checkpoint
         for_step(src.ckpt.architecture, "imatrix", source / "config.json")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,40 +10,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .errors import QuantizeError
-
-
-def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """Open a GGUF for reading, turning a non-GGUF, truncated or inconsistent file into a one-line error."""
-    from .gguf_header import read_header
-
-    path = Path(path)
-    read_header(path)  # the layout checks llama.cpp makes, as one line each
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, struct.error) as exc:
-        raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from exc
-
-
-def field_value(reader: gguf.GGUFReader, key: str) -> Any:
-    """A metadata value as a Python object (str, int, float, list), or None."""
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    return f.contents()
-
-
-def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: frozenset[str] = frozenset()) -> None:
-    """Every metadata key of ``reader`` into ``writer`` with its exact type, except the ones the
-    writer sets itself (``general.architecture``) and ``skip``; the data alignment follows."""
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE or key in skip:
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
-    if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
-        writer.data_alignment = int(align.contents())
+from quantize.formats.gguf_read import field_value, open_gguf
 
 
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:

@@ -26,14 +26,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
+import sentencepiece
 
-from . import TOOL_NAME, user_cache
-from .atomic import atomic_file, partial_prefix, sha256_file
-from .checkpoint import Checkpoint, tokenizer_files
-from .errors import QuantizeError
-from .gguf_info import copy_metadata, open_gguf
-from .gguf_writer import Writer
-from .split import write_tensors_copied
+from quantize import TOOL_NAME, user_cache
+from quantize.atomic import atomic_file, partial_prefix, sha256_file
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import Checkpoint, tokenizer_files
+from quantize.formats.gguf_read import open_gguf
+from quantize.formats.gguf_write import Writer, copy_metadata, write_tensors_copied
+from quantize.versions import add_provenance
+
+# llama_cpp, torch and transformers are imported inside the checks that use them: each takes seconds to import.
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +116,6 @@ def convert_external(ckpt: Checkpoint, out: Path, outtype: str = "f16") -> tuple
 
 def _with_provenance(src: Path, dst: Path, architecture: str, who: str, sources: dict[str, str]) -> int:
     """Copy ``src`` to ``dst`` adding our provenance keys (tensor bytes copied by the kernel); the tensor count."""
-    from .convert import add_provenance
-
     reader = open_gguf(src)
     with open(src, "rb") as f:
         w = Writer(dst, str(reader.fields["general.architecture"].contents()))
@@ -132,8 +134,6 @@ def check_tokenizer(path: Path, hf_dir: Path) -> None:
 
     spm_file = hf_dir / "tokenizer.model"
     if spm_file.is_file():
-        import sentencepiece
-
         sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
         own, whose = (lambda t: list(sp.encode(t))), "SentencePiece model"
     else:
@@ -155,8 +155,6 @@ def check_tokenizer(path: Path, hf_dir: Path) -> None:
 
 def check_logits(path: Path, ckpt: Checkpoint) -> None:
     """The logits of a few tokens must be HF float32's, when the model fits in RAM in float32."""
-    import psutil
-
     hf_dir = ckpt.root
     need = 2 * sum(ref.n_elements * 4 for ref in ckpt.tensors.values())
     if need > psutil.virtual_memory().available:

@@ -1,11 +1,10 @@
 """The build: one table of stages, run in order, each step skipped when its inputs are unchanged.
 
 A stage is a row of :data:`STAGES`: its name, whether the build's settings ask for it, and the
-function that makes its outputs.  ``quantize build --until STAGE`` runs the rows up to that one.
-A step's key is the hash of what it is made from (input fingerprints, parameters, tool version);
-the key is recorded beside the output only once the output is complete (outputs themselves are
-written atomically), so a killed step is simply redone on the next run.  Steps that stream a
-model record the RAM their preflight computed (``.steps/<step>.preflight.json``).
+function that makes its outputs.  Each stage takes what the stages before it made (:class:`Made`)
+and returns it with its own outputs added.  ``quantize build --until STAGE`` runs the rows up to
+that one; steps are run or reused by :mod:`quantize.steps`, recipe references resolved by
+:mod:`quantize.sources`, and the release folder assembled by :mod:`quantize.release`.
 
     quantize build [recipes/demo.toml]   # the whole release: ladder, quality gate, release folder
     quantize build --until convert       # stop after a stage (what `nox -s convert` runs)
@@ -13,31 +12,46 @@ model record the RAM their preflight computed (``.steps/<step>.preflight.json``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .atomic import atomic_dir, atomic_file, file_lock, link_or_copy
-from .errors import QuantizeError
-from .fingerprint import fingerprint
-from .recipe import Ladder as RecipeLadder
+import numpy as np
 
-if TYPE_CHECKING:
-    from .awq import AwqSettings
-    from .evaluate import EvalSettings
-    from .imatrix import ImatrixSettings
-    from .recipe import Recipe
-    from .stream import StreamNeed
-    from .thresholds import Threshold
+from quantize.architectures import ARCHITECTURES, STEPS, for_step
+from quantize.atomic import file_lock
+from quantize.awq import AwqSettings, quantize_awq, ram_need_for, require_autoawq
+from quantize.convert import convert
+from quantize.engine.lora import merge_lora
+from quantize.engine.stream import CheckpointSource, StreamNeed, stream_need
+from quantize.errors import QuantizeError
+from quantize.evaluate import EvalSettings, evaluate, write_report
+from quantize.fingerprint import fingerprint
+from quantize.formats.checkpoint import open_checkpoint
+from quantize.gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
+from quantize.imatrix import ImatrixSettings, compute_imatrix
+from quantize.quant_types import quant_type
+from quantize.recipe import Ladder as RecipeLadder
+from quantize.recipe import Recipe, load_recipe
+from quantize.release import ReleaseInputs, assemble_release
+from quantize.resources import check_free_space
+from quantize.smooth import smooth_gguf, smooth_need
+from quantize.sources import resolve
+from quantize.steps import BuildLog, Steps, step_key
+from quantize.thresholds import Threshold
 
 log = logging.getLogger(__name__)
+
+DEFAULT_RECIPE = Path("recipes") / "demo.toml"
+# The build's disk preflight, from the fp16 weights' size: an AWQ folder holds 4-bit weights plus
+# float16 scales and zeros per group of 128 and the float16 embeddings, under 0.3 of fp16 for the
+# supported families; a GGUF type's size is its mean bits per weight over F16's 16; the total gets
+# a tenth more for headers, vocabularies and the filesystem.
+AWQ_OF_FP16 = 0.3
+DISK_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -61,201 +75,136 @@ class BuildSettings:
     until: str = "release"
 
 
-@dataclass
-class BuildLog:
-    built: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-class Steps:
-    """Run-or-reuse for build steps keyed by the hash of their inputs."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.log = BuildLog()
-
-    def key(self, **parts: Any) -> str:
-        return hashlib.sha256(json.dumps({"tool": __version__, **parts}, sort_keys=True, default=str).encode()).hexdigest()
-
-    def run(self, name: str, out: Path | tuple[Path, ...], key: str, make: Callable[[], Any],
-            need: Callable[[], StreamNeed] | None = None) -> str:
-        """Reuse the step when every output exists and its recorded key is ``key``; else make it (``need``,
-        the step's RAM preflight, is computed only then)."""
-        stamp = self.root / ".steps" / f"{name}.key"
-        took = stamp.with_suffix(".seconds")
-        outs = out if isinstance(out, tuple) else (out,)
-        if all(o.exists() for o in outs) and stamp.is_file() and stamp.read_text() == key:
-            log.info("%s: up to date", name)
-            self.log.reused.append(name)
-            if took.is_file():  # how long it took when it was built
-                self.log.seconds[name] = float(took.read_text())
-            return key
-        t0 = time.time()
-        log.info("%s: building", name)
-        if need is not None:
-            figure = need()
-            log.info("%s: RAM needed (preflight): %s", name, figure.describe())
-            with atomic_file(stamp.with_name(f"{name}.preflight.json")) as tmp:
-                tmp.write_text(json.dumps({"need_bytes": figure.total, "parts": figure.parts()}, indent=2))
-        make()
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        self.log.built.append(name)
-        self.log.seconds[name] = round(time.time() - t0, 2)
-        with atomic_file(took) as tmp:
-            tmp.write_text(str(self.log.seconds[name]))
-        with atomic_file(stamp) as tmp:
-            tmp.write_text(key)
-        return key
-
-
-@dataclass
+@dataclass(frozen=True)
 class Build:
-    """A build in progress: its settings, its folder, and what each stage made (path and key)."""
+    """A build's fixed context: its settings, its folder and its step cache."""
 
     settings: BuildSettings
     out: Path
     steps: Steps
-    model: Path = Path()  # the fp16 checkpoint the ladder is made from: the base, or base + LoRA
+
+
+@dataclass(frozen=True)
+class Made:
+    """What the stages have made so far (paths and step keys); each stage returns a copy with its outputs."""
+
+    model: Path  # the fp16 checkpoint the ladder is made from: the base, or base + LoRA
     src_key: str = ""
     f16: Path = Path()
     imatrix: Path | None = None
     smoothed: tuple[Path, Path] | None = None  # (F16, importance matrix) with outliers moved into the weights
-    quants: dict[str, Path] = field(default_factory=dict)
+    quants: Mapping[str, Path] = field(default_factory=dict)
     awq: Path | None = None
-    keys: dict[str, str] = field(default_factory=dict)
-    report: dict[str, Path] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
+    keys: Mapping[str, str] = field(default_factory=dict)
+    report: Mapping[str, Path] = field(default_factory=dict)
+    failures: tuple[str, ...] = ()
     release: Path | None = None
 
 
-def _merge(b: Build) -> None:
-    from .lora import merge_lora
-
+def _merge(b: Build, m: Made) -> Made:
     s = b.settings
-    assert s.lora is not None
+    lora = s.lora
+    assert lora is not None
     merged = b.out / "merged-fp16"
-    b.steps.run("merge", merged, b.steps.key(stage="merge", base=fingerprint(s.base), lora=fingerprint(s.lora)),
-                lambda: merge_lora(s.base, s.lora, merged, s.lora_allow_pickle), lambda: _tensor_need(s.base, 3))  # type: ignore[arg-type]
-    b.model = merged
+    b.steps.run("merge", merged, step_key(stage="merge", base=fingerprint(s.base), lora=fingerprint(lora)),
+                lambda: merge_lora(s.base, lora, merged, s.lora_allow_pickle), lambda: _tensor_need(s.base, 3))
+    return replace(m, model=merged)
 
 
-def _convert(b: Build) -> None:
-    from .convert import convert
+def _convert(b: Build, m: Made) -> Made:
+    src_key = fingerprint(m.model)
+    f16 = b.out / f"{b.settings.name}.F16.gguf"
+    key = b.steps.run("convert", f16, step_key(stage="convert", src=src_key), lambda: convert(m.model, f16),
+                      lambda: _tensor_need(m.model, 2))
+    return replace(m, src_key=src_key, f16=f16, keys={**m.keys, "F16": key})
 
-    b.src_key = fingerprint(b.model)
-    b.f16 = b.out / f"{b.settings.name}.F16.gguf"
-    b.keys["F16"] = b.steps.run("convert", b.f16, b.steps.key(stage="convert", src=b.src_key), lambda: convert(b.model, b.f16),
-                                lambda: _tensor_need(b.model, 2))
 
-
-def _imatrix(b: Build) -> None:
-    from .imatrix import compute_imatrix
-
+def _imatrix(b: Build, m: Made) -> Made:
     s = b.settings
-    assert s.imatrix is not None
     ims = s.imatrix
-    b.imatrix = path = b.out / f"{s.name}.imatrix.gguf"
-    need = partial(_stream_need, b.model, ims.ctx * (ims.chunks or 64), ims.batch_tokens, 0)
-    b.keys["imatrix"] = b.steps.run("imatrix", path, b.steps.key(stage="imatrix", src=b.src_key, calib=fingerprint(s.calib), s=asdict(ims)),
-                                    lambda: compute_imatrix(b.model, s.calib, ims, s.eval_text).save(path), need)
+    assert ims is not None
+    path = b.out / f"{s.name}.imatrix.gguf"
+    need = partial(_stream_need, m.model, ims.ctx * (ims.chunks or 64), ims.batch_tokens, 0)
+    key = b.steps.run("imatrix", path, step_key(stage="imatrix", src=m.src_key, calib=fingerprint(s.calib), s=asdict(ims)),
+                      lambda: compute_imatrix(m.model, s.calib, ims, s.eval_text).save(path), need)
+    return replace(m, imatrix=path, keys={**m.keys, "imatrix": key})
 
 
-def _smooth(b: Build) -> None:
-    from .smooth import smooth_gguf, smooth_need
-
-    assert b.imatrix is not None
+def _smooth(b: Build, m: Made) -> Made:
+    imatrix = m.imatrix
+    assert imatrix is not None
     name = b.settings.name
-    b.smoothed = f16, im = b.out / f"{name}.F16.smoothed.gguf", b.out / f"{name}.imatrix.smoothed.gguf"
-
-    def make() -> None:
-        smooth_gguf(b.f16, b.imatrix, f16, im)  # type: ignore[arg-type]
-
-    def need() -> StreamNeed:
-        from .stream import StreamNeed
-
-        return StreamNeed(0, 0, 0, smooth_need(b.f16))
-
-    b.keys["smooth"] = b.steps.run("smooth", (f16, im), b.steps.key(stage="smooth", f16=b.keys["F16"], imatrix=b.keys["imatrix"]),
-                                   make, need)
+    f16, im = b.out / f"{name}.F16.smoothed.gguf", b.out / f"{name}.imatrix.smoothed.gguf"
+    key = b.steps.run("smooth", (f16, im), step_key(stage="smooth", f16=m.keys["F16"], imatrix=m.keys["imatrix"]),
+                      lambda: smooth_gguf(m.f16, imatrix, f16, im), lambda: StreamNeed(0, 0, 0, smooth_need(m.f16)))
+    return replace(m, smoothed=(f16, im), keys={**m.keys, "smooth": key})
 
 
-def _gguf(b: Build) -> None:
-    from .gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
-
+def _gguf(b: Build, m: Made) -> Made:
     s = b.settings
-    src, im = b.smoothed if b.smoothed else (b.f16, b.imatrix)
+    src, im = m.smoothed if m.smoothed else (m.f16, m.imatrix)
+    keys, quants = dict(m.keys), dict(m.quants)
     for t in s.types:
         q = b.out / artifact_name(s.name, t)
-        key = b.steps.key(stage="gguf", f16=b.keys["F16"], imatrix=b.keys.get("imatrix", ""), smooth=b.keys.get("smooth", ""), type=t)
-        b.keys[t] = b.steps.run(f"gguf-{t}", q, key, lambda q=q, t=t: quantize_gguf(  # type: ignore[misc]
-            src, q, QuantizeSettings(t, im), origin=b.f16, origin_imatrix=b.imatrix))
-        b.quants[t] = q
+        key = step_key(stage="gguf", f16=m.keys["F16"], imatrix=m.keys.get("imatrix", ""), smooth=m.keys.get("smooth", ""), type=t)
+        keys[t] = b.steps.run(f"gguf-{t}", q, key, partial(quantize_gguf, src, q, QuantizeSettings(t, im),
+                                                               origin=m.f16, origin_imatrix=m.imatrix))
+        quants[t] = q
+    return replace(m, quants=quants, keys=keys)
 
 
-def _awq(b: Build) -> None:
-    from .awq import quantize_awq, ram_need_for
-
+def _awq(b: Build, m: Made) -> Made:
     s = b.settings
-    assert s.awq is not None
     aws = s.awq
-    b.awq = out = b.out / f"{s.name}-AWQ"
-    b.keys["AWQ"] = b.steps.run("awq", out, b.steps.key(stage="awq", src=b.src_key, calib=fingerprint(s.calib), s=asdict(aws)),
-                                lambda: quantize_awq(b.model, out, s.calib, aws), partial(ram_need_for, b.model, aws))
+    assert aws is not None
+    out = b.out / f"{s.name}-AWQ"
+    key = b.steps.run("awq", out, step_key(stage="awq", src=m.src_key, calib=fingerprint(s.calib), s=asdict(aws)),
+                      lambda: quantize_awq(m.model, out, s.calib, aws), partial(ram_need_for, m.model, aws))
+    return replace(m, awq=out, keys={**m.keys, "AWQ": key})
 
 
-def _eval(b: Build) -> None:
-    from .evaluate import EvalSettings, evaluate, write_report
-
+def _eval(b: Build, m: Made) -> Made:
     s = b.settings
     es = s.eval or EvalSettings()
     eval_dir = b.out / "eval"
-    artifacts = [b.f16, *b.quants.values(), *([b.awq] if b.awq else [])]
-    need = partial(_stream_need, b.model, es.ctx * (es.chunks or 32), es.batch_tokens, es.ctx // 2)
-
-    from .architectures import ARCHITECTURES
-    from .checkpoint import read_json_object
-
+    artifacts = [m.f16, *m.quants.values(), *([m.awq] if m.awq else [])]
+    need = partial(_stream_need, m.model, es.ctx * (es.chunks or 32), es.batch_tokens, es.ctx // 2)
     # HF's own model in float32 is the reference; for a family without a row (llama.cpp's converter wrote
     # its F16, checked against HF's logits then) the streamed forward does not know its model-level
     # steps, so the F16 is.
-    arch = (read_json_object(b.model / "config.json").get("architectures") or ["?"])[0]
-    reference = b.model if arch in ARCHITECTURES else b.f16
+    reference = m.model if open_checkpoint(m.model).architecture in ARCHITECTURES else m.f16
 
     def run_eval() -> None:
-        rep = evaluate(reference, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds))
-        write_report(rep, eval_dir)
+        write_report(evaluate(reference, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds)), eval_dir)
 
     b.steps.run("eval", eval_dir / "eval.json",
-                b.steps.key(stage="eval", artifacts={k: v for k, v in b.keys.items() if k not in ("imatrix", "smooth")},
-                            text=fingerprint(s.eval_text), s=asdict(es), th={k: asdict(v) for k, v in s.thresholds.items()}),
+                step_key(stage="eval", artifacts={k: v for k, v in m.keys.items() if k not in ("imatrix", "smooth")},
+                         text=fingerprint(s.eval_text), s=asdict(es), th={k: asdict(v) for k, v in s.thresholds.items()}),
                 run_eval, need)
-    b.report = {k: eval_dir / f"eval.{k}" for k in ("json", "md", "png")}
-    data = json.loads(b.report["json"].read_text())
-    b.failures = [f for r in data["results"] for f in r["failures"]]
+    report = {k: eval_dir / f"eval.{k}" for k in ("json", "md", "png")}
+    data = json.loads(report["json"].read_text())
+    return replace(m, report=report, failures=tuple(f for r in data["results"] for f in r["failures"]))
 
 
-def _release(b: Build) -> None:
-    if b.failures:
-        return  # a failed gate publishes nothing
-    assert b.settings.recipe is not None and b.settings.release_dir is not None
-    b.release = _assemble_release(b, b.settings.recipe, b.settings.release_dir)
+def _release(b: Build, m: Made) -> Made:
+    if m.failures:
+        return m  # a failed gate publishes nothing
+    s = b.settings
+    assert s.recipe is not None and s.release_dir is not None
+    inputs = ReleaseInputs(ggufs=(("F16", m.f16), *m.quants.items()), imatrix=m.imatrix, awq=m.awq, report=m.report["json"],
+                           calib=s.calib, src_key=m.src_key, keys=dict(m.keys),
+                           sources={"base": s.base, **({"lora": s.lora} if s.lora else {})})
+    return replace(m, release=assemble_release(s.recipe, s.release_dir, inputs, b.steps))
 
 
 def _stream_need(model: Path, tokens: int, batch_tokens: int, head_rows: int) -> StreamNeed:
-    """A float32 streamed pass over ``tokens`` tokens of ``model`` (:func:`quantize.stream.stream_need`)."""
-    from .stream import CheckpointSource, stream_need
-
+    """A float32 streamed pass over ``tokens`` tokens of ``model`` (:func:`quantize.engine.stream.stream_need`)."""
     src = CheckpointSource.open(model)
     return stream_need(src, src.ckpt.config, "float32", tokens, batch_tokens, head_rows=head_rows)
 
 
 def _tensor_need(model: Path, copies: int) -> StreamNeed:
     """A tensor-by-tensor step: the largest tensor, ``copies`` times in float32, plus the runtime."""
-    import numpy as np
-
-    from .stream import CheckpointSource, StreamNeed
-
     largest = max(int(np.prod(s, dtype=np.int64)) for s in CheckpointSource.open(model).shapes().values())
     return StreamNeed(0, 0, 0, largest * 4 * copies)
 
@@ -264,7 +213,7 @@ def _tensor_need(model: Path, copies: int) -> StreamNeed:
 class Stage:
     name: str
     wanted: Callable[[BuildSettings], bool]
-    run: Callable[[Build], None]
+    run: Callable[[Build, Made], Made]
 
 
 def _always(_s: BuildSettings) -> bool:
@@ -305,93 +254,22 @@ def build_ladder(settings: BuildSettings, out: Path, steps: Steps | None = None)
     if settings.smooth and settings.imatrix is None and settings.types:
         log.info("smoothing needs the importance matrix's statistics; building without it")
     _check_family_steps(settings)
-    b = Build(settings, out, steps or Steps(out), model=settings.base)
+    b = Build(settings, out, steps or Steps(out))
+    made = Made(model=settings.base)
     for stage in STAGES[: STAGE_NAMES.index(settings.until) + 1]:
         if stage.wanted(settings):
-            stage.run(b)
-    return Ladder(out, b.f16, b.imatrix, b.quants, b.report, b.failures, b.steps.log, b.awq, b.release)
+            made = stage.run(b, made)
+    return Ladder(out, made.f16, made.imatrix, dict(made.quants), dict(made.report), list(made.failures), b.steps.log,
+                  made.awq, made.release)
 
 
 def _check_family_steps(settings: BuildSettings) -> None:
     """Refuse, before any work, a stage the model's family cannot take (its row says why)."""
-    from .architectures import STEPS, for_step
-    from .checkpoint import read_json_object
-
     wanted = [st.name for st in STAGES[: STAGE_NAMES.index(settings.until) + 1] if st.name in STEPS and st.wanted(settings)]
     if wanted:
-        where = settings.base / "config.json"
-        arch = (read_json_object(where).get("architectures") or ["?"])[0]
+        arch = open_checkpoint(settings.base).architecture
         for step in wanted:
-            for_step(arch, step, where)
-
-
-# --- a whole release from a recipe ----------------------------------------------------------
-
-DEFAULT_RECIPE = Path("recipes") / "demo.toml"
-
-
-def _demo_part(part: str, recipe: Path, root: Path, what: str) -> Path:
-    """A part of the demo, building (once) only what it needs: the LoRA adapter trains on the
-    SentencePiece model, a text part needs no model."""
-    from .demo import DemoRecipe, build_demo
-
-    models = {m.name for m in DemoRecipe().models}
-    texts = ("train", "calib", "eval")
-    if part not in (*models, *texts, "lora"):
-        raise QuantizeError(recipe, f"{what} 'demo:{part}': no such demo part; known: {', '.join([*models, *texts, 'lora'])}")
-    demo = build_demo(root, models=["mistral-spm"] if part == "lora" else [part] if part in models else [])
-    if part == "lora":
-        from .lora import train_demo_lora
-
-        return train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
-    return {**demo.models, **demo.text}[part]
-
-
-def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
-    """The demo's Shakespeare split (``text:calib``, ``text:eval``) without training the demo models."""
-    from .corpus import TextSplit, write_splits
-
-    if part not in ("train", "calib", "eval"):
-        raise QuantizeError(recipe, f"{what} 'text:{part}': no such text; known: train, calib, eval")
-    return write_splits(TextSplit(), root / "corpus")[part]
-
-
-def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
-    from .real import REAL_MODELS, fetch_real
-
-    if part not in REAL_MODELS:
-        raise QuantizeError(recipe, f"{what} 'real:{part}': no such model; known: {', '.join(REAL_MODELS)}")
-    return fetch_real(model=REAL_MODELS[part])
-
-
-# Recipe references with a scheme: what the project builds or fetches itself.
-SCHEMES: dict[str, Callable[[str, Path, Path, str], Path]] = {
-    "demo:": _demo_part,
-    "text:": _corpus_text,
-    "real:": _real_model,
-}
-
-
-def resolve(spec: str, recipe: Path, root: Path, what: str) -> Path:
-    """A recipe's model/adapter/text reference: ``demo:<part>``, ``text:<part>``, ``real:<model>``,
-    a path (relative to the recipe or the working folder), or a Hugging Face repo id (fetched, or
-    found in the local HF cache offline: :func:`quantize.hub.fetch`, with the recipe's ``[revision]``).
-    ``root`` holds what the schemes build (demo models, texts)."""
-    for scheme, build in SCHEMES.items():
-        if spec.startswith(scheme):
-            return build(spec.removeprefix(scheme), recipe, root, what)
-    for base in (recipe.parent, Path.cwd()):
-        if (base / spec).exists():
-            return base / spec
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        from .hub import fetch
-        from .recipe import load_recipe
-
-        pins = load_recipe(recipe) if recipe.is_file() else None
-        return fetch(spec, what, recipe, pins.revision.get(what) if pins else None,
-                     bool(pins and pins.lora_allow_pickle and what == "lora"))
-    raise QuantizeError(recipe, f"{what} {spec!r} is neither a local path nor a model in the Hugging Face cache; "
-                        "download it first or point the recipe at a folder")
+            for_step(arch, step, settings.base / "config.json")
 
 
 @dataclass(frozen=True)
@@ -404,10 +282,6 @@ class Release:
 def recipe_settings(recipe: Recipe, demo_root: Path, until: str = "release", types: tuple[str, ...] | None = None,
                     release_dir: Path | None = None) -> BuildSettings:
     """A recipe's build: its references resolved to files, its ladder into each stage's settings."""
-    from .awq import AwqSettings
-    from .evaluate import EvalSettings
-    from .imatrix import ImatrixSettings
-
     lad = recipe.ladder
     return BuildSettings(
         name=recipe.name,
@@ -431,97 +305,32 @@ def recipe_settings(recipe: Recipe, demo_root: Path, until: str = "release", typ
 def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artifacts"),
                   until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
     """The stages of a recipe, in dependency order, up to ``until``: by default the release folder (atomically)."""
-    from .recipe import load_recipe
-
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
+    if until not in STAGE_NAMES:
+        raise QuantizeError(None, f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
     if recipe.ladder.awq and STAGE_NAMES.index(until) >= STAGE_NAMES.index("awq"):
-        from .awq import require_autoawq
-
         require_autoawq()  # before any work
     build_dir = artifacts / "build" / recipe.name
     build_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(build_dir / ".lock", f"another build of {recipe.name} is running"):
         settings = recipe_settings(recipe, demo_root or artifacts / "demo", until, types, artifacts / "release" / recipe.name)
-        _preflight(settings, build_dir)
+        _check_build_space(settings, build_dir)
         ladder = build_ladder(settings, build_dir)
         return Release(ladder.release or build_dir, ladder, ladder.failures)
 
 
-def _assemble_release(b: Build, recipe: Recipe, out: Path) -> Path:
-    """The release folder: every GGUF (split when large) with its koboldcpp preset, the importance matrix,
-    the AWQ folder, the manifest, checksums and model card; keyed by everything it is made from."""
-    from .hub import source_record
-    from .release import Artifact, bits_per_weight, koboldcpp_presets, make_manifest, write_release_files
-    from .split import GB, place_gguf
-
-    source = {"source": b.src_key[:16]}
-    quality = json.loads(b.report["json"].read_text())
-    split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
-    ggufs = [("F16", b.f16), *b.quants.items()]
-    rel_key = b.steps.key(stage="release", eval=fingerprint(b.report["json"]), recipe=fingerprint(recipe.source),
-                          files={p.name: fingerprint(p) for _, p in ggufs}, split=split_max,
-                          awq=b.keys.get("AWQ"), imatrix=b.keys.get("imatrix"))
-
-    def assemble() -> None:
-        _check_release_space(out, [p for _, p in ggufs], split_max)
-        with atomic_dir(out) as tmp:
-            arts = []
-            for kind, path in ggufs:
-                shards = place_gguf(path, tmp, split_max)
-                presets = koboldcpp_presets(tmp, shards[0].name, recipe)
-                files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
-                arts.append(Artifact(kind, files, bits_per_weight(path), source))
-            if b.imatrix is not None:
-                link_or_copy(b.imatrix, tmp / b.imatrix.name)
-                (tmp / "imatrix.txt").write_text(_imatrix_description(b.imatrix, b.settings.calib))
-                arts.append(Artifact("imatrix", (Path(b.imatrix.name), Path("imatrix.txt")), None, {}))
-            if b.awq is not None:
-                link_or_copy(b.awq, tmp / b.awq.name)
-                files = tuple(sorted(p.relative_to(tmp) for p in (tmp / b.awq.name).rglob("*") if p.is_file()))
-                arts.append(Artifact("AWQ", files, None, source))
-            manifest = make_manifest(tmp, recipe, arts, quality)
-            manifest["sources"] = {part: source_record(spec, path, recipe.revision.get(part))
-                                   for part, spec, path in (("base", recipe.base, b.settings.base), ("lora", recipe.lora, b.settings.lora))
-                                   if spec and path}
-            write_release_files(tmp, recipe, manifest)
-
-    b.steps.run("release", out, rel_key, assemble)
-    return out
-
-
-def _preflight(s: BuildSettings, build_dir: Path) -> None:
+def _check_build_space(s: BuildSettings, build_dir: Path) -> None:
     """Refuse before building when the disk cannot hold the artifacts still to be made."""
-    from .gguf_quant import artifact_name
-    from .quant_types import quant_type
-    from .resources import check_free_space
-
     f16 = sum(p.stat().st_size for p in s.base.glob("*.safetensors"))  # fp16 weights: the F16 GGUF's size
     todo = {build_dir / f"{s.name}.F16.gguf": f16}
     if s.lora is not None:
         todo[build_dir / "merged-fp16"] = f16
     if s.smooth and s.imatrix is not None and s.types:
         todo[build_dir / f"{s.name}.F16.smoothed.gguf"] = f16
-    todo |= {build_dir / artifact_name(s.name, t): int(f16 * sum(quant_type(t).bpw) / 2 / 16) for t in s.types}
+    for t in s.types:
+        low, high = quant_type(t).bpw
+        todo[build_dir / artifact_name(s.name, t)] = int(f16 * (low + high) / 2 / 16)
     if s.awq is not None:
-        todo[build_dir / f"{s.name}-AWQ"] = int(f16 * 0.3)
+        todo[build_dir / f"{s.name}-AWQ"] = int(f16 * AWQ_OF_FP16)
     need = sum(size for path, size in todo.items() if not path.exists())
-    check_free_space(build_dir, int(need * 1.1), f"building {s.name}")
-
-
-def _check_release_space(out: Path, ggufs: list[Path], split_max: int | None) -> None:
-    """GGUFs are hard-linked into the release; the ones to be split are copied, so need room."""
-    from .resources import check_free_space
-
-    need = sum(p.stat().st_size for p in ggufs if split_max is not None and p.stat().st_size > split_max)
-    if need:
-        check_free_space(out.parent, int(need * 1.05), f"splitting {out.name}'s large GGUFs")
-
-
-def _imatrix_description(imatrix: Path, calib: Path) -> str:
-    from .atomic import sha256_file
-    from .imatrix import Imatrix
-
-    im = Imatrix.load(imatrix)
-    return (f"Importance matrix {imatrix.name}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens\n"
-            f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes).\n"
-            "The evaluation text was kept out of calibration.\n")
+    check_free_space(build_dir, int(need * DISK_MARGIN), f"building {s.name}")

@@ -10,6 +10,9 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+# tqdm is imported only when a bar is drawn: the command line imports this module before it knows,
+# and `quantize ladder` runs on the standard library alone.
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Upload a verified release folder to the Hugging Face Hub (``nox -s publish``, CI's last step).
+"""Upload a verified release folder to the Hugging Face Hub (``quantize publish``, run by ``nox -s publish`` as CI's last step).
 
 Needs ``HF_TOKEN`` and ``HF_REPO_PREFIX`` (e.g. ``my-org/``): the repository is
 ``HF_REPO_PREFIX + <release name>-GGUF``.  The folder is verified against its manifest first, and
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QuantizeError
-from .release import MANIFEST, SUMS, verify
+from huggingface_hub import HfApi
+
+from quantize.errors import QuantizeError
+from quantize.release import MANIFEST, SUMS, verify
 
 
 @dataclass(frozen=True)
@@ -47,23 +48,9 @@ def publish(folder: Path) -> str:
     if not token:
         raise QuantizeError(folder, "set HF_TOKEN to publish to the Hugging Face Hub")
     up = plan(folder)
-    from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(up.repo_id, exist_ok=True)
     api.upload_folder(repo_id=up.repo_id, folder_path=str(up.folder), allow_patterns=list(up.allow_patterns),
                       commit_message=up.commit_message)
     return up.repo_id
-
-
-def main() -> int:
-    try:
-        print(publish(Path(sys.argv[1])))
-    except QuantizeError as err:
-        print(f"quantize: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import QuantizeError
-from .quant_types import quant_type
-from .thresholds import Threshold
+from quantize.errors import QuantizeError
+from quantize.models.hub import check_revision
+from quantize.quant_types import quant_type
+from quantize.thresholds import Threshold
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ class Ladder:
 class Recipe:
     source: Path  # the TOML file
     name: str
-    base: str  # a folder, "demo:<model>", "real:<model>", or a Hugging Face repo id (quantize.hub)
+    base: str  # a folder, "demo:<model>", "real:<model>", or a Hugging Face repo id (quantize.models.hub)
     quantized_by: str = "quantize"
     hub_repo: str | None = None  # "owner/name" on the Hugging Face Hub the release is published to
     lora: str | None = None
@@ -254,8 +256,6 @@ def _section_of_tables(path: Path, section: str, data: Any) -> dict[str, Any]:
 
 def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
     """``[revision]``: ``base``/``lora`` -> a Hub revision, only for a part given as a repo id."""
-    from .hub import check_revision
-
     section = data.get("revision", {})
     if not isinstance(section, dict):
         raise QuantizeError(path, "[revision] must be a table: base = \"<commit sha, branch or tag>\", lora = ...")
@@ -272,26 +272,3 @@ def _revisions(path: Path, data: Mapping[str, Any]) -> dict[str, str]:
             raise QuantizeError(path, f"[revision] {part}: {part} {spec!r} is not a Hugging Face repo id, so it has no revision")
         out[part] = rev
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m quantize.recipe RECIPE``: the recipe's GGUF quantizations (its ladder's types but
-    F16) as a JSON list on one line; the standard library is all it needs, so a CI job can plan its
-    matrix before installing anything."""
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m quantize.recipe", description=main.__doc__)
-    ap.add_argument("recipe", type=Path)
-    a = ap.parse_args(argv)
-    try:
-        recipe = load_recipe(a.recipe)
-    except QuantizeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps([t for t in recipe.ladder.gguf if t != "F16"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,10 @@
 """Stage 5: the release folder people download: checksummed files, a manifest, a model card and
 koboldcpp launcher presets, plus ``quantize verify`` for a downloaded copy.
 
+:func:`assemble_release` puts every GGUF (split when larger than the recipe's cap) with its
+koboldcpp presets, the importance matrix and the AWQ folder into the folder, atomically, as a
+build step keyed by everything it is made from.
+
 ``manifest.json`` lists every artifact (files, sizes, sha256, type, bits per weight, the inputs'
 hashes, tool versions, quality figures and verdict); ``SHA256SUMS`` is the same in the format
 ``sha256sum -c`` reads.  ``verify`` re-hashes a folder against its manifest and reports missing,
@@ -17,11 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .architectures import rows_of
-from .atomic import atomic_file, sha256_file
-from .errors import QuantizeError
-from .recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
-from .versions import tool_versions
+from quantize.architectures import rows_of
+from quantize.atomic import atomic_dir, atomic_file, link_or_copy, sha256_file
+from quantize.errors import QuantizeError
+from quantize.fingerprint import fingerprint
+from quantize.formats.gguf_read import read_header
+from quantize.formats.gguf_split import GB, place_gguf
+from quantize.imatrix import Imatrix
+from quantize.models.hub import source_record
+from quantize.recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
+from quantize.resources import check_free_space
+from quantize.steps import Steps, step_key
+from quantize.versions import tool_versions
 
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
@@ -60,7 +71,6 @@ class Artifact:
 def bits_per_weight(path: Path) -> float | None:
     if path.suffix != ".gguf":
         return None
-    from .gguf_header import read_header  # gguf-py's GGUFReader decodes the whole vocabulary: ~1 s a file
 
     return round(read_header(path).bits_per_weight, 3)
 
@@ -92,8 +102,6 @@ def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality
     first_gguf = next((root / f for a in artifacts for f in a.files if f.suffix == ".gguf"), None)
     arch = None
     if first_gguf is not None:
-        from .gguf_header import read_header
-
         arch = read_header(first_gguf).kv.get("general.architecture")
     return {
         "name": recipe.name, "recipe": recipe.source.name, "quantized_by": recipe.quantized_by, "architecture": arch,
@@ -347,3 +355,73 @@ def _koboldcpp_section(recipe: Recipe, stem: str) -> list[str]:
         "is embedded in the GGUF too, and BOS is added once by the backend. A file listed with more parts is split in "
         "llama.cpp's `gguf-split` layout: download every part into one folder and open the first.",
     ]
+
+
+# --- assembly ------------------------------------------------------------------------------
+
+SPLIT_COPY_MARGIN = 1.05  # split shards are copies: their bytes plus a twentieth for headers and the filesystem
+
+
+@dataclass(frozen=True)
+class ReleaseInputs:
+    """What the build made that goes into the release, and the keys it was made with."""
+
+    ggufs: tuple[tuple[str, Path], ...]  # (type, file): F16 first, then the quantizations
+    imatrix: Path | None
+    awq: Path | None
+    report: Path  # the quality gate's eval.json
+    calib: Path
+    src_key: str
+    keys: dict[str, str]
+    sources: dict[str, Path]  # recipe part ("base", "lora") -> the folder it resolved to
+
+
+def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Steps) -> Path:
+    """The release folder ``out``: every GGUF (split when large) with its koboldcpp preset, the importance
+    matrix, the AWQ folder, the manifest, checksums and model card; a step keyed by everything it is made from."""
+    source = {"source": made.src_key[:16]}
+    quality = json.loads(made.report.read_text())
+    split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
+    key = step_key(stage="release", eval=fingerprint(made.report), recipe=fingerprint(recipe.source),
+                   files={p.name: fingerprint(p) for _, p in made.ggufs}, split=split_max,
+                   awq=made.keys.get("AWQ"), imatrix=made.keys.get("imatrix"))
+
+    def assemble() -> None:
+        _check_split_space(out, [p for _, p in made.ggufs], split_max)
+        with atomic_dir(out) as tmp:
+            arts = []
+            for kind, path in made.ggufs:
+                shards = place_gguf(path, tmp, split_max)
+                presets = koboldcpp_presets(tmp, shards[0].name, recipe)
+                files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
+                arts.append(Artifact(kind, files, bits_per_weight(path), source))
+            if made.imatrix is not None:
+                link_or_copy(made.imatrix, tmp / made.imatrix.name)
+                (tmp / "imatrix.txt").write_text(_imatrix_description(made.imatrix, made.calib))
+                arts.append(Artifact("imatrix", (Path(made.imatrix.name), Path("imatrix.txt")), None, {}))
+            if made.awq is not None:
+                link_or_copy(made.awq, tmp / made.awq.name)
+                files = tuple(sorted(p.relative_to(tmp) for p in (tmp / made.awq.name).rglob("*") if p.is_file()))
+                arts.append(Artifact("AWQ", files, None, source))
+            manifest = make_manifest(tmp, recipe, arts, quality)
+            specs = {"base": recipe.base, "lora": recipe.lora}
+            manifest["sources"] = {part: source_record(spec, path, recipe.revision.get(part))
+                                   for part, path in made.sources.items() if (spec := specs[part])}
+            write_release_files(tmp, recipe, manifest)
+
+    steps.run("release", out, key, assemble)
+    return out
+
+
+def _check_split_space(out: Path, ggufs: list[Path], split_max: int | None) -> None:
+    """GGUFs are hard-linked into the release; the ones to be split are copied, so need room."""
+    need = sum(p.stat().st_size for p in ggufs if split_max is not None and p.stat().st_size > split_max)
+    if need:
+        check_free_space(out.parent, int(need * SPLIT_COPY_MARGIN), f"splitting {out.name}'s large GGUFs")
+
+
+def _imatrix_description(imatrix: Path, calib: Path) -> str:
+    im = Imatrix.load(imatrix)
+    return (f"Importance matrix {imatrix.name}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens\n"
+            f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes).\n"
+            "The evaluation text was kept out of calibration.\n")

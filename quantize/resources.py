@@ -1,6 +1,6 @@
 """Preflight disk check: refuse before heavy work when the disk cannot hold what a step writes.
 
-(RAM: :func:`quantize.stream.stream_need` and :func:`quantize.stream.check_stream_fits`.)
+(RAM: :func:`quantize.engine.stream.stream_need` and :func:`quantize.engine.stream.check_stream_fits`.)
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
 
 
 def check_free_space(folder: Path, need: int, what: str) -> None:

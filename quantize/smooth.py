@@ -32,15 +32,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from . import TOOL_NAME
-from .architectures import for_gguf
-from .atomic import atomic_file, check_output
-from .errors import QuantizeError
-from .gguf_info import copy_metadata, field_value, open_gguf
-from .gguf_writer import Writer
-from .imatrix import Imatrix
-from .portable import release_pages
-from .split import MappedTensor
+from quantize import TOOL_NAME
+from quantize.architectures import for_gguf
+from quantize.atomic import atomic_file, check_output
+from quantize.errors import QuantizeError
+from quantize.formats.gguf_read import field_value, open_gguf
+from quantize.formats.gguf_write import MappedTensor, Writer, copy_metadata
+from quantize.imatrix import Imatrix
+from quantize.portable import release_pages
 
 log = logging.getLogger(__name__)
 

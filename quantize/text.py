@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer as Fast
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import read_json_object
+
+# transformers is imported only for a tokenizer the tokenizers library cannot load on its own (seconds to import).
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +78,6 @@ def hf_tokenizer(folder: Path) -> Tokenizer:
 
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return Tokenizer(lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"], tok.bos_token_id)
-    from tokenizers import Tokenizer as Fast
-
-    from .checkpoint import read_json_object
 
     try:
         fast = Fast.from_file(str(folder / "tokenizer.json"))

@@ -12,7 +12,7 @@ import pytest
 from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks: a skip fails under CI=true)
 
 from quantize.convert import convert
-from quantize.demo import Demo, build_demo
+from quantize.models.demo import Demo, build_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -49,7 +49,7 @@ def gemma3() -> Path:
     """Gemma 3 270M as an HF fp16 checkpoint folder (`quantize fetch-real`), built once per machine
     and cached under ~/.cache/quantize/real (or $QUANTIZE_REAL_CACHE)."""
     _need_real_source()
-    from quantize.real import fetch_real
+    from quantize.models.real import fetch_real
 
     return fetch_real()
 
@@ -58,7 +58,7 @@ def gemma3() -> Path:
 def gemma3_published() -> Path:
     """The published Gemma 3 270M Q4_K_M GGUF the `gemma3` checkpoint was made from."""
     _need_real_source()
-    from quantize.real import published_gguf
+    from quantize.models.real import published_gguf
 
     return published_gguf()
 

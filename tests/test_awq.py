@@ -7,7 +7,6 @@ scales exist for.  Quality is measured on held-out text the calibration never sa
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -22,20 +21,18 @@ from conftest import copy_checkpoint
 from quantize.atomic import TMP_PREFIX, sha256_file
 from quantize.awq import (
     AwqSettings,
-    add_awq_parser,
     calibration_samples,
     load_awq_as_float,
-    pack_gemm,
     quantize_awq,
     quantize_rtn,
-    unpack_gemm,
 )
-from quantize.demo import Demo
+from quantize.cli import main
 from quantize.errors import QuantizeError
+from quantize.models.demo import Demo
 
 torch = pytest.importorskip("torch")
 # imports AutoAWQ quietly (it warns that it is archived); skipped only where it is not installed
-pytest.importorskip("quantize.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9 datasets")
+pytest.importorskip("quantize.engine.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9 datasets")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 # Small enough for ~1 minute of AutoAWQ on 2 cores; its clip search caps at 512 tokens anyway.
@@ -169,14 +166,15 @@ def test_rtn_and_awq_folders_have_the_same_layout(built: Built) -> None:
 def test_streamed_awq_equals_autoawqs_whole_model_run(demo: Demo, built: Built) -> None:
     """Block by block from disk (only one block resident), AutoAWQ's own steps give the folder its
     whole-model run gives: every packed word, zero and scale, and every other tensor, bit for bit."""
-    from quantize import autoawq_compat as compat
+    from quantize.architectures import ARCHITECTURES
     from quantize.awq import _calibration
-    from quantize.awq_models import wrap_model
+    from quantize.engine import autoawq_compat as compat
+    from quantize.engine.awq_models import wrap_model
 
     tok, samples, _ = _calibration(demo.spm, demo.text["calib"], FAST)
     model = fp16_reference(demo.spm)
     model.config.use_cache = False
-    with compat.offset_norms_folded(), compat.pinned_to_cpu():
+    with compat.offset_norms_folded(model, ARCHITECTURES["MistralForCausalLM"]), compat.pinned_to_cpu():
         wrap_model(model, "mistral").quantize(tok, FAST.quant_config(), calib_data=samples, max_calib_samples=FAST.samples,
                                               max_calib_seq_len=FAST.seq_len, quantizer_cls=compat.BlockKwargsAwqQuantizer)
     whole = model.state_dict()
@@ -224,7 +222,7 @@ def test_awq_beats_round_to_nearest_on_held_out_text(scores: dict[str, Score]) -
 
 def _calibrated(demo: Demo, cls: type) -> tuple[Any, Any, Any]:
     """(model, tokenizer, quantizer) with ``cls``'s constructor run on 2 x 64 calibration tokens."""
-    from quantize.awq_models import wrap_model
+    from quantize.engine.awq_models import wrap_model
 
     model = fp16_reference(demo.spm)
     model.config.use_cache = False
@@ -243,7 +241,7 @@ def test_unfixed_scale_search_corrupts_weights_on_cpu_and_the_fixed_one_does_not
     one leaves them scaled by its first grid point, and picks its scales from corrupted
     candidates, so its choice is no better (here: worse) on the true loss than the fixed one's.
     """
-    from quantize.autoawq_compat import AwqQuantizer, CopyingAwqQuantizer
+    from quantize.engine.autoawq_compat import AwqQuantizer, CopyingAwqQuantizer
 
     w = torch.ones(4)
     assert w.cpu().data_ptr() == w.data_ptr()  # the mechanism: .cpu() of a CPU tensor is no copy
@@ -294,7 +292,7 @@ def test_cached_linear_inputs_are_separate_tensors(demo: Demo) -> None:
     """
     from awq.utils.module import get_named_linears
 
-    from quantize.autoawq_compat import CopyingAwqQuantizer
+    from quantize.engine.autoawq_compat import CopyingAwqQuantizer
 
     model, _, q = _calibrated(demo, CopyingAwqQuantizer)
     # as AwqQuantizer.quantize() does before each block (transformers >= 4.48 branch)
@@ -313,7 +311,7 @@ def test_clip_search_chooses_as_autoawqs_own(demo: Demo) -> None:
     from awq.quantize.quantizer import AwqQuantizer
     from awq.utils.module import get_named_linears
 
-    from quantize.autoawq_compat import CopyingAwqQuantizer
+    from quantize.engine.autoawq_compat import CopyingAwqQuantizer
 
     model, _, q = _calibrated(demo, CopyingAwqQuantizer)
     q.module_kwargs["position_embeddings"] = model.model.rotary_emb(q.inps, q.module_kwargs["position_ids"])
@@ -342,7 +340,7 @@ def test_clip_search_chooses_as_autoawqs_own(demo: Demo) -> None:
 def test_pinned_to_cpu_restores_device_lookups() -> None:
     import awq.quantize.quantizer as awq_quantizer
 
-    from quantize.autoawq_compat import pinned_to_cpu
+    from quantize.engine.autoawq_compat import pinned_to_cpu
 
     picker, cuda = awq_quantizer.get_best_device, torch.cuda.is_available
     with pinned_to_cpu():
@@ -353,34 +351,25 @@ def test_pinned_to_cpu_restores_device_lookups() -> None:
 # --- packing -------------------------------------------------------------------------------
 
 
-def test_packed_weights_round_trip(built: Built) -> None:
+def unpack_gemm(qweight: Any, qzeros: Any, bits: int = 4) -> tuple[Any, Any]:
+    """GEMM-packed int32 words -> (weights ``[in, out]``, zeros ``[groups, out]``) as int32 in ``0..2^bits-1``,
+    with AutoAWQ's own helpers (awq/utils/packing_utils.py): ``unpack_awq`` shifts the nibbles out,
+    ``reverse_awq_order`` undoes the interleaving, and the mask drops the sign bits the int8 cast carries."""
+    from awq.utils.packing_utils import reverse_awq_order, unpack_awq
+
+    iw, iz = reverse_awq_order(*unpack_awq(qweight, qzeros, bits), bits)
+    mask = (1 << bits) - 1
+    return iw.to(torch.int32) & mask, iz.to(torch.int32) & mask
+
+
+def test_packed_weights_use_the_whole_4bit_range(built: Built) -> None:
     tensors = folder_tensors(built.awq)
     for base in ("model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
         qweight, qzeros = tensors[f"{base}.qweight"], tensors[f"{base}.qzeros"]
         iw, iz = unpack_gemm(qweight, qzeros)
-        assert iw.shape == (qweight.shape[0], qweight.shape[1] * 8) and int(iw.min()) >= 0 and int(iw.max()) <= 15
+        assert iw.shape == (qweight.shape[0], qweight.shape[1] * 8) and iz.shape == (qzeros.shape[0], qzeros.shape[1] * 8)
         assert int(iw.min()) == 0 and int(iw.max()) == 15  # the whole 4-bit range is used
-        repacked = pack_gemm(iw, iz)
-        assert torch.equal(repacked[0], qweight) and torch.equal(repacked[1], qzeros)
-
-
-def test_pack_matches_autoawq_packer() -> None:
-    """Our packer and AutoAWQ's ``WQLinear_GEMM.from_linear`` write the same words (sign bit included)."""
-    from quantize.autoawq_compat import WQLinear_GEMM
-
-    gen = torch.Generator().manual_seed(0)
-    out_f, in_f, group = 64, 256, 128
-    iw = torch.randint(0, 16, (in_f, out_f), generator=gen, dtype=torch.int32)
-    iz = torch.randint(0, 16, (in_f // group, out_f), generator=gen, dtype=torch.int32)
-    iw[0, :8] = 15  # nibble 7 -> bit 31
-    scales = (torch.rand(in_f // group, out_f, generator=gen) * 0.01 + 0.001).half()
-    weight = ((iw - iz.repeat_interleave(group, 0)).half() * scales.repeat_interleave(group, 0)).t().contiguous()
-    linear = torch.nn.Linear(in_f, out_f, bias=False).half()
-    linear.weight.data = weight
-    ref = WQLinear_GEMM.from_linear(linear, 4, group, scales=scales, zeros=iz.half())
-    qweight, qzeros = pack_gemm(iw, iz)
-    assert torch.equal(qweight, ref.qweight) and torch.equal(qzeros, ref.qzeros)
-    assert torch.equal(unpack_gemm(qweight, qzeros)[0], iw)
+        assert int(iz.min()) >= 0 and int(iz.max()) <= 15
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -444,10 +433,7 @@ def test_output_over_the_source_is_refused(demo: Demo, tmp_path: Path) -> None:
 
 
 def test_cli_handler_writes_rtn_folder(demo: Demo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="quantize")
-    add_awq_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["awq", str(demo.spm), "-o", str(tmp_path / "rtn"), "--method", "rtn", "--device", "cpu"])
-    assert args.func(args) == 0
+    assert main(["awq", str(demo.spm), "-o", str(tmp_path / "rtn"), "--method", "rtn", "--device", "cpu"]) == 0
     assert "RTN 4-bit g128" in capsys.readouterr().out
     assert json.loads((tmp_path / "rtn" / "provenance.json").read_text())["method"] == "rtn"
 

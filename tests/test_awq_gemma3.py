@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from quantize.architectures import GEMMA3
 from quantize.awq import (
     AwqSettings,
     calibration_samples,
@@ -30,15 +31,16 @@ from quantize.awq import (
     quantize_awq,
     quantize_rtn,
 )
-from quantize.demo import Demo
+from quantize.models.demo import Demo
 
 torch = pytest.importorskip("torch")
-compat = pytest.importorskip("quantize.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9")
+compat = pytest.importorskip("quantize.engine.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9")
 from awq.quantize.scale import apply_scale  # noqa: E402
 from awq.utils.module import get_op_name  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm  # noqa: E402
 
-from quantize.awq_models import Gemma3AWQForCausalLM, v_to_o_is_exact, wrap_model  # noqa: E402
+from quantize.engine.awq_models import Gemma3AWQForCausalLM, v_to_o_is_exact, wrap_model  # noqa: E402
 
 CALIB = AwqSettings(samples=8, seq_len=64)  # ~15 s of AWQ for the two blocks on 2 cores
 HIDDEN, HEAD_DIM, WINDOW, VOCAB = 256, 64, 32, 8192
@@ -61,9 +63,11 @@ def random_gemma3(config: Gemma3TextConfig, seed: int = 0) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
+    offset = compat.offset_norm_types(model, GEMMA3)
+    assert offset == (Gemma3RMSNorm,)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, compat.OFFSET_NORMS):
+            if isinstance(module, offset):
                 module.weight.normal_(0.0, 0.3, generator=gen)
         for block in model.model.layers:
             a, f = block.self_attn, block.mlp
@@ -119,9 +123,9 @@ def test_folding_into_gemma3_norm_keeps_the_block_and_autoawqs_own_fold_does_not
     call = block_calls(model, torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)))[0]
     group = ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), log_uniform_scales(HIDDEN, seed=2))
     errors = {}
-    for fold, ctx in (("ours", compat.offset_norms_folded), ("autoawq", contextlib.nullcontext)):
+    for fold, ctx in (("ours", compat.offset_norms_folded(model, GEMMA3)), ("autoawq", contextlib.nullcontext())):
         block = copy.deepcopy(model.model.layers[0])
-        with ctx(), compat.pinned_to_cpu(), torch.no_grad():
+        with ctx, compat.pinned_to_cpu(), torch.no_grad():
             apply_scale(block, [group])
             errors[fold] = rel_err(block(call.x, **call.kwargs), call.y)
     print(f"\nblock output relative change after folding scales: {errors}")
@@ -156,7 +160,7 @@ def test_every_scaling_group_of_the_gemma3_map_keeps_the_block(heads: int, kv_he
         for j, (prev, layers) in enumerate(names):
             block = copy.deepcopy(original)
             width = block.get_submodule(layers[0]).in_features
-            with compat.offset_norms_folded(), compat.pinned_to_cpu(), torch.no_grad():
+            with compat.offset_norms_folded(model, GEMMA3), compat.pinned_to_cpu(), torch.no_grad():
                 apply_scale(block, [(prev, layers, log_uniform_scales(width, seed=10 * i + j))])
                 assert rel_err(block(call.x, **call.kwargs), call.y) < 1e-5, (i, prev)
 

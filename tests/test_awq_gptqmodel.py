@@ -22,7 +22,7 @@ import torch
 from conftest import side_tool
 
 from quantize.awq import AwqSettings, load_awq_as_float, quantize_awq
-from quantize.demo import Demo
+from quantize.models.demo import Demo
 
 GPTQMODEL_SIDE = r'''
 import sys, torch

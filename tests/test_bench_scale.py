@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantize.bench import Shape, random_checkpoint
-from quantize.bench_scale import mistral_tokenizer, random_adapter
+from bench.measure import Shape, random_checkpoint
+from bench.scale import mistral_tokenizer, random_adapter
 
 TINY = Shape(256, 512, 4, 2, 32000, layers=2, max_positions=32768)
 

@@ -17,8 +17,9 @@ import pytest
 from conftest import copy_checkpoint, load_llama
 
 from quantize.convert import convert
-from quantize.demo import Demo
-from quantize.gguf_info import metadata, open_gguf, summarize
+from quantize.formats.gguf_read import open_gguf
+from quantize.inspect_gguf import metadata, summarize
+from quantize.models.demo import Demo
 
 CHATML = [{"role": "system", "content": "You are a player."}, {"role": "user", "content": "Speak, good friend:\nwho goes there?"}]
 
@@ -248,7 +249,7 @@ def test_matches_reference_converter(demo: Demo, spm_f16: Path, reference_conver
 def test_metadata_arrays_pack_as_gguf_py_packs_them(values: list[object], tmp_path: Path) -> None:
     import gguf
 
-    from quantize.gguf_writer import Writer
+    from quantize.formats.gguf_write import Writer
 
     files = []
     for cls in (gguf.GGUFWriter, Writer):

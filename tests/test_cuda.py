@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from ci_skips import CUDA_SKIP
 
-from quantize.demo import Demo
 from quantize.imatrix import ImatrixSettings, compute_imatrix
+from quantize.models.demo import Demo
 
 torch = pytest.importorskip("torch")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=f"{CUDA_SKIP}: torch sees no GPU")
@@ -33,7 +33,7 @@ def test_streamed_imatrix_on_the_gpu_matches_the_cpu(demo: Demo) -> None:
 def test_awq_on_the_gpu_is_as_good_as_on_the_cpu(demo: Demo, tmp_path: Path) -> None:
     """AWQ calibrated on the GPU (float16, AutoAWQ's device) against the same calibration on the CPU
     (float32): the quantized model's mean KL divergence from fp16 on held-out text is within 25 %."""
-    pytest.importorskip("quantize.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9")
+    pytest.importorskip("quantize.engine.autoawq_compat", reason="AutoAWQ is not installed: pip install --no-deps autoawq==0.2.9")
     from test_awq import compare, fp16_reference, token_windows
 
     from quantize.awq import AwqSettings, load_awq_as_float, quantize_awq

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from quantize.demo import DemoRecipe, ModelRecipe, build_demo
-from quantize.pipeline import resolve
+from quantize.models.demo import DemoRecipe, ModelRecipe, build_demo
+from quantize.sources import resolve
 
 TINY = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
             steps=2, batch=2, seq_len=32, outlier_channels=2)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantize.demo import Demo
 from quantize.errors import QuantizeError
 from quantize.evaluate import (
     EvalSettings,
@@ -21,7 +20,8 @@ from quantize.evaluate import (
     window_metrics,
     write_report,
 )
-from quantize.gguf_info import open_gguf
+from quantize.formats.gguf_read import open_gguf
+from quantize.models.demo import Demo
 
 EVAL = EvalSettings(ctx=512, chunks=16)
 

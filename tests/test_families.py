@@ -19,10 +19,10 @@ from families import QWEN_VOCAB, TEKKEN_VOCAB, build_family, qwen_tokenizer, tek
 from test_convert import BATTERY
 
 from quantize.convert import convert
-from quantize.demo import Demo
 from quantize.evaluate import EvalSettings, evaluate
-from quantize.gguf_info import open_gguf
+from quantize.formats.gguf_read import open_gguf
 from quantize.gguf_quant import QuantizeSettings, quantize_gguf
+from quantize.models.demo import Demo
 
 # (HF class, tokenizer): Qwen rows get Qwen's published tokenizer, Mistral-Nemo's shape gets Tekken,
 # the others the demo's SentencePiece tokenizer (which llama.cpp's converter reads for them too).
@@ -196,24 +196,38 @@ def _tiny_hf(arch: str, **change: Any) -> Any:
 
 
 @pytest.mark.parametrize("arch", DENSE_AWQ)
-def test_awq_layer_map_scales_the_rows_norm_groups(arch: str) -> None:
-    """The norm groups AWQ scales (AutoAWQ's own class, or ours) are the ones the family's row
-    gives smoothing: one definition, checked against the library that runs it."""
-    from collections import defaultdict
+def test_the_rows_norm_groups_fold_exactly(arch: str) -> None:
+    """Random scales in [1/8, 8] folded into every norm group of the family's row (what smoothing
+    rescales, the demo plants its outliers in and our Gemma 3 layer map scales), by AutoAWQ's own
+    ``apply_scale`` under ``offset_norms_folded``, leave the model's logits unchanged: each norm's
+    output reaches exactly the linears its group names, and the norms the row stores as ``w + 1``
+    get the ``(1 + w) / s`` fold."""
+    import torch
+
+    compat = pytest.importorskip("quantize.engine.autoawq_compat")
+    from awq.quantize.scale import apply_scale
 
     from quantize.architectures import ARCHITECTURES
-    from quantize.awq_models import wrap_model
 
     row = ARCHITECTURES[arch]
-    model = _tiny_hf(arch)
-    block = model.model.layers[0]
-    names = {id(m): n for n, m in block.named_modules()}
-    groups = wrap_model(model, row.awq_layer_map).get_layers_for_scaling(block, defaultdict(lambda: None), {})  # type: ignore[arg-type]
-    theirs = {(names[id(g["prev_op"])], tuple(names[id(m)] for m in g["layers"])) for g in groups
-              if names[id(g["prev_op"])].endswith("norm")}
-    blk = "model.layers.{bid}."
-    ours = {(g.prev.removeprefix(blk), tuple(r.removeprefix(blk) for r in g.readers)) for g in row.scale_groups if blk in g.prev}
-    assert theirs == ours
+    model = _tiny_hf(arch).float().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # away from the initial 1 (or 0): a wrong fold must show
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=gen)
+    n = model.config.num_hidden_layers
+    groups = [(g.prev.format(bid=b), tuple(r.format(bid=b) for r in g.readers)) for g in row.scale_groups
+              for b in (range(n) if "{bid}" in g.prev else [None]) if b is not None or not model.config.tie_word_embeddings]
+    assert len(groups) == 2 * n + (not model.config.tie_word_embeddings)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with compat.offset_norms_folded(model, row), compat.pinned_to_cpu():
+            apply_scale(model, [(prev, readers, 8 ** (2 * torch.rand(model.get_submodule(readers[0]).in_features, generator=gen) - 1))
+                                for prev, readers in groups])
+        after = model(input_ids=ids).logits
+    assert float((after - before).norm() / before.norm()) < 1e-5
 
 
 def test_phi3_awq_map_drops_the_inexact_qkv_to_o_group() -> None:
@@ -221,7 +235,7 @@ def test_phi3_awq_map_drops_the_inexact_qkv_to_o_group() -> None:
     without grouped-query attention; with it (Phi-4-mini's 24/8) our map leaves that group out."""
     from collections import defaultdict
 
-    from quantize.awq_models import wrap_model
+    from quantize.engine.awq_models import wrap_model
 
     for kv, kept in ((4, True), (2, False)):
         model = _tiny_hf("Phi3ForCausalLM", num_key_value_heads=kv)

@@ -17,7 +17,7 @@ from bare import bare_venv, clone_snapshot, runner_env
 from conftest import ROOT
 
 from quantize.cli import build_parser
-from quantize.demo import Demo
+from quantize.models.demo import Demo
 
 TORCH = "torch==2.13.0"  # the README's install: the CPU wheel first
 
@@ -50,7 +50,7 @@ def _subcommands() -> set[str]:
 
 
 def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, str]], demo: Demo, tmp_path: Path) -> None:
-    from quantize.lora import train_demo_lora
+    from quantize.engine.lora import train_demo_lora
 
     lora = train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")
     text = tmp_path / "text.txt"
@@ -72,10 +72,11 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
         "eval": ["eval", q8, "--reference", f16, "--text", text, "--ctx", "128", "--chunks", "2",
                  "--out-dir", tmp_path / "eval", "--cache", tmp_path / "eval-cache"],
         "merge": ["merge", demo.spm, lora, "-o", tmp_path / "merged"],
+        "ladder": ["ladder", recipe],
         "build": ["build", recipe, "--artifacts", tmp_path / "artifacts", "--until", "convert"],
         "verify": ["verify", release],
     }
-    assert set(commands) | {"awq", "fetch-real"} == _subcommands(), "a subcommand without a case here"
+    assert set(commands) | {"awq", "fetch-real", "publish"} == _subcommands(), "a subcommand without a case here"
     cached = sorted(demo.root.parent.rglob("*"))
     for name, args in commands.items():  # in order: each uses what the ones before made
         start = time.monotonic()
@@ -86,6 +87,8 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
             assert sorted(demo.root.parent.rglob("*")) == cached, "quantize demo rebuilt the cached demo"
     assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "merged" / "config.json").is_file()
     assert next((tmp_path / "artifacts").rglob("*.F16.gguf"), None) is not None
+    res = _run(fresh, tmp_path, "publish", release)  # no HF_TOKEN in a test: refused in one line, before any upload
+    assert res.returncode == 2 and res.stderr.strip() == f"quantize: {release}: set HF_TOKEN to publish to the Hugging Face Hub"
 
 
 @pytest.mark.parametrize(("args", "extra", "install"), [

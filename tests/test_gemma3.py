@@ -20,7 +20,8 @@ from test_convert import BATTERY
 from quantize.architectures import read_gemma3_config
 from quantize.convert import convert
 from quantize.errors import QuantizeError
-from quantize.gguf_info import metadata, open_gguf
+from quantize.formats.gguf_read import open_gguf
+from quantize.inspect_gguf import metadata
 
 CHAT = [{"role": "system", "content": "Answer in verse."}, {"role": "user", "content": "Speak, good friend:\nwho goes there?"},
         {"role": "assistant", "content": "Nay, answer me."}, {"role": "user", "content": "Long live the king!"}]
@@ -141,7 +142,7 @@ def test_tokenization_matches_published_gguf(gemma3: Path, gemma3_f16: Path, gem
 
 
 def _held_out_ids(tokenizer: Any, n: int) -> list[int]:
-    from quantize.corpus import plain_text, play_files
+    from quantize.models.corpus import plain_text, play_files
 
     hamlet = plain_text(play_files()["hamlet"].read_text(encoding="utf-8"))
     ids = tokenizer(hamlet[20000:60000], add_special_tokens=False)["input_ids"]

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from conftest import load_llama
 
-from quantize.demo import Demo
 from quantize.evaluate import EvalSettings, evaluate
-from quantize.gguf_info import metadata, open_gguf, summarize
+from quantize.formats.gguf_read import open_gguf
 from quantize.gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
 from quantize.imatrix import Imatrix, ImatrixSettings, compute_imatrix
+from quantize.inspect_gguf import metadata, summarize
+from quantize.models.demo import Demo
 from quantize.quant_types import QUANT_TYPES
 from quantize.text import check_calibration_text
 

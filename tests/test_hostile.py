@@ -23,9 +23,9 @@ import pytest
 from conftest import copy_checkpoint
 from kill import cli, killed_then_rerun, partials
 
-from quantize.demo import Demo
-from quantize.gguf_header import read_header
-from quantize.lora import train_demo_lora
+from quantize.engine.lora import train_demo_lora
+from quantize.formats.gguf_read import read_header
+from quantize.models.demo import Demo
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
@@ -253,8 +253,8 @@ def _awq_loads_like_fp16(hf: Path, text: Path) -> Callable[[Path], bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantize.awq import load_awq_as_float
-    from quantize.checkpoint import read_shard_header
     from quantize.errors import QuantizeError
+    from quantize.formats.checkpoint import read_shard_header
 
     tok = AutoTokenizer.from_pretrained(hf)
     x = torch.tensor([[tok.bos_token_id, *tok(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"][:255]]])

@@ -1,4 +1,4 @@
-"""Hugging Face repo ids in recipes (quantize.hub) and the Hub upload plan (quantize.publish).
+"""Hugging Face repo ids in recipes (quantize.models.hub) and the Hub upload plan (quantize.publish).
 
 The offline path runs the real huggingface_hub against a cache laid out as huggingface_hub lays it
 out (``models--org--name/{blobs,snapshots/<sha>,refs/main}``, snapshot files symlinked to blobs),
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from quantize.demo import Demo
 from quantize.errors import QuantizeError
-from quantize.hub import PATTERNS, PICKLE_PATTERNS
+from quantize.models.demo import Demo
+from quantize.models.hub import PATTERNS, PICKLE_PATTERNS
 from quantize.recipe import load_recipe
 
 REV_MAIN = "1" * 40
@@ -49,7 +49,7 @@ def _cache_repo(hf_home: Path, repo: str, snapshots: dict[str, Path], main: str)
 
 
 def _resolve(recipe: Path, hf_home: Path, spec: str, what: str = "base") -> subprocess.CompletedProcess[str]:
-    code = ("import sys; from pathlib import Path; from quantize.pipeline import resolve; from quantize.errors import QuantizeError\n"
+    code = ("import sys; from pathlib import Path; from quantize.sources import resolve; from quantize.errors import QuantizeError\n"
             "try: print(resolve(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]))\n"
             "except QuantizeError as e: print(f'quantize: {e}', file=sys.stderr); sys.exit(2)\n")
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -87,7 +87,7 @@ def test_pinned_revision_is_honoured(hf_home: Path, demo: Demo, tmp_path: Path) 
     folder = Path(out.stdout.strip())
     assert folder.name == REV_PINNED
     assert json.loads((folder / "config.json").read_text()) == json.loads((demo.bpe / "config.json").read_text())
-    from quantize.hub import snapshot_revision, source_record
+    from quantize.models.hub import snapshot_revision, source_record
 
     assert snapshot_revision(folder) == REV_PINNED
     # what the release manifest records of it
@@ -174,9 +174,9 @@ def test_publish_plan_names_every_release_file_and_the_repo(small_release: Path,
 
 def test_publish_refuses_without_token_or_prefix(small_release: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_REPO_PREFIX")}
-    out = subprocess.run([sys.executable, "-m", "quantize.publish", str(small_release)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "quantize", "publish", str(small_release)], capture_output=True, text=True,
                          env={**env, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2 and out.stderr.strip() == f"quantize: {small_release}: set HF_TOKEN to publish to the Hugging Face Hub"
-    out = subprocess.run([sys.executable, "-m", "quantize.publish", str(small_release)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "quantize", "publish", str(small_release)], capture_output=True, text=True,
                          env={**env, "PYTHONPATH": str(ROOT), "HF_TOKEN": "x"})
     assert out.returncode == 2 and "HF_REPO_PREFIX" in out.stderr and len(out.stderr.strip().splitlines()) == 1

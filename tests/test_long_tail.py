@@ -13,10 +13,10 @@ import pytest
 from families import build_family
 
 from quantize.convert import convert
-from quantize.demo import Demo
 from quantize.evaluate import EvalSettings, evaluate
-from quantize.gguf_info import open_gguf
+from quantize.formats.gguf_read import open_gguf
 from quantize.gguf_quant import QuantizeSettings, quantize_gguf
+from quantize.models.demo import Demo
 
 ARCH = "GraniteForCausalLM"
 
@@ -59,8 +59,8 @@ def test_the_conversion_check_catches_a_wrong_converter(granite: Path, reference
     is refused, and nothing is published."""
     import json
 
-    from quantize.checkpoint import open_checkpoint
     from quantize.errors import QuantizeError
+    from quantize.formats.checkpoint import open_checkpoint
     from quantize.llama_converter import check_logits
 
     res = convert(granite, tmp_path / "ok.gguf")

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quantize.demo import Demo
+from quantize.engine.lora import merge_lora, train_demo_lora
 from quantize.errors import QuantizeError
-from quantize.lora import merge_lora, train_demo_lora
+from quantize.models.demo import Demo
 
 
 @pytest.fixture(scope="module")

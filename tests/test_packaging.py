@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantize.demo import Demo
+from quantize.models.demo import Demo
 
 # Runs the CLI with AutoAWQ made unimportable, as on an install without it.
 WITHOUT_AWQ = "import sys; sys.modules['awq'] = None; from quantize.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -47,8 +47,9 @@ def test_evaluating_an_awq_folder_without_autoawq_is_a_one_line_error(demo: Demo
     assert not (tmp_path / "eval").exists()
 
 
-def test_the_wheel_ships_the_gate_kernel_source(tmp_path: Path) -> None:
-    """A non-editable install compiles the gate's kernel from the C source in the package: the wheel holds it."""
+def test_the_wheel_ships_the_package_and_not_the_benches(tmp_path: Path) -> None:
+    """A non-editable install compiles the gate's kernel from the C source in the package: the wheel holds it,
+    every module of the package's tree, and nothing of bench/ or tests/."""
     import zipfile
 
     root = Path(__file__).resolve().parents[1]
@@ -57,4 +58,8 @@ def test_the_wheel_ships_the_gate_kernel_source(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         shipped = z.read("quantize/gate_kernel.c")
+        names = set(z.namelist())
     assert shipped == (root / "quantize" / "gate_kernel.c").read_bytes()
+    tree = {str(p.relative_to(root)) for p in (root / "quantize").rglob("*.py")}
+    assert tree <= names, f"modules missing from the wheel: {sorted(tree - names)}"
+    assert not [n for n in names if n.startswith(("bench/", "tests/"))]

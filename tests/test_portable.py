@@ -24,8 +24,8 @@ from quantize import portable
 from quantize.atomic import plain_mode, umask
 from quantize.cli import main
 from quantize.convert import convert
-from quantize.demo import Demo
-from quantize.split import split_gguf
+from quantize.formats.gguf_split import split_gguf
+from quantize.models.demo import Demo
 
 LINUX_ONLY = ("copy_file_range", "sendfile", "sched_setscheduler", "O_TMPFILE")
 
@@ -207,7 +207,7 @@ def test_copy_range_raises_what_is_not_a_refusal(tmp_path: Path, monkeypatch: py
 def _spill_round_trip(folder: Path) -> np.ndarray:
     import torch
 
-    from quantize.stream import Activations
+    from quantize.engine.stream import Activations
 
     acts = Activations(3, 4, 8, torch.float32, spill=True, spill_dir=folder)
     try:

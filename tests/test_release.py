@@ -15,9 +15,9 @@ import pytest
 from conftest import ARTIFACTS, ROOT
 from kill import BuildStep, cli, killed_then_rerun
 
-from quantize.demo import Demo
 from quantize.errors import QuantizeError
-from quantize.gguf_info import open_gguf
+from quantize.formats.gguf_read import open_gguf
+from quantize.models.demo import Demo
 from quantize.pipeline import build_release
 from quantize.release import verify
 
@@ -173,7 +173,7 @@ def test_release_files_get_the_mode_of_plain_files_under_the_umask(demo: Demo, t
 
 
 def test_split_shards_keep_metadata_and_tensors_exactly(bpe_f16: Path, tmp_path: Path) -> None:
-    from quantize.split import split_gguf
+    from quantize.formats.gguf_split import split_gguf
 
     shards = split_gguf(bpe_f16, tmp_path, int(bpe_f16.stat().st_size * 0.6))
     src = open_gguf(bpe_f16)
@@ -192,7 +192,7 @@ def test_split_shards_keep_metadata_and_tensors_exactly(bpe_f16: Path, tmp_path:
 
 
 def test_split_refuses_a_limit_below_one_tensor(bpe_f16: Path, tmp_path: Path) -> None:
-    from quantize.split import split_gguf
+    from quantize.formats.gguf_split import split_gguf
 
     with pytest.raises(QuantizeError, match=r"tensor token_embd.weight alone \(\d+ bytes\) exceeds the split size") as e:
         split_gguf(bpe_f16, tmp_path, 2_000_000)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import load_llama
 
-from quantize.demo import Demo
-from quantize.gguf_info import open_gguf
+from quantize.formats.gguf_read import open_gguf
 from quantize.imatrix import Imatrix, ImatrixSettings, compute_imatrix
+from quantize.models.demo import Demo
 from quantize.smooth import SmoothPlan, smooth_gguf
 
 

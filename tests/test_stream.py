@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from quantize.demo import Demo
+from quantize.engine.stream import StreamedModel, StreamSettings
 from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, log_softmax, reference_logprobs, reference_rows
 from quantize.imatrix import ImatrixSettings, compute_imatrix, gguf_matrix_names
-from quantize.stream import StreamedModel, StreamSettings
+from quantize.models.demo import Demo
 from quantize.text import token_windows, with_bos
 
 torch = pytest.importorskip("torch")

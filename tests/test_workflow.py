@@ -47,7 +47,7 @@ import yaml
 from bare import bare_venv, runner_env, snapshot_commit
 from conftest import ARTIFACTS, ROOT
 
-from quantize.demo import Demo
+from quantize.models.demo import Demo
 
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 
@@ -502,7 +502,7 @@ def _drop_venvs(tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[JobRun]]:
-    from quantize.lora import train_demo_lora
+    from quantize.engine.lora import train_demo_lora
 
     train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")  # the recipe's demo:lora, cached like the models
     cache = ARTIFACTS / "demo"

@@ -1,24 +1,36 @@
-"""AutoAWQ 0.2.9 as this project runs it: a quiet import, three fixes, CPU pinning.
+"""AutoAWQ 0.2.9 as this project runs it: every change made to it is here.
 
-AutoAWQ is archived (its last tested pair is torch 2.6 / transformers 4.51).  With transformers 5
-its quantizer runs unchanged once the model is loaded by us (its own ``from_pretrained`` passes
-``torch_dtype``/``low_cpu_mem_usage`` and ``trust_remote_code=True``, and would reach for the hub
-for anything that is not a folder), so the only changes kept here are:
+AutoAWQ is archived (its last tested pair is torch 2.6 / transformers 4.51).  Its own
+``from_pretrained`` is not used (it passes ``torch_dtype``/``low_cpu_mem_usage`` and
+``trust_remote_code=True``, and would reach for the hub for anything that is not a folder): the
+model is loaded by us and handed to AutoAWQ's per-family wrapper.  What this module changes:
 
-* :class:`CopyingAwqQuantizer`, AutoAWQ's :class:`AwqQuantizer` whose scale search backs the
-  block up with a real copy (see :class:`_CopyingBackup` for the bug);
-* :class:`BlockKwargsAwqQuantizer`, which also hands each block the arguments the model itself
-  gives that block, not the ones block 0 got (Gemma 3's full-attention layers have their own
-  rotary embedding and mask);
-* :func:`offset_norms_folded`, which folds AWQ's scales correctly into every norm of the
-  ``x_hat * (1 + w)`` kind (:data:`OFFSET_NORMS`; AutoAWQ knows only Gemma's and Gemma 2's);
-* :func:`pinned_to_cpu`, which makes ``--device cpu`` mean CPU even on a host with a GPU
-  (AutoAWQ picks ``cuda``/``mps``/``xpu`` by itself for every block it touches).
+* the import: AutoAWQ's archived-project warning is recorded and logged at debug level instead of
+  printed;
+* :class:`CopyingAwqQuantizer`, a subclass of AutoAWQ's :class:`AwqQuantizer`: its scale search
+  (``_compute_best_scale``) backs the block up with a real copy (see :class:`_CopyingBackup` for
+  the bug), and its clip search (``_compute_best_clip``) is rewritten to compute each candidate's
+  error as one batched matrix product, same choices up to float rounding, in bounded memory;
+* :class:`BlockKwargsAwqQuantizer`, which overrides ``init_quant`` and ``_sanitize_kwargs`` so that
+  each block runs with the arguments the model itself gives that block, not the ones block 0 got
+  (Gemma 3's full-attention layers have their own rotary embedding and mask);
+* :class:`StreamingAwqQuantizer`, which replaces ``init_quant`` (calibration samples embedded with
+  only the embeddings resident) and re-implements AutoAWQ's ``quantize`` loop with AutoAWQ's own
+  per-block steps, one block of the model resident at a time;
+* :func:`offset_norms_folded`, which for its duration replaces the module attribute
+  ``awq.quantize.scale.scale_ln_fcs`` (what ``apply_scale`` folds into norms with), so that scales
+  fold correctly into norms of the ``x_hat * (1 + w)`` kind (the norms a family's row stores as
+  ``w + 1``; AutoAWQ knows only Gemma's and Gemma 2's, and folds those in their own dtype);
+* :func:`pinned_to_cpu`, which for its duration replaces ``get_best_device`` in three AutoAWQ
+  modules and ``torch.cuda.is_available``, so that ``--device cpu`` means CPU even on a host with
+  a GPU (AutoAWQ picks ``cuda``/``mps``/``xpu`` by itself for every block it touches);
+* :func:`round_to_nearest_block`, the RTN baseline: AutoAWQ's final quantize-and-pack step
+  (``_apply_quant``) on a quantizer instance made without its ``__init__``, so without calibration.
 
-The per-family layer maps, ours and AutoAWQ's, are looked up in :mod:`quantize.awq_models`.
+The per-family layer maps, ours and AutoAWQ's, are looked up in :mod:`quantize.engine.awq_models`.
 
-This module imports torch, transformers and AutoAWQ, so :mod:`quantize.awq` imports it only when
-an AWQ stage actually runs.
+This module imports torch and AutoAWQ (which imports transformers), so :mod:`quantize.awq` imports
+it only when an AWQ stage actually runs.
 """
 
 from __future__ import annotations
@@ -31,9 +43,6 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
-from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
 # awq/__init__.py warns on import that the project is archived (known: the version is pinned), after
 # resetting the process-wide DeprecationWarning filter to "default", so an "ignore" filter cannot
@@ -53,16 +62,17 @@ with warnings.catch_warnings(record=True) as _import_warnings:
     from awq.utils.module import exclude_layers_to_not_quantize, get_named_linears
     from awq.utils.utils import clear_memory
 
-from .stream import Skeleton, record_block_kwargs, to_device
+from quantize.architectures import Architecture
+from quantize.engine.stream import Skeleton, record_block_kwargs, to_device
 
 log = logging.getLogger(__name__)
 for _w in _import_warnings:
     log.debug("on importing AutoAWQ: %s", str(_w.message).strip().splitlines()[0])
 
 __all__ = [
-    "AWQ_CAUSAL_LM_MODEL_MAP", "OFFSET_NORMS", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "BlockKwargsAwqQuantizer",
-    "CopyingAwqQuantizer", "StreamingAwqQuantizer", "WQLinear_GEMM", "offset_norms_folded", "pinned_to_cpu", "round_to_nearest",
-    "round_to_nearest_block", "scale_ln_fcs",
+    "AWQ_CAUSAL_LM_MODEL_MAP", "AwqConfig", "AwqQuantizer", "BaseAWQForCausalLM", "BlockKwargsAwqQuantizer",
+    "CopyingAwqQuantizer", "StreamingAwqQuantizer", "WQLinear_GEMM", "offset_norm_types", "offset_norms_folded", "pinned_to_cpu",
+    "round_to_nearest", "round_to_nearest_block", "scale_offset_norm_fcs",
 ]
 
 # AutoAWQ modules that call ``get_best_device()`` while quantizing (checked against 0.2.9's source).
@@ -204,7 +214,7 @@ class BlockKwargsAwqQuantizer(CopyingAwqQuantizer):
 class StreamingAwqQuantizer(BlockKwargsAwqQuantizer):
     """AutoAWQ's per-block AWQ with only one block of the model resident, read from disk when its turn comes.
 
-    The model is a :class:`quantize.stream.Skeleton` (parameters on the meta device).  Calibration
+    The model is a :class:`quantize.engine.stream.Skeleton` (parameters on the meta device).  Calibration
     samples are cut by AutoAWQ's own ``get_calib_dataset`` and embedded with the embeddings alone
     resident; each block then gets its own recorded arguments (as in :class:`BlockKwargsAwqQuantizer`).
     :meth:`quantize` is AutoAWQ 0.2.9's loop, step for step with AutoAWQ's own methods (input
@@ -246,26 +256,28 @@ class StreamingAwqQuantizer(BlockKwargsAwqQuantizer):
             log.info("AWQ: block %d of %d quantized", i + 1, len(self.modules))
 
 
-# Norms computing ``x_hat * (1 + w)`` (Gemma's convention; ``w`` is stored zero-centred) instead of
-# ``x_hat * w``.  Folding AWQ's ``1/s`` into one must give ``(1 + w') = (1 + w) / s``.
-OFFSET_NORMS: tuple[type[nn.Module], ...] = (GemmaRMSNorm, Gemma2RMSNorm, Gemma3RMSNorm)
 _stock_scale_ln_fcs = _awq_scale.scale_ln_fcs
 
 
-@torch.no_grad()
-def scale_ln_fcs(ln: Any, fcs: list[nn.Linear], scales: torch.Tensor) -> None:
-    """AutoAWQ's ``scale_ln_fcs`` (fold ``1/s`` into a norm, ``s`` into the linears it feeds), right for every offset norm.
+def offset_norm_types(model: Any, family: Architecture) -> tuple[type[nn.Module], ...]:
+    """The classes of ``model``'s norms that compute ``x_hat * (1 + w)`` (``w`` stored zero-centred): those of
+    the modules whose weight the family's row stores as ``w + 1`` (:meth:`Architecture.offset_norms`)."""
+    modules = dict(model.named_modules())
+    n_blocks = int(model.config.get_text_config().num_hidden_layers)
+    return tuple(dict.fromkeys(type(modules[name]) for name in family.offset_norms(modules, n_blocks)))
 
-    AutoAWQ 0.2.9 checks ``isinstance(ln, (GemmaRMSNorm, Gemma2RMSNorm))`` and otherwise divides
-    ``w`` itself.  ``apply_scale`` sends anything whose class name contains "rmsnorm" there, so a
-    ``Gemma3RMSNorm`` gets ``w / s``, i.e. a gain of ``1 + w / s`` instead of ``(1 + w) / s``, while
-    the linears are still multiplied by ``s``: the block is silently changed by a factor of about
-    ``s`` per channel.  Offset norms are folded here in float32 (AutoAWQ adds and subtracts 1 in the
-    weight's own dtype); every other norm goes to AutoAWQ's function unchanged.
+
+@torch.no_grad()
+def scale_offset_norm_fcs(ln: Any, fcs: list[nn.Linear], scales: torch.Tensor) -> None:
+    """AutoAWQ's ``scale_ln_fcs`` (fold ``1/s`` into a norm, ``s`` into the linears it feeds) for a norm whose gain is ``1 + w``.
+
+    Folding ``1/s`` must give ``(1 + w') = (1 + w) / s``.  AutoAWQ 0.2.9 does that only for
+    ``GemmaRMSNorm`` and ``Gemma2RMSNorm`` (adding and subtracting 1 in the weight's own dtype) and
+    otherwise divides ``w`` itself.  ``apply_scale`` sends anything whose class name contains
+    "rmsnorm" there, so a ``Gemma3RMSNorm`` would get ``w / s``, i.e. a gain of ``1 + w / s``
+    instead of ``(1 + w) / s``, while the linears are still multiplied by ``s``, which silently
+    changes the block by a factor of about ``s`` per channel.  Here the fold is done in float32.
     """
-    if not isinstance(ln, OFFSET_NORMS):
-        _stock_scale_ln_fcs(ln, fcs, scales)
-        return
     w = cast(torch.Tensor, ln.weight)  # the norm's classes type their parameters loosely
     s = scales.to(w.device, torch.float32)
     w.copy_((1 + w.float()) / s - 1)
@@ -277,8 +289,15 @@ def scale_ln_fcs(ln: Any, fcs: list[nn.Linear], scales: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def offset_norms_folded() -> Iterator[None]:
-    """AutoAWQ's ``apply_scale`` folds into norms with :func:`scale_ln_fcs` for the duration (restored afterwards)."""
+def offset_norms_folded(model: Any, family: Architecture) -> Iterator[None]:
+    """For the duration, AutoAWQ's ``awq.quantize.scale.scale_ln_fcs`` (which ``apply_scale`` folds into
+    norms with) is replaced: norms of :func:`offset_norm_types` go to :func:`scale_offset_norm_fcs`,
+    every other norm to AutoAWQ's own function.  Restored afterwards, whatever happens."""
+    offset = offset_norm_types(model, family)
+
+    def scale_ln_fcs(ln: Any, fcs: list[nn.Linear], scales: torch.Tensor) -> None:
+        (scale_offset_norm_fcs if isinstance(ln, offset) else _stock_scale_ln_fcs)(ln, fcs, scales)
+
     saved = _awq_scale.scale_ln_fcs
     try:
         _awq_scale.scale_ln_fcs = scale_ln_fcs

@@ -9,7 +9,8 @@ else, channel for channel.  Each class here says why its groups are.
 
 :data:`ADAPTERS` holds our classes by ``config.model_type``; :data:`MODEL_CLASSES` looks there
 first and then in AutoAWQ's own ``AWQ_CAUSAL_LM_MODEL_MAP`` (which is not modified).  A new family
-is a class plus a row here, its ``awq_layer_map`` in the family's row (:mod:`quantize.architectures`), and a test.
+is a class plus a row here, its ``awq_layer_map`` in the family's row (:mod:`quantize.architectures`), and a test;
+a class written here from scratch reads the groups whose previous operation is a norm from that row (:func:`row_group`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from .autoawq_compat import AWQ_CAUSAL_LM_MODEL_MAP, AwqConfig, BaseAWQForCausalLM
+from quantize.architectures import BLOCK, GEMMA3, Architecture, ScaleGroup
+from quantize.engine.autoawq_compat import AWQ_CAUSAL_LM_MODEL_MAP, AwqConfig, BaseAWQForCausalLM
 
 __all__ = ["ADAPTERS", "MODEL_CLASSES", "Gemma3AWQForCausalLM", "Phi3AWQForCausalLM", "v_to_o_is_exact", "wrap_model"]
 
@@ -42,13 +44,32 @@ def v_to_o_is_exact(attn: Any) -> bool:
     return v.out_features == o.in_features and getattr(attn, "v_norm", None) is None
 
 
+def block_groups(family: Architecture) -> list[ScaleGroup]:
+    """The row's scale groups inside a decoder block, in block order."""
+    return [g for g in family.scale_groups if g.prev.startswith(BLOCK)]
+
+
+def row_group(block: Any, group: ScaleGroup, input_feat: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One of a row's block scale groups as AutoAWQ's scale search takes it, for ``block``: the previous
+    operation, its readers, their cached input (the first reader's) and the module whose output
+    the search compares (:attr:`ScaleGroup.inspect`), plus ``extra``."""
+    readers = [name.removeprefix(BLOCK) for name in group.readers]
+    out = {"prev_op": block.get_submodule(group.prev.removeprefix(BLOCK)),
+           "layers": [block.get_submodule(name) for name in readers], "inp": input_feat[readers[0]]}
+    if group.inspect is not None:
+        out["module2inspect"] = block.get_submodule(group.inspect.removeprefix(BLOCK))
+    return {**out, **extra}
+
+
 class Gemma3AWQForCausalLM(BaseAWQForCausalLM):
     """``Gemma3ForCausalLM`` (``model_type`` ``gemma3_text``), the text-only Gemma 3 of transformers >= 4.50.
 
     A block is ``x + post_attention_layernorm(attn(input_layernorm(x)))`` and then
     ``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``; inside attention, q and
     k get a per-head RMSNorm (``q_norm``/``k_norm``) *after* their projections, then rotary
-    embeddings (base 10k on sliding-window layers, 1M on full-attention ones).  The groups:
+    embeddings (base 10k on sliding-window layers, 1M on full-attention ones).  The groups (the two
+    whose previous operation is a norm are the family's row's, :data:`quantize.architectures.GEMMA3`,
+    with the module each compares; the other two are AWQ's alone):
 
     * ``input_layernorm`` -> q, k, v.  The scales act on the projections' *inputs*; their outputs,
       and so what ``q_norm``/``k_norm`` see, are unchanged.  (Scaling q's or k's *outputs* would not
@@ -63,8 +84,9 @@ class Gemma3AWQForCausalLM(BaseAWQForCausalLM):
 
     ``o_proj`` and ``down_proj`` write into the post-norms, whose per-token root mean square would
     undo any scale folded into their output rows, so they are never a previous operation.  All
-    four block norms are Gemma RMSNorms, ``x_hat * (1 + w)``: AutoAWQ folds ``1/s`` into them
-    correctly only with :func:`quantize.autoawq_compat.offset_norms_folded` in force.
+    four block norms compute ``x_hat * (1 + w)`` (the row stores them as ``w + 1``): AutoAWQ folds
+    ``1/s`` into them correctly only with :func:`quantize.engine.autoawq_compat.offset_norms_folded`
+    in force.
     """
 
     layer_type = "Gemma3DecoderLayer"
@@ -87,12 +109,11 @@ class Gemma3AWQForCausalLM(BaseAWQForCausalLM):
     @staticmethod
     def get_layers_for_scaling(module: Any, input_feat: dict[str, Any], module_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
         attn, mlp = module.self_attn, module.mlp
-        groups = [{"prev_op": module.input_layernorm, "layers": [attn.q_proj, attn.k_proj, attn.v_proj],
-                   "inp": input_feat["self_attn.q_proj"], "module2inspect": attn, "kwargs": module_kwargs}]
+        attn_norm, ffn_norm = block_groups(GEMMA3)
+        groups = [row_group(module, attn_norm, input_feat, kwargs=module_kwargs)]
         if v_to_o_is_exact(attn):
             groups.append({"prev_op": attn.v_proj, "layers": [attn.o_proj], "inp": input_feat["self_attn.o_proj"]})
-        groups.append({"prev_op": module.pre_feedforward_layernorm, "layers": [mlp.gate_proj, mlp.up_proj],
-                       "inp": input_feat["mlp.gate_proj"], "module2inspect": mlp})
+        groups.append(row_group(module, ffn_norm, input_feat))
         groups.append({"prev_op": mlp.up_proj, "layers": [mlp.down_proj], "inp": input_feat["mlp.down_proj"]})
         return groups
 

@@ -6,7 +6,7 @@ dtype (float16, bfloat16 or float32), which is what peft's ``merge_and_unload`` 
 ``modules_to_save`` copies replace their base tensors.  The output has the base's shard files,
 tensor names, order and index; every other file of the base folder (config, tokenizer, generation
 config ...) is copied.  Memory holds one tensor at a time: the base is read with ``pread``, the
-adapter the same way, and the shards are written through :class:`quantize.safetensors_io.SafetensorsWriter`.
+adapter the same way, and the shards are written through :class:`quantize.formats.safetensors.SafetensorsWriter`.
 
 Everything is validated before the output folder is created: the adapter's configuration (only
 plain LoRA: no DoRA, no trained biases), every adapted module and ``modules_to_save`` tensor
@@ -31,13 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import atomic_dir, check_output, sha256_file
-from .checkpoint import Checkpoint, TensorRef, open_checkpoint, read_json_object, read_shard_header
-from .errors import QuantizeError
-from .safetensors_io import SafetensorsWriter, TensorSpec, iter_range, read_range, tensor_from, torch_dtype
+from quantize.atomic import atomic_dir, check_output, sha256_file
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import Checkpoint, TensorRef, open_checkpoint, read_json_object, read_shard_header
+from quantize.formats.safetensors import SafetensorsWriter, TensorSpec, iter_range, read_range, tensor_from, torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+# torch, transformers and peft are imported inside the functions that train or check an adapter: merging
+# streams tensors with numpy and needs none of them.
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ AWQ stage (through AutoAWQ's own per-block steps).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -28,12 +30,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import psutil
 
-from .checkpoint import Checkpoint, TensorRef, open_checkpoint
-from .errors import QuantizeError
-from .portable import unnamed_file
-from .progress import progress
-from .safetensors_io import read_tensor
+from quantize.architectures import ARCHITECTURES, ExpertNames
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import Checkpoint, TensorRef, open_checkpoint
+from quantize.formats.safetensors import read_tensor
+from quantize.portable import unnamed_file
+from quantize.progress import progress
+
+# torch and transformers are imported inside the functions that build or run the model: the RAM preflight
+# and the tensor sources need only numpy.
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +115,26 @@ class CheckpointSource:
 # concatenated along rows into that expert's slice.
 Source = str | tuple[tuple[str, ...], ...]
 
-# transformers 5 keeps a mixture-of-experts block's experts in 3-D parameters; checkpoints (and
-# transformers 5's own save_pretrained) keep one 2-D tensor per expert.  Parameter -> the per-expert
-# tensor names, in row order, for each naming in use (Qwen-MoE's, Mixtral's).
-EXPERT_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
-    "down_proj": (("down_proj",), ("w2",)),
-}
-LEGACY_MOE_BLOCK = (".mlp.", ".block_sparse_moe.")  # Mixtral's checkpoint name for the block transformers 5 calls mlp
 
+def per_expert_sources(name: str, shapes: Mapping[str, tuple[int, ...]], experts: ExpertNames | None) -> Source | None:
+    """The per-expert checkpoint tensors a 3-D expert parameter (or a renamed router) is made of, if present.
 
-def per_expert_sources(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Source | None:
-    """The per-expert checkpoint tensors a 3-D expert parameter (or a renamed router) is made of, if present."""
-    renamed = name.replace(*LEGACY_MOE_BLOCK)
+    transformers 5 keeps a mixture-of-experts block's experts in 3-D parameters; checkpoints (and
+    transformers 5's own ``save_pretrained``) keep one 2-D tensor per expert, named as the family's
+    row says (:class:`quantize.architectures.ExpertNames`)."""
+    if experts is None:
+        return None
+    renamed = name.replace(".mlp.", f".{experts.block}.")
     if renamed != name and renamed in shapes:
-        return renamed  # Mixtral's router: block_sparse_moe.gate
-    base, _, leaf = name.rpartition(".")
-    for parent in dict.fromkeys((base, base.replace(*LEGACY_MOE_BLOCK))):
-        for parts in EXPERT_PARTS.get(leaf, ()):
-            experts: list[tuple[str, ...]] = []
-            while all(f"{parent}.{len(experts)}.{part}.weight" in shapes for part in parts):
-                experts.append(tuple(f"{parent}.{len(experts)}.{part}.weight" for part in parts))
-            if experts:
-                return tuple(experts)
-    return None
+        return renamed  # the router, under the checkpoint's name of the block
+    parent, _, leaf = renamed.rpartition(".")
+    parts = experts.parts.get(leaf)
+    if not parts:
+        return None
+    found: list[tuple[str, ...]] = []
+    while all(f"{parent}.{len(found)}.{part}.weight" in shapes for part in parts):
+        found.append(tuple(f"{parent}.{len(found)}.{part}.weight" for part in parts))
+    return tuple(found) or None
 
 
 def _source_shape(src: Source, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -195,9 +198,6 @@ def release_free_memory() -> None:
 
 
 def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
     name = ctypes.util.find_library("c")
     try:
         lib = ctypes.CDLL(name) if name else None
@@ -301,9 +301,10 @@ class Skeleton:
         # Buffers are real and small (rotary frequencies, embedding scale): put them all on the device now.
         for name, buf in list(self.model.named_buffers()):
             _set_tensor(self.model, name, buf.to(self.device))
-        self.names = self._source_names(folder)
+        row = ARCHITECTURES.get((config.architectures or [""])[0])
+        self.names = self._source_names(folder, row.experts if row is not None else None)
 
-    def _source_names(self, folder: Path) -> dict[str, Source]:
+    def _source_names(self, folder: Path, experts: ExpertNames | None) -> dict[str, Source]:
         """Parameter name -> source tensor name (or the per-expert tensors stacked into it), every shape
         checked before any weight is read."""
         shapes = self.source.shapes()
@@ -317,8 +318,8 @@ class Skeleton:
                 emb = self.prefix[id(self.embed)] + ".weight"
                 if self.head is not None and name == self.prefix[id(self.head)] + ".weight" and emb in shapes:
                     src = emb  # tied output matrix stored once, as the embeddings
-                elif (experts := per_expert_sources(name, shapes)) is not None:
-                    src = experts
+                elif (stacked := per_expert_sources(name, shapes, experts)) is not None:
+                    src = stacked
                 else:
                     raise QuantizeError(folder, f"has no tensor {name!r}, which {self.config.architectures[0]} needs; "
                                         "the checkpoint does not match its config.json")
@@ -562,8 +563,6 @@ def stream_need(source: TensorSource, config: dict[str, Any], dtype: str, carrie
 
 def check_stream_fits(where: Path, need: StreamNeed, what: str) -> bool:
     """Refuse when even one block cannot be held; return whether the carried activations must be spilled to disk."""
-    import psutil
-
     avail = psutil.virtual_memory().available
     if need.total <= avail:
         return False

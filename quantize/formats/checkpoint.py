@@ -16,6 +16,7 @@ import contextlib
 import json
 import mmap
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QuantizeError
-from .portable import release_pages
+from quantize.errors import QuantizeError
+from quantize.portable import release_pages
 
 # safetensors dtype name -> (numpy dtype of the stored bits, bytes per element).
 # bf16 has no numpy dtype: its bits are carried as uint16 and widened when needed.
@@ -152,8 +153,6 @@ def tokenizer_files(root: Path) -> list[Path]:
 
 def copy_tokenizer_files(src: Path, out: Path) -> list[str]:
     """Copy :func:`tokenizer_files` of ``src`` into ``out``; their names."""
-    import shutil
-
     names = []
     for p in tokenizer_files(src):
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
@@ -287,24 +286,3 @@ def as_array(ref: TensorRef, data: memoryview) -> np.ndarray:
     """A zero-copy numpy view of a tensor's stored bits (bf16 as uint16)."""
     dt, _ = SAFETENSORS_DTYPES[ref.dtype]
     return np.frombuffer(data, dtype=dt).reshape(ref.shape)
-
-
-def write_safetensors(path: Path, layout: list[tuple[str, np.dtype[Any], tuple[int, ...]]], arrays: Iterator[np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file tensor by tensor: the header from ``layout`` (name, dtype, shape),
-    then each array from ``arrays`` in layout order, so only one tensor is ever held in memory."""
-    names = {dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items() if name != "BF16"}
-    header: dict[str, Any] = {"__metadata__": metadata or {}}
-    offset = 0
-    for name, dtype, shape in layout:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": names[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for (name, dtype, shape), arr in zip(layout, arrays, strict=True):
-            if arr.dtype != dtype or arr.shape != shape:
-                raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, layout says {np.dtype(dtype)}{shape}")
-            f.write(np.ascontiguousarray(arr).data)

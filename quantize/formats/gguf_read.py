@@ -20,7 +20,7 @@ from typing import Any
 
 import gguf
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
 
 V = gguf.GGUFValueType
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -152,3 +152,21 @@ def _check_layout(path: Path, kv: dict[str, Any], infos: list[tuple[str, tuple[i
         raise QuantizeError(path, f"has {size - data_start - expected} bytes after the data of its {len(infos)} tensors; "
                             "the header's tensor count or sizes do not match the file (damaged or hand-edited)")
     return GGUFHeader(kv, tensors, data_end, size, data_bytes, n_params)
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """Open a GGUF for reading, turning a non-GGUF, truncated or inconsistent file into a one-line error."""
+    path = Path(path)
+    read_header(path)  # the layout checks llama.cpp makes, as one line each
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, struct.error) as exc:
+        raise QuantizeError(path, f"not a valid GGUF file or truncated ({exc})") from exc
+
+
+def field_value(reader: gguf.GGUFReader, key: str) -> Any:
+    """A metadata value as a Python object (str, int, float, list), or None."""
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    return f.contents()

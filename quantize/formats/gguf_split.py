@@ -17,41 +17,18 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import gguf
-import numpy as np
 
-from .atomic import link_or_copy
-from .errors import QuantizeError
-from .gguf_info import copy_metadata, open_gguf
-from .gguf_writer import Writer
-from .portable import copy_range
+from quantize.atomic import link_or_copy
+from quantize.errors import QuantizeError
+from quantize.formats.gguf_read import open_gguf
+from quantize.formats.gguf_write import Writer, copy_metadata, write_tensors_copied
 
 GB = 1000**3  # gguf-split's --split-max-size counts in powers of 1000, as the Hub's 50 GB cap does
 # Keys the split writer sets on each shard itself.
 _SPLIT_KEYS = frozenset({gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
                          gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT})
-
-
-def append_range(fout: Any, src: int, begin: int, end: int) -> None:
-    """Append bytes ``[begin, end)`` of the open file ``src`` to the file object ``fout``
-    (:func:`quantize.portable.copy_range`)."""
-    fout.flush()
-    pos = fout.tell()
-    copy_range(src, fout.fileno(), begin, pos, end - begin)
-    fout.seek(pos + end - begin)
-
-
-class MappedTensor:
-    """Stands in for an ndarray in ``GGUFWriter.write_tensor_data``: one tensor's bytes of the open
-    file ``fd``, copied by :func:`quantize.portable.copy_range`."""
-
-    def __init__(self, fd: int, offset: int, nbytes: int) -> None:
-        self.fd, self.offset, self.nbytes = fd, offset, nbytes
-
-    def tofile(self, fout: Any) -> None:
-        append_range(fout, self.fd, self.offset, self.offset + self.nbytes)
 
 
 @contextmanager
@@ -106,15 +83,3 @@ def place_gguf(src: Path, dest: Path, max_bytes: int | None) -> list[Path]:
     return [out]
 
 
-def write_tensors_copied(w: gguf.GGUFWriter, reader: gguf.GGUFReader, fd: int) -> None:
-    """Finish ``w`` (its metadata already added) with every tensor of ``reader`` copied unchanged from
-    ``fd``, the same file open."""
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w.add_tensor_info(t.name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for t in reader.tensors:
-        w.write_tensor_data(MappedTensor(fd, int(t.data_offset), int(t.n_bytes)))  # type: ignore[arg-type]
-    w.close()

@@ -14,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import SAFETENSORS_DTYPES, TensorRef
-from .errors import QuantizeError
+import numpy as np
+
+from quantize.errors import QuantizeError
+from quantize.formats.checkpoint import SAFETENSORS_DTYPES, TensorRef
+
+# torch is imported inside the functions that make torch tensors: convert and merge read through numpy.
 
 CHUNK = 16 << 20
 
@@ -105,6 +109,33 @@ class SafetensorsWriter:
         self._f.close()
         if self._next != len(self._specs):
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._specs)} tensors")
+
+
+# How the safetensors library (``safetensors.torch.save_file``) lays tensors out: by dtype in this
+# order, then by name.  :func:`save_tensors` writes in it, so its files are byte for byte the library's.
+LIBRARY_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
+
+
+def save_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """Write torch tensors (any device) to one file in the library's layout."""
+    st_of = {torch_dtype(name): name for name in TORCH_DTYPES}
+    specs = sorted((TensorSpec(n, st_of[t.dtype], tuple(t.shape)) for n, t in tensors.items()),
+                   key=lambda s: (LIBRARY_DTYPE_ORDER.index(s.dtype), s.name))
+    with SafetensorsWriter(path, specs, metadata) as w:
+        for s in specs:
+            w.write(s.name, [tensors[s.name].detach().to("cpu").contiguous().reshape(-1).view(torch_dtype("U8")).numpy()])
+
+
+def write_safetensors(path: Path, layout: list[tuple[str, np.dtype[Any], tuple[int, ...]]], arrays: Iterator[np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write numpy arrays to one file tensor by tensor in ``layout`` order (name, dtype, shape), so only
+    one array is held at a time."""
+    st_of = {dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items() if name != "BF16"}
+    with SafetensorsWriter(path, [TensorSpec(n, st_of[np.dtype(dt)], tuple(sh)) for n, dt, sh in layout], metadata) as w:
+        for (name, dtype, shape), arr in zip(layout, arrays, strict=True):
+            if arr.dtype != dtype or arr.shape != shape:
+                raise ValueError(f"{name}: got {arr.dtype}{arr.shape}, layout says {np.dtype(dtype)}{shape}")
+            w.write(name, [np.ascontiguousarray(arr)])
 
 
 def read_range(fd: int, begin: int, end: int, path: Path | None = None) -> bytearray:

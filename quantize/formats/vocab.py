@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import gguf
+from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,6 @@ def _too_large(path: Path, n_tok: int, n_vocab: int) -> QuantizeError:
 
 
 def _sentencepiece(root: Path, n_vocab: int, unembedded: Collection[str]) -> Vocab:
-    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
-
     path = root / "tokenizer.model"
     sp = SentencePieceProcessor()
     try:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
 
 
 @dataclass(frozen=True)

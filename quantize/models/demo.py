@@ -8,7 +8,7 @@
   the same text with Llama 3's pre-tokenizer regex.
 
 Both are trained from a fixed seed on the CPU for a few minutes on Shakespeare (see
-:mod:`quantize.corpus`), then given *activation outliers* by an exact reparametrisation (see
+:mod:`quantize.models.corpus`), then given *activation outliers* by an exact reparametrisation (see
 :func:`add_activation_outliers`), and saved as float16 safetensors with every tokenizer file
 transformers writes.  Each build is cached under ``artifacts/demo/<hash of the recipe>``.
 """
@@ -16,6 +16,7 @@ transformers writes.  Each build is cached under ``artifacts/demo/<hash of the r
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -26,12 +27,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import atomic_dir, atomic_file, file_lock
-from .corpus import TextSplit, _package_dir, write_splits
-from .vocab import LLAMA3_REGEX
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from quantize.architectures import lookup
+from quantize.atomic import atomic_dir, atomic_file, file_lock
+from quantize.formats.vocab import LLAMA3_REGEX
+from quantize.models.corpus import TextSplit, _package_dir, write_splits
 
 if TYPE_CHECKING:
     import torch
+
+# torch and transformers are imported inside the functions that train the demo: a cached demo needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,6 @@ def _spm_tokenizer(out: Path) -> Any:
 
 
 def _bpe_tokenizer(train_text: Path, vocab_size: int) -> Any:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", *CHATML_TOKENS]
@@ -175,9 +180,9 @@ def _hf_config(m: ModelRecipe, tok: Any) -> Any:
     import transformers
 
     cls = getattr(transformers, m.hf_class.replace("ForCausalLM", "Config"))
-    kw: dict[str, Any] = {}
-    if m.hf_class == "MistralForCausalLM":
-        kw["sliding_window"] = None
+    # The demo models attend over their whole context: a config class whose default is a sliding
+    # window (MistralConfig's 4096 tokens) is given none; the others have no such setting.
+    kw: dict[str, Any] = {"sliding_window": None} if "sliding_window" in inspect.signature(cls).parameters else {}
     return cls(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
@@ -272,8 +277,6 @@ def add_activation_outliers(model: Any, channels: int, factor: float, seed: int)
             for w in readers:
                 w[:, ch] /= factor
         chosen[name] = ch.tolist()
-
-    from .architectures import lookup
 
     groups = [g for g in lookup(type(model).__name__, "config.json").scale_groups if g.prev.endswith("norm")]
     block = [g for g in groups if "{bid}" in g.prev]

@@ -8,7 +8,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import QuantizeError
+from quantize.errors import QuantizeError
+
+# huggingface_hub is imported only to fetch: recipes check their revision pins here with the standard
+# library alone (`quantize ladder` runs before anything is installed).
 
 # What a release needs from a repo, by what the repo is used as.  Pickled weights (``*.bin``)
 # only with the recipe's pickle opt-in (``lora_allow_pickle``).
@@ -21,12 +24,7 @@ PATTERNS: dict[str, tuple[str, ...]] = {
 }
 PICKLE_PATTERNS: dict[str, tuple[str, ...]] = {"base": (), "lora": ("adapter_model.bin",)}
 
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 REVISION = re.compile(r"[0-9a-f]{40}|[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")  # a commit sha, or a branch or tag name
-
-
-def is_repo_id(spec: str) -> bool:
-    return REPO_ID.fullmatch(spec) is not None and not spec.startswith(".")
 
 
 def check_revision(revision: str) -> str | None:
@@ -39,13 +37,13 @@ def check_revision(revision: str) -> str | None:
 def fetch(repo_id: str, what: str, recipe: Path, revision: str | None = None, allow_pickle: bool = False) -> Path:
     """The snapshot folder of ``repo_id`` at ``revision`` (default: main) holding the files a release
     needs: downloaded when the Hub is reachable and not disabled, else taken from the cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
-
     at = f"@{revision}" if revision else ""
     if what not in PATTERNS:
         raise QuantizeError(recipe, f"{what} '{repo_id}' is not a local file; only the base model and the LoRA adapter "
                                     "can be Hugging Face repo ids")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RevisionNotFoundError
+
     patterns = [*PATTERNS[what], *(PICKLE_PATTERNS[what] if allow_pickle else ())]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))

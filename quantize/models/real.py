@@ -26,9 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import user_cache
-from .atomic import atomic_dir, atomic_file, file_lock
-from .errors import QuantizeError
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken
+
+from quantize import user_cache
+from quantize.atomic import atomic_dir, atomic_file, file_lock
+from quantize.errors import QuantizeError
+from quantize.formats.gguf_read import open_gguf
+
+# torch and transformers are imported inside the functions that build the checkpoint: a cached one needs neither.
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +221,6 @@ original bfloat16 ones.  Use is subject to the Gemma Terms of Use (GEMMA_TERMS.h
 
 
 def _gguf_vocab(path: Path) -> dict[str, Any]:
-    from .gguf_info import open_gguf
-
     r = open_gguf(path)
 
     def field(key: str) -> Any:
@@ -308,8 +312,6 @@ def sentencepiece_model(meta: dict[str, Any]) -> bytes:
     byte fallback and split digits, an identity normalizer that escapes spaces to U+2581 but adds
     no dummy prefix and keeps runs of whitespace.
     """
-    from sentencepiece import sentencepiece_model_pb2
-
     spm: Any = sentencepiece_model_pb2  # generated protobuf code: no static attributes for mypy
     Piece = spm.ModelProto.SentencePiece
     tokens, scores, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]
@@ -353,7 +355,6 @@ def _save_tokenizer_files(out: Path, gguf_types: list[int]) -> None:
     and the ``<unusedN>`` are, the whitespace runs, ``[multimodal]`` and HTML tags are not.
     transformers' own conversion would leave the turn tokens unflagged.
     """
-    from tokenizers import AddedToken
     from transformers import GemmaTokenizer
 
     tok = GemmaTokenizer.from_pretrained(out, add_bos_token=True, add_eos_token=False)
