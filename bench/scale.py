@@ -333,7 +333,7 @@ def render(results: list[dict[str, Any]], sizes: Sizes, floor_mb: float, cores: 
                   f"(hidden 8192, intermediate 28672, 64/8 heads: {LLAMA2_70B.block_params / MISTRAL_7B.block_params:.2f}x the "
                   "parameters per block) the per-block time, the growth and the peak above the import floor are scaled by "
                   "that ratio (the embeddings and output matrix, 2x wider, are inside that term, so conservatively). "
-                  "No GPU figure: none is measured here. Same small calibration/evaluation sizes as above. Built on wall times: "
+                  "The extrapolation is for the CPU only. Same small calibration/evaluation sizes as above. Built on wall times: "
                   f"when the load average above exceeds the {cores} cores, other jobs' work is in them and the per-block figures "
                   "are noisy; re-run on an idle machine before planning by them.", "",
                   "| stage | scales with | Mistral-7B (32 blocks) time | peak RSS | heap | Llama-2-70B (80 blocks) time | peak RSS | heap |",

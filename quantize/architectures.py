@@ -638,7 +638,7 @@ PHI3 = Architecture(
 )
 # Gemma 2: four norms a block, stored as 1 + weight; attention and final logit soft-capping;
 # sliding-window and global layers alternating.  Released in bfloat16 and calibrated in it on CUDA,
-# as Gemma 3 is (whose activations were measured beyond float16's range; Gemma 2's were not, here).
+# as Gemma 3 is (whose activations were measured beyond float16's range; Gemma 2's were not, in the project's measurements).
 GEMMA2 = Architecture(
     hf_name="Gemma2ForCausalLM",
     model_type="gemma2",

@@ -1,4 +1,4 @@
-"""Stage: 4-bit AWQ checkpoints for GPU servers (vLLM, TGI, transformers), with a measured baseline.
+"""Stage 3: 4-bit AWQ checkpoints for GPU servers (vLLM, TGI, transformers), with a measured baseline.
 
 AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
 Acceleration", MLSys 2024) multiplies each input channel of a block's linears by

@@ -43,7 +43,7 @@ def seeded_random() -> tuple[int, random.Random]:
     return seed, random.Random(seed)
 
 
-_BUILDING = re.compile(r"^INFO quantize\.pipeline: (\S+): building$", re.M)
+_BUILDING = re.compile(r"^INFO quantize\.steps: (\S+): building$", re.M)
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,18 @@ def _copy_adapter(src: Path, dst: Path, edit: Callable[[dict[str, Any], dict[str
     return dst
 
 
+def test_the_merge_record_does_not_depend_on_the_adapters_module_order(demo: Demo, adapter: Path, merged: Path,
+                                                                       tmp_path: Path) -> None:
+    """peft saves target_modules from a set, so the same adapter's config lists them in any order; the
+    merged folder (whose files key the later build steps) must be the same."""
+    def reverse(cfg: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
+        cfg["target_modules"] = sorted(cfg["target_modules"], reverse=True)
+
+    out = merge_lora(demo.spm, _copy_adapter(adapter, tmp_path / "reordered", reverse), tmp_path / "out")
+    record, again = (json.loads((d / "merge.json").read_text()) for d in (merged, out))
+    assert {**record, "adapter": None, "adapter_sha256": None} == {**again, "adapter": None, "adapter_sha256": None}
+
+
 Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 

@@ -321,7 +321,7 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, allow_pic
         (tmp / "merge.json").write_text(json.dumps({
             "base": base.name, "adapter": adapter.name, "adapter_sha256": sha256_file(weights_path),
             "r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
-            "target_modules": list(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules,
+            "target_modules": sorted(cfg.target_modules) if isinstance(cfg.target_modules, tuple) else cfg.target_modules,  # peft writes them from a set
             "merged_tensors": len(plan.lora), "replaced_tensors": sorted(plan.replace),
         }, indent=2))
     log.info("merged %s into %s -> %s (%d tensors)", adapter, base, out, len(plan.lora))

@@ -1,4 +1,4 @@
-"""Stage 0: read a Hugging Face checkpoint folder without loading it.
+"""Read a Hugging Face checkpoint folder without loading it.
 
 Only the small things are read eagerly (``config.json``, the safetensors headers, the shard
 index); tensor bytes stay on disk until the converter streams them, one at a time, through a

@@ -52,7 +52,7 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 @dataclass(frozen=True)
 class ModelRecipe:
     name: str
-    tokenizer: str  # "mistral-spm" (shipped SentencePiece) or "bpe" (trained here)
+    tokenizer: str  # "mistral-spm" (shipped SentencePiece) or "bpe" (trained by the demo)
     hf_class: str
     vocab_size: int  # embedding rows
     hidden_size: int = 256  # multiples of 256 so every matrix row takes K-quants

@@ -161,7 +161,7 @@ def fetch_real(cache: Path | None = None, model: RealModel = GEMMA3_270M) -> Pat
 
 
 def _readable(folder: Path) -> None:
-    # mkdtemp and safetensors create owner-only modes; the cache is shared by whoever runs tests here.
+    # mkdtemp and safetensors create owner-only modes; the cache is shared by every user of the machine who runs the tests.
     folder.chmod(0o755)
     for f in folder.iterdir():
         f.chmod(0o644)
