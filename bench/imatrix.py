@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.llama_tools import build_seconds, llama_tool
 from bench.measure import PY, alternated, converted, md_table, measure, run_record, write_json
 from quantize.imatrix import Imatrix
+from quantize.models.demo import build_demo
 
 COSINE_MIN = 0.999  # per tensor, column means of ours against llama-imatrix's
 TARGET_RATIO = 1.0  # our wall time over llama-imatrix's
@@ -59,9 +61,6 @@ def bench_imatrix(out: Path, chunks: int = 32, ctx: int = 512, f16: Path | None 
     """Time llama-imatrix and ``quantize imatrix`` on the demo model (built or reused under ``out.parent / "demo"``)
     over ``chunks`` chunks of ``ctx`` tokens of its calibration text, and compare the two matrices.  ``f16`` is the
     demo's F16 GGUF (converted under ``out`` when not given); both matrices and the tools' stderr stay in ``out``."""
-    from bench.llama_tools import build_seconds, llama_tool
-    from quantize.models.demo import build_demo
-
     out.mkdir(parents=True, exist_ok=True)
     demo = build_demo(out.parent / "demo", models=("mistral-spm",))
     ckpt, calib = demo.spm, demo.text["calib"]

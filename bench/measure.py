@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 import quantize
 from quantize.atomic import atomic_dir, atomic_file
 from quantize.formats.checkpoint import copy_tokenizer_files
+from quantize.formats.safetensors import write_safetensors
 from quantize.portable import proc_text
 
 PY = sys.executable
@@ -209,8 +211,6 @@ def random_checkpoint(out: Path, shape: Shape, tokenizer: Path, shard_bytes: int
     """A fp16 ``MistralForCausalLM`` checkpoint of ``shape`` with random weights (normal * 0.02,
     norms 1), sharded with an index, the tokenizer files copied from the folder ``tokenizer``.
     Written tensor by tensor: memory stays at one tensor, whatever the checkpoint's size."""
-    from quantize.formats.safetensors import write_safetensors
-
     if (out / "config.json").is_file():
         return out
     groups = _shards(shape.tensors(), shard_bytes)
@@ -282,8 +282,6 @@ def _git(*args: str) -> str | None:
 
 def machine() -> dict[str, Any]:
     """This machine: ``system``, ``arch``, ``cpu`` (model), ``cpus``, ``ram_bytes`` (total) and ``gpu``."""
-    import psutil
-
     return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "ram_bytes": psutil.virtual_memory().total, "gpu": gpu_name()}
 

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import run_record, write_json
+from quantize.awq import AwqSettings, quantize_rtn
 from quantize.errors import QuantizeError
+from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
+from quantize.gguf_quant import QuantizeSettings, quantize_gguf
+from quantize.pipeline import build_release
+from quantize.recipe import load_recipe
+from quantize.sources import resolve
+from quantize.thresholds import DEFAULT_THRESHOLDS
 
 RECIPE = Path("recipes") / "gemma3-270m.toml"
 
@@ -37,14 +44,6 @@ def run(artifacts: Path, recipe: Path = RECIPE) -> dict[str, Any]:
     """The recipe's whole release (F16, imatrix, Q6_K, Q4_K_M with the imatrix, AWQ, gate), then
     the two baselines it does not ship, plain Q4_K_M and round-to-nearest, scored on the gate's
     own windows against the same cached reference."""
-    from quantize.awq import AwqSettings, quantize_rtn
-    from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
-    from quantize.gguf_quant import QuantizeSettings, quantize_gguf
-    from quantize.pipeline import build_release
-    from quantize.recipe import load_recipe
-    from quantize.sources import resolve
-    from quantize.thresholds import DEFAULT_THRESHOLDS
-
     r = load_recipe(recipe)
     hf, fetch_s = _timed(lambda: resolve(r.base, r.source, artifacts / "demo", "base"))
     rel, release_s = _timed(lambda: build_release(recipe, artifacts))

@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 
 from bench.measure import PY, Shape, measure, random_checkpoint, run_record, write_json
+from quantize.atomic import atomic_dir
+from quantize.formats.safetensors import write_safetensors
+from quantize.models.demo import mistral_tokenizer_model
 
 MISTRAL_7B = Shape(4096, 14336, 32, 8, 32000, layers=32, max_positions=32768)
 LLAMA2_70B = Shape(8192, 28672, 64, 8, 32000, layers=80)
@@ -103,9 +106,6 @@ def mistral_tokenizer(out: Path) -> Path:
     file transformers writes; 32000 tokens, no added ones."""
     from transformers import LlamaTokenizer
 
-    from quantize.atomic import atomic_dir
-    from quantize.models.demo import mistral_tokenizer_model
-
     if (out / "tokenizer_config.json").is_file():
         return out
     with atomic_dir(out) as tmp:
@@ -120,9 +120,6 @@ def mistral_tokenizer(out: Path) -> Path:
 def random_adapter(out: Path, shape: Shape, base: Path, r: int = 16, alpha: int = 32, seed: int = 1) -> Path:
     """A PEFT LoRA adapter for a ``shape`` checkpoint: every attention and MLP matrix, random A and
     nonzero random B, small enough (merged delta ~10 % of a weight's spread) to keep the model sane."""
-    from quantize.atomic import atomic_dir
-    from quantize.formats.safetensors import write_safetensors
-
     if (out / "adapter_config.json").is_file():
         return out
     dims = {n.rsplit(".", 2)[-2]: sh for n, sh in shape.block_tensors(0) if len(sh) == 2}  # proj -> (out, in)

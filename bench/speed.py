@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.imatrix import bench_imatrix, imatrix_markdown
 from bench.measure import (
     BENCH_LAYERS,
     BENCH_SHAPE,
@@ -33,7 +34,16 @@ from bench.measure import (
     timed,
     write_json,
 )
+from quantize.awq import AwqSettings, quantize_awq, quantize_rtn
 from quantize.errors import QuantizeError
+from quantize.evaluate import EvalSettings, LlamaCppEngine, StreamedEngine, evaluate, reference_logprobs, score_artifact
+from quantize.gguf_quant import QuantizeSettings, quantize_gguf
+from quantize.imatrix import ImatrixSettings, compute_imatrix
+from quantize.models.demo import build_demo
+from quantize.models.real import published_gguf
+from quantize.pipeline import BuildSettings, build_ladder
+from quantize.quant_types import quant_type
+from quantize.thresholds import DEFAULT_THRESHOLDS
 
 GATE_ROUNDS = 5  # alternated timings of the bare forward and of the scorer, for each gate figure
 QUANTIZE_ROUNDS = 3  # alternated timings of each quantize contender
@@ -52,8 +62,6 @@ def _copy_command(src: Path, dst: Path) -> list[str]:
 def bench_model(out: Path, layers: int) -> Path:
     """:func:`bench_checkpoint` at ``layers`` blocks in ``out``, built if not there yet (in a
     child process: a forked child's peak RSS would otherwise include this process's pages)."""
-    from quantize.models.demo import build_demo
-
     path = out / f"random-{layers}-layers"
     if (path / "config.json").is_file():
         return path
@@ -66,8 +74,6 @@ def bench_model(out: Path, layers: int) -> Path:
 def bench_convert(out: Path, reference: Path, layers: int = BENCH_LAYERS) -> dict[str, Any]:
     """Our convert against llama.cpp's converter and a plain copy, on BENCH_SHAPE at ``layers`` (1.9 GB
     at 18) and at half that (peak RSS must not grow with the model)."""
-    from quantize.models.demo import build_demo
-
     demo = build_demo(out.parent / "demo")
     small, big = bench_model(out, layers // 2), bench_model(out, layers)
     files = list(big.glob("*.safetensors"))
@@ -110,8 +116,6 @@ _BARE_QUANTIZE = (
 
 def bench_quantize(out: Path) -> dict[str, Any]:
     """Our `quantize gguf` against a bare llama_model_quantize call, on the ~2 GB model's F16."""
-    from quantize.quant_types import quant_type
-
     f16 = converted(bench_model(out, BENCH_LAYERS), out / f"random-{BENCH_LAYERS}-layers.F16.gguf")
     res: dict[str, Any] = {}
     for t in ("Q4_K_M", "Q6_K"):
@@ -137,12 +141,6 @@ def bench_quantize(out: Path) -> dict[str, Any]:
 def bench_demo_quality(out: Path) -> dict[str, Any]:
     """imatrix speed, and KLD of plain / imatrix / imatrix+smoothing Q4_K_M, on the demo model;
     evaluation throughput against a bare llama-cpp-python forward pass over the same windows."""
-    from quantize.evaluate import EvalSettings, evaluate
-    from quantize.gguf_quant import QuantizeSettings, quantize_gguf
-    from quantize.imatrix import ImatrixSettings, compute_imatrix
-    from quantize.models.demo import build_demo
-    from quantize.pipeline import BuildSettings, build_ladder
-
     demo = build_demo(out.parent / "demo")
     lad = build_ladder(BuildSettings("Demo-Mistral-ChatML", demo.spm, demo.text["calib"], demo.text["eval"],
                                      imatrix=ImatrixSettings(512, 64), until="gguf"), out / "ladder")
@@ -161,7 +159,6 @@ def bench_demo_quality(out: Path) -> dict[str, Any]:
     res["q4_k_m_kld"] = {k: r.mean_kld for k, r in zip(arts, rep.results, strict=True)}
     res["eval_tokens_per_s"] = gate_throughput(lad.quants["Q4_K_M"], demo.spm, demo.text["eval"], es, out / "eval-cache")
     try:  # the same at a 262k-token vocabulary: Gemma 3 270M's published GGUF against itself
-        from quantize.models.real import published_gguf
 
         gemma = published_gguf()
     except (ImportError, QuantizeError) as e:
@@ -178,9 +175,6 @@ def gate_throughput(artifact: Path, reference: Path, text: Path, es: Any, cache:
     reference) and of llama.cpp's forward of the same scored logits alone, in this process, same
     windows (medians of GATE_ROUNDS alternated passes); with ``eval_all``, of llama-cpp-python's ``Llama.eval`` with every logit too, and with
     ``torch_ref`` of the streamed float32 reference's forward."""
-    from quantize.evaluate import LlamaCppEngine, StreamedEngine, reference_logprobs, score_artifact
-    from quantize.thresholds import DEFAULT_THRESHOLDS
-
     ref = reference_logprobs(reference, text, es, cache)
     windows = ref.windows.tokens
     n_tok = windows.size
@@ -218,10 +212,6 @@ def gate_throughput(artifact: Path, reference: Path, text: Path, es: Any, cache:
 def bench_awq(out: Path) -> dict[str, Any]:
     """AWQ calibration time on the CPU (demo model) and the perplexity deltas of AWQ and of plain
     round-to-nearest against fp16, on the same held-out windows."""
-    from quantize.awq import AwqSettings, quantize_awq, quantize_rtn
-    from quantize.evaluate import EvalSettings, evaluate
-    from quantize.models.demo import build_demo
-
     demo = build_demo(out.parent / "demo")
     res: dict[str, Any] = {}
     for samples, seq in ((16, 256), (32, 512)):
@@ -314,23 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     # Commands are timed as installed: with their bytecode cached, whatever this shell says.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     results: dict[str, Any] = {"run": run_record(ap.prog, argv)}
-    if a.only in (None, "convert"):
-        results["convert"] = bench_convert(a.out, a.reference_converter, a.convert_layers)
-        print(convert_markdown(results["convert"]))
-    if a.only in (None, "quantize"):
-        results["quantize"] = bench_quantize(a.out)
-        print(quantize_markdown(results["quantize"]))
-    if a.only in (None, "imatrix"):
-        from bench.imatrix import bench_imatrix, imatrix_markdown
-
-        results["imatrix"] = bench_imatrix(a.out)
-        print(imatrix_markdown(results["imatrix"]))
-    if a.only in (None, "quality"):
-        results["quality"] = bench_demo_quality(a.out)
-        print(quality_markdown(results["quality"]))
-    if a.only in (None, "awq"):
-        results["awq"] = bench_awq(a.out)
-        print(awq_markdown(results["awq"]))
+    runs: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+        "convert": (partial(bench_convert, a.out, a.reference_converter, a.convert_layers), convert_markdown),
+        "quantize": (partial(bench_quantize, a.out), quantize_markdown),
+        "imatrix": (partial(bench_imatrix, a.out), imatrix_markdown),
+        "quality": (partial(bench_demo_quality, a.out), quality_markdown),
+        "awq": (partial(bench_awq, a.out), awq_markdown),
+    }
+    for part, (run, render) in runs.items():
+        if a.only in (None, part):
+            results[part] = run()
+            print(render(results[part]))
     write_json(a.out / "bench.json", results)
     return 0
 
