@@ -73,7 +73,7 @@ def _gguf(a: argparse.Namespace) -> int:
     from quantize.gguf_quant import QuantizeSettings, quantize_gguf
 
     im = Path(a.imatrix) if a.imatrix else None
-    out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type, im, a.threads, a.smooth))
+    out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type, im, a.threads, a.smooth, tuple(a.tensor_type)))
     print(out)
     return 0
 
@@ -121,6 +121,13 @@ def _eval(a: argparse.Namespace) -> int:
     for failure in report.failures:
         print(f"quantize: quality gate failed: {failure}", file=sys.stderr)
     return 3 if report.failures else 0
+
+
+def _tensor_type_option(spec: str) -> tuple[str, str]:
+    name, sep, qtype = spec.rpartition("=")
+    if not sep or not name or not qtype:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not TENSOR=TYPE (e.g. blk.1.ffn_down.weight=Q8_0)")
+    return name, qtype
 
 
 def _threshold_option(spec: str) -> tuple[str, Threshold]:
@@ -265,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", help="importance matrix GGUF (from `quantize imatrix`)")
     s.add_argument("--smooth", action="store_true", help="move activation outliers into the weights first (needs --imatrix)")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--tensor-type", action="append", default=[], type=_tensor_type_option, metavar="TENSOR=TYPE",
+                   help="one tensor's type by its exact name, e.g. blk.1.ffn_down.weight=Q8_0 (repeatable); name every "
+                        "quantized tensor for a mix that llama.cpp's recipe for --type does not move")
     s.set_defaults(func=_gguf)
 
     s = sub.add_parser("imatrix", help="importance matrix from calibration text (llama.cpp's GGUF imatrix format)")

@@ -12,11 +12,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from quantize import TOOL_NAME, __version__
@@ -26,7 +28,7 @@ from quantize.fingerprint import known_sha256, sha256_when_idle
 from quantize.formats.gguf_read import read_header
 from quantize.formats.gguf_write import PLACEHOLDER, patch_strings
 from quantize.imatrix import Imatrix
-from quantize.quant_types import QuantType, quant_type
+from quantize.quant_types import QUANT_TYPES, QuantType, quant_type
 from quantize.smooth import smooth_gguf
 from quantize.versions import package_version
 
@@ -44,6 +46,39 @@ class QuantizeSettings:
     imatrix: Path | None = None
     threads: int = 0  # 0: all cores
     smooth: bool = False  # migrate activation outliers into the weights first (needs the imatrix)
+    # (tensor name, ggml type name): that tensor's type instead of the one ``type``'s recipe gives it
+    tensor_types: tuple[tuple[str, str], ...] = ()
+
+
+def tensor_pattern(name: str) -> str:
+    """The regular expression llama.cpp is given for one tensor: ``name`` exactly (anchored, every
+    metacharacter escaped), as its ``std::regex_search`` reads it (``blk.1.`` never matches ``blk.10.``)."""
+    return "^" + re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", name) + "$"
+
+
+def ggml_type(name: str, where: Path) -> int:
+    """The ``ggml_type`` number of a tensor type name (``Q6_K``, ``IQ4_XS``, ``Q8_0`` ...)."""
+    try:
+        return int(gguf.GGMLQuantizationType[name.upper()])
+    except KeyError:
+        raise QuantizeError(where, f"unknown tensor type {name!r}; one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
+
+
+def _tensor_overrides(types: tuple[tuple[str, str], ...], src: Path, has_imatrix: bool) -> Any:
+    """llama.cpp's null-terminated ``llama_model_tensor_override`` array for ``types``, checked against
+    ``src``'s tensors first."""
+    import llama_cpp as L
+
+    tensors = read_header(src).tensors
+    arr: Any = (L.llama_model_tensor_override * (len(types) + 1))()  # zero-filled: the last entry terminates
+    for i, (name, tname) in enumerate(types):
+        if name not in tensors:
+            raise QuantizeError(src, f"has no tensor {name!r} to give type {tname}")
+        if not has_imatrix and (ft := QUANT_TYPES.get(tname.upper())) is not None and ft.needs_imatrix:
+            raise QuantizeError(src, f"llama.cpp cannot make {tname} tensors ({name}) without an importance matrix; pass --imatrix FILE")
+        arr[i].pattern = tensor_pattern(name).encode()
+        arr[i].type = ggml_type(tname, src)
+    return arr
 
 
 def artifact_name(model: str, qtype: str) -> str:
@@ -121,7 +156,8 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
         sm, smi = Path(scratch) / src.name, Path(scratch) / settings.imatrix.name
         check_imatrix_fits(Imatrix.load(settings.imatrix), settings.imatrix, src)
         smooth_gguf(src, settings.imatrix, sm, smi)
-        return _quantize(sm, out, QuantizeSettings(settings.type, smi, settings.threads), src, settings.imatrix)
+        return _quantize(sm, out, QuantizeSettings(settings.type, smi, settings.threads, tensor_types=settings.tensor_types),
+                         src, settings.imatrix)
 
 
 def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, origin_imatrix: Path | None = None) -> Path:
@@ -161,6 +197,11 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
             "quantize.imatrix.chunks_count": im.chunk_count,
             f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(im_file),
         }
+    if settings.tensor_types:
+        tt = _tensor_overrides(settings.tensor_types, src, settings.imatrix is not None)
+        params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(L.llama_model_tensor_override))
+        keep.append(tt)
+        overrides[f"{TOOL_NAME}.gguf.tensor_types"] = len(settings.tensor_types)
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
     hashed = sha256_when_idle(origin) if input_hash is None else None
