@@ -46,6 +46,7 @@ from quantize.errors import QuantizeError
 from quantize.fingerprint import fingerprint
 from quantize.formats.gguf_read import read_header
 from quantize.gate_kernel import row_sums
+from quantize.portable import reserve_space
 from quantize.progress import progress
 from quantize.text import hf_tokenizer, read_text, token_windows, with_bos
 from quantize.thresholds import DEFAULT_THRESHOLDS, Threshold
@@ -364,12 +365,20 @@ def _reference_engine(ref_path: Path, settings: EvalSettings) -> tuple[Callable[
     return (lambda: StreamedEngine(ref_path, settings)), tok.encode, tok.bos
 
 
+def _disk_backed_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new float32 ``.npy`` file mapped for writing, its blocks reserved on disk first."""
+    w = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    with open(path, "r+b") as f:
+        reserve_space(f.fileno(), w.offset + w.nbytes, path)
+    return w
+
+
 def _write_reference(root: Path, engine: Engine, windows: Windows) -> None:
     """Log-softmax of each window's scored rows, stored as :func:`reference_rows` (float32 ``w`` straight to disk)."""
     n, ctx = windows.tokens.shape
     first, rows = windows.first, ctx - 1 - windows.first
     with atomic_dir(root) as tmp:
-        w = np.lib.format.open_memmap(tmp / "w.npy", mode="w+", dtype=np.float32, shape=(n, rows, engine.n_vocab))
+        w = _disk_backed_npy(tmp / "w.npy", (n, rows, engine.n_vocab))
         c, s = np.zeros((n, rows), np.float64), np.zeros((n, rows), np.float64)
         top = np.zeros((n, rows), np.int64)
         nll = np.zeros((n, rows), np.float64)

@@ -10,6 +10,7 @@ container that refuses them) a portable equivalent gives the same bytes:
   the background band of a Darwin thread, else nothing.
 * :func:`unnamed_file`: ``O_TMPFILE``, else a ``mkstemp`` file whose name is removed at once.
 * :func:`release_pages`: ``madvise(MADV_DONTNEED)``, else nothing.
+* :func:`reserve_space`: ``posix_fallocate``, else a check of the filesystem's free space (``fstatvfs``).
 * :func:`proc_text`: a file under ``/proc``, else None.
 * :func:`lock_exclusive`: ``flock``.  Where ``fcntl`` is missing (Windows), :func:`unsupported_platform`
   says so and the command line stops at start.
@@ -25,6 +26,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from quantize.errors import QuantizeError
 
 try:
     import fcntl
@@ -144,6 +147,39 @@ def release_pages(mm: mmap.mmap, start: int, length: int) -> bool:
         return False
     advise(dont_need, start, length)
     return True
+
+
+# Errors by which posix_fallocate says the filesystem does not implement it (ZFS, some network and
+# FUSE filesystems): the free-space check is used instead.
+_FALLOCATE_REFUSED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def reserve_space(fd: int, size: int, where: str | Path) -> None:
+    """Give the open file ``fd`` (named ``where`` in the error) disk blocks for its first ``size`` bytes
+    before it is written through a memory map, where a full disk is otherwise a SIGBUS at the first page
+    the map cannot back: ``os.posix_fallocate`` where present and accepted, else the filesystem's free
+    space (``os.fstatvfs``) is compared with the bytes still to be written.  Raises
+    :class:`QuantizeError` naming ``where`` when the disk cannot hold them."""
+    have = os.fstat(fd).st_size
+    if (fallocate := getattr(os, "posix_fallocate", None)) is not None:
+        try:
+            fallocate(fd, 0, size)
+            return
+        except OSError as err:
+            if err.errno not in _FALLOCATE_REFUSED:
+                _no_room(err, where, size, None)
+    st = os.fstatvfs(fd)
+    free = st.f_bavail * st.f_frsize
+    if size - have > free:
+        _no_room(None, where, size, free)
+
+
+def _no_room(err: OSError | None, where: str | Path, size: int, free: int | None) -> None:
+    if err is not None and err.errno != errno.ENOSPC:
+        raise err
+    told = "" if free is None else f", {free / 2**30:.2f} GiB free"
+    raise QuantizeError(where, f"no room on its disk for {size / 2**30:.2f} GiB{told}; free space there, "
+                        "or set TMPDIR / --artifacts to a disk with room") from err
 
 
 def proc_text(name: str) -> str | None:

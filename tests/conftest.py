@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ from quantize.models.demo import Demo, build_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
+
+
+MakeTemp = Callable[[str], Path]
+
+
+@pytest.fixture(scope="module")
+def module_mktemp(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[MakeTemp]:
+    """``module_mktemp(name)``: a new folder for files a test module's fixtures share, removed once the
+    module's tests are done, so the suite's disk use is its largest module, not the sum of all."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    try:
+        yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

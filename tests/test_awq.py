@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import copy_checkpoint
+from conftest import MakeTemp, copy_checkpoint
 
 from quantize.atomic import TMP_PREFIX, sha256_file
 from quantize.awq import (
@@ -55,8 +55,8 @@ class Score:
 
 
 @pytest.fixture(scope="module")
-def built(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    root = tmp_path_factory.mktemp("awq")
+def built(demo: Demo, module_mktemp: MakeTemp) -> Built:
+    root = module_mktemp("awq")
     awq = quantize_awq(demo.spm, root / "mistral-spm-awq", demo.text["calib"], FAST)
     rtn = quantize_rtn(demo.spm, root / "mistral-spm-rtn", FAST)
     print(f"\nAWQ calibration: {json.loads((awq / 'provenance.json').read_text())['seconds']}")

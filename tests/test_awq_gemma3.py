@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MakeTemp
 
 from quantize.architectures import GEMMA3
 from quantize.awq import (
@@ -169,9 +170,9 @@ def test_every_scaling_group_of_the_gemma3_map_keeps_the_block(heads: int, kv_he
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma3(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_gemma3(demo: Demo, module_mktemp: MakeTemp) -> Path:
     """The tiny model as a float16 checkpoint folder with the demo's BPE tokenizer."""
-    out = tmp_path_factory.mktemp("gemma3") / "tiny-gemma3"
+    out = module_mktemp("gemma3") / "tiny-gemma3"
     out.mkdir()
     for name in TOKENIZER_FILES:
         shutil.copy2(demo.bpe / name, out / name)
@@ -220,8 +221,8 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def built(demo: Demo, tiny_gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
-    root = tmp_path_factory.mktemp("gemma3-awq")
+def built(demo: Demo, tiny_gemma3: Path, module_mktemp: MakeTemp) -> Built:
+    root = module_mktemp("gemma3-awq")
     awq = quantize_awq(tiny_gemma3, root / "awq", demo.text["calib"], CALIB)
     print(f"\nGemma 3 AWQ: {json.loads((awq / 'provenance.json').read_text())['seconds']}")
     return Built(awq, quantize_rtn(tiny_gemma3, root / "rtn", CALIB))

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import side_tool
+from conftest import MakeTemp, side_tool
 
 from quantize.awq import AwqSettings, load_awq_as_float, quantize_awq
 from quantize.models.demo import Demo
@@ -46,10 +46,10 @@ def gptqmodel_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(demo: Demo, gptqmodel_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def served(demo: Demo, gptqmodel_python: Path, module_mktemp: MakeTemp) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    tmp = tmp_path_factory.mktemp("gptqmodel")
+    tmp = module_mktemp("gptqmodel")
     folder = quantize_awq(demo.spm, tmp / "mistral-spm-awq", demo.text["calib"], AwqSettings(samples=4, seq_len=128))
     tok = AutoTokenizer.from_pretrained(demo.spm)
     ids = tok(demo.text["eval"].read_text(encoding="utf-8")[:20000], add_special_tokens=False)["input_ids"]

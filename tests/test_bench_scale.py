@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MakeTemp
 
 from bench.measure import Shape, random_checkpoint
 from bench.scale import mistral_tokenizer, random_adapter
@@ -20,8 +21,8 @@ TINY = Shape(256, 512, 4, 2, 32000, layers=2, max_positions=32768)
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bench-scale")
+def inputs(module_mktemp: MakeTemp) -> tuple[Path, Path]:
+    root = module_mktemp("bench-scale")
     tok = mistral_tokenizer(root / "tokenizer")
     base = random_checkpoint(root / "base", TINY, tok, shard_bytes=10**7)  # forces several shards
     return base, random_adapter(root / "lora", TINY, base)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_checkpoint, load_llama
+from conftest import MakeTemp, copy_checkpoint, load_llama
 
 from quantize.convert import convert
 from quantize.formats.gguf_read import open_gguf
@@ -275,9 +275,9 @@ LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "lo
 
 
 @pytest.fixture(scope="module")
-def llama31(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def llama31(demo: Demo, module_mktemp: MakeTemp) -> tuple[Path, Path]:
     """A Llama with Llama 3.1 rope scaling in its config, and its F16 GGUF."""
-    d = copy_checkpoint(demo.spm, tmp_path_factory.mktemp("llama31") / "llama31")
+    d = copy_checkpoint(demo.spm, module_mktemp("llama31") / "llama31")
     cfg = json.loads((d / "config.json").read_text())
     cfg |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_parameters": LLAMA31_ROPE}
     del cfg["sliding_window"]

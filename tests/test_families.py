@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import load_llama
+from conftest import MakeTemp, load_llama
 from families import QWEN_VOCAB, TEKKEN_VOCAB, build_family, qwen_tokenizer, tekken_tokenizer
 from test_convert import BATTERY
 
@@ -40,17 +40,17 @@ N_SPM = 32000  # the demo SentencePiece model's own pieces; ChatML's two tokens 
 
 
 @pytest.fixture(scope="module")
-def tokenizers(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, int] | None]]:
+def tokenizers(demo: Demo, module_mktemp: MakeTemp) -> dict[str, tuple[Path, dict[str, int] | None]]:
     return {"spm": (demo.spm, None), "qwen": (qwen_tokenizer(), QWEN_VOCAB),
-            "tekken": (tekken_tokenizer(tmp_path_factory.mktemp("tekken")), TEKKEN_VOCAB)}
+            "tekken": (tekken_tokenizer(module_mktemp("tekken")), TEKKEN_VOCAB)}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=IDS)
 def family(request: pytest.FixtureRequest, tokenizers: dict[str, tuple[Path, dict[str, int] | None]],
-           tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path, Path]:
+           module_mktemp: MakeTemp) -> tuple[str, str, Path, Path]:
     """(HF class, tokenizer, checkpoint folder, our F16 GGUF)."""
     arch, tok = request.param
-    root = tmp_path_factory.mktemp(arch)
+    root = module_mktemp(arch)
     tok_dir, vocab = tokenizers[tok]
     # not named after the family: llama.cpp gives a model *named* phi3 Phi-3's own special tokens
     model = build_family(arch, tok_dir, root / "tiny", vocab=vocab)

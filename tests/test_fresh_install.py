@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from bare import bare_venv, clone_snapshot, runner_env
-from conftest import ROOT
+from conftest import ROOT, MakeTemp
 
 from quantize.cli import build_parser
 from quantize.models.demo import Demo
@@ -23,9 +23,9 @@ TORCH = "torch==2.13.0"  # the README's install: the CPU wheel first
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+def fresh(module_mktemp: MakeTemp) -> Iterator[tuple[Path, dict[str, str]]]:
     """The ``quantize`` of a fresh venv into which a clean clone was pip-installed (not editable)."""
-    tmp = tmp_path_factory.mktemp("fresh")
+    tmp = module_mktemp("fresh")
     src = clone_snapshot(ROOT, tmp / "src")
     bin_dir = bare_venv(tmp / "venv")
     env = runner_env(bin_dir, tmp / "cache")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import copy_checkpoint, load_llama
+from conftest import MakeTemp, copy_checkpoint, load_llama
 from test_convert import BATTERY
 
 from quantize.architectures import read_gemma3_config
@@ -43,9 +43,9 @@ OUR_EXTRA_KEYS = {"gemma3.rope.dimension_count", "gemma3.vocab_size", "tokenizer
 
 
 @pytest.fixture(scope="module")
-def gemma3_f16(gemma3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gemma3_f16(gemma3: Path, module_mktemp: MakeTemp) -> Path:
     t0 = time.perf_counter()
-    out = convert(gemma3, tmp_path_factory.mktemp("gemma3") / "gemma-3-270m.F16.gguf").path
+    out = convert(gemma3, module_mktemp("gemma3") / "gemma-3-270m.F16.gguf").path
     print(f"our conversion: {time.perf_counter() - t0:.1f} s")
     return out
 

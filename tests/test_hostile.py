@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import copy_checkpoint
+from conftest import MakeTemp, copy_checkpoint
 from kill import cli, killed_then_rerun, partials
 
 from quantize.engine.lora import train_demo_lora
@@ -78,8 +78,8 @@ def _release(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ws(demo: Demo, ladder, tmp_path_factory: pytest.TempPathFactory) -> Workspace:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("hostile")
+def ws(demo: Demo, ladder, module_mktemp: MakeTemp) -> Workspace:  # type: ignore[no-untyped-def]
+    root = module_mktemp("hostile")
     f16 = root / "m.F16.gguf"
     shutil.copyfile(ladder.f16, f16)
     imatrix = root / "m.imatrix.gguf"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, MakeTemp
 
 from quantize.errors import QuantizeError
 from quantize.models.demo import Demo
@@ -59,8 +59,8 @@ def _resolve(recipe: Path, hf_home: Path, spec: str, what: str = "base") -> subp
 
 
 @pytest.fixture(scope="module")
-def hf_home(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("hf-home")
+def hf_home(demo: Demo, module_mktemp: MakeTemp) -> Path:
+    home = module_mktemp("hf-home")
     _cache_repo(home, "demo-org/mistral-spm", {REV_MAIN: demo.spm, REV_PINNED: demo.bpe}, main=REV_MAIN)
     return home
 
@@ -141,11 +141,11 @@ def test_download_filter_takes_what_a_release_needs(demo: Demo) -> None:
 # --- publish: everything up to the upload call ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_release(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_release(demo: Demo, module_mktemp: MakeTemp) -> Path:
     """A release folder of the demo model (F16 and Q4_K_M, no AWQ), built once."""
     from quantize.pipeline import build_release
 
-    tmp = tmp_path_factory.mktemp("pub")
+    tmp = module_mktemp("pub")
     recipe = tmp / "pub.toml"
     recipe.write_text(f'name = "Pub"\nbase = "demo:mistral-spm"\nevaluation = "{demo.text["eval"]}"\n'
                       '[ladder]\ngguf = ["F16", "Q4_K_M"]\nawq = false\nimatrix = false\nsmooth = false\n'

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import MakeTemp
 from families import build_family
 
 from quantize.convert import convert
@@ -22,8 +23,8 @@ ARCH = "GraniteForCausalLM"
 
 
 @pytest.fixture(scope="module")
-def granite(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_family(ARCH, demo.spm, tmp_path_factory.mktemp("granite") / "granite")
+def granite(demo: Demo, module_mktemp: MakeTemp) -> Path:
+    return build_family(ARCH, demo.spm, module_mktemp("granite") / "granite")
 
 
 @pytest.mark.reference

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import MakeTemp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -27,8 +28,8 @@ def adapter(demo: Demo) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged(demo: Demo, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return merge_lora(demo.spm, adapter, tmp_path_factory.mktemp("merge") / "merged")
+def merged(demo: Demo, adapter: Path, module_mktemp: MakeTemp) -> Path:
+    return merge_lora(demo.spm, adapter, module_mktemp("merge") / "merged")
 
 
 def _peft_merge(base: Path, adapter: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import MakeTemp
 
 import quantize.fingerprint as fingerprint
 import quantize.gate_kernel as gk
@@ -24,10 +25,11 @@ from quantize import portable
 from quantize.atomic import plain_mode, umask
 from quantize.cli import main
 from quantize.convert import convert
+from quantize.errors import QuantizeError
 from quantize.formats.gguf_split import split_gguf
 from quantize.models.demo import Demo
 
-LINUX_ONLY = ("copy_file_range", "sendfile", "sched_setscheduler", "O_TMPFILE")
+LINUX_ONLY = ("copy_file_range", "sendfile", "sched_setscheduler", "O_TMPFILE", "posix_fallocate")
 
 
 def _sha256(path: Path) -> str:
@@ -83,11 +85,11 @@ def test_convert_without_linux_calls_writes_the_same_bytes(demo: Demo, spm_f16: 
 
 
 @pytest.fixture(scope="module")
-def imatrix(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def imatrix(demo: Demo, module_mktemp: MakeTemp) -> Path:
     from quantize.imatrix import ImatrixSettings, compute_imatrix
 
     return compute_imatrix(demo.spm, demo.text["calib"], ImatrixSettings(ctx=128, chunks=4)).save(
-        tmp_path_factory.mktemp("portable-im") / "im.gguf")
+        module_mktemp("portable-im") / "im.gguf")
 
 
 def _smooth_and_quantize(spm_f16: Path, imatrix: Path, out: Path, mp: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
@@ -250,6 +252,62 @@ def test_spilled_activations_without_o_tmpfile(how: Callable[[pytest.MonkeyPatch
     _spy(monkeypatch, tempfile, "mkstemp", named)
     assert np.array_equal(_spill_round_trip(tmp_path / "portable"), normal)
     assert len(named) == 1  # the file was made with a name, then unlinked
+
+
+# --- disk reserved before a file is written through a memory map ---------------------------------
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_reserve_space_allocates_the_blocks(tmp_path: Path) -> None:
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("this system has no posix_fallocate")
+    path, size = tmp_path / "f", 8 << 20
+    with open(path, "w+b") as f:
+        portable.reserve_space(f.fileno(), size, path)
+    assert path.stat().st_size == size and _allocated(path) >= size
+
+
+def _fallocate_says(code: int) -> Callable[[pytest.MonkeyPatch], None]:
+    def install(mp: pytest.MonkeyPatch) -> None:
+        def fallocate(fd: int, offset: int, length: int) -> None:
+            raise OSError(code, os.strerror(code))
+
+        mp.setattr(os, "posix_fallocate", fallocate, raising=False)
+    return install
+
+
+@pytest.mark.parametrize("how", [lambda mp: mp.delattr(os, "posix_fallocate", raising=False),
+                                 _fallocate_says(errno.EOPNOTSUPP)],
+                         ids=["posix_fallocate missing", "posix_fallocate refused (EOPNOTSUPP)"])
+def test_reserve_space_without_fallocate_checks_the_free_space(how: Callable[[pytest.MonkeyPatch], None], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    how(monkeypatch)
+    path = tmp_path / "f"
+    with open(path, "w+b") as f:
+        portable.reserve_space(f.fileno(), 1 << 20, path)  # room: nothing to say
+        with pytest.raises(QuantizeError, match="no room on its disk") as err:
+            portable.reserve_space(f.fileno(), _free(tmp_path) + (1 << 30), path)
+    assert err.value.path == path and "GiB free" in str(err.value)
+    assert _allocated(path) < 1 << 20  # the check wrote nothing
+
+
+def test_a_full_disk_stops_spilled_activations_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from quantize.engine.stream import Activations
+
+    _fallocate_says(errno.ENOSPC)(monkeypatch)
+    with pytest.raises(QuantizeError, match=r"quantize-activations-\*\.f16: no room on its disk for"):
+        Activations(3, 4, 8, torch.float32, spill=True, spill_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- the hashing thread without SCHED_IDLE --------------------------------------------------------

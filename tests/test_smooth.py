@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_llama
+from conftest import MakeTemp, load_llama
 
 from quantize.formats.gguf_read import open_gguf
 from quantize.imatrix import Imatrix, ImatrixSettings, compute_imatrix
@@ -18,8 +18,8 @@ from quantize.smooth import SmoothPlan, smooth_gguf
 
 
 @pytest.fixture(scope="module")
-def smoothed(demo: Demo, spm_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, SmoothPlan]:
-    tmp = tmp_path_factory.mktemp("smooth")
+def smoothed(demo: Demo, spm_f16: Path, module_mktemp: MakeTemp) -> tuple[Path, Path, Path, SmoothPlan]:
+    tmp = module_mktemp("smooth")
     im = compute_imatrix(demo.spm, demo.text["calib"], ImatrixSettings(ctx=256, chunks=8)).save(tmp / "im.gguf")
     out, out_im = tmp / "smoothed.F16.gguf", tmp / "smoothed.imatrix.gguf"
     res = subprocess.run([sys.executable, "-m", "quantize", "smooth", str(spm_f16), "--imatrix", str(im), "-o", str(out),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from conftest import MakeTemp
 
 from bench.measure import Shape, random_checkpoint
 from quantize.convert import convert
@@ -20,8 +21,8 @@ TWELVE = Shape(256, 512, 4, 2, 32002, layers=12, eos_token_id=32001)  # the demo
 
 
 @pytest.fixture(scope="module")
-def f16(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("twelve")
+def f16(demo: Demo, module_mktemp: MakeTemp) -> Path:
+    root = module_mktemp("twelve")
     out = root / "twelve.F16.gguf"
     convert(random_checkpoint(root / "hf", TWELVE, demo.spm), out)
     return out

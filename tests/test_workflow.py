@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 import yaml
 from bare import bare_venv, runner_env, snapshot_commit
-from conftest import ARTIFACTS, ROOT
+from conftest import ARTIFACTS, ROOT, MakeTemp
 
 from quantize.models.demo import Demo
 
@@ -501,7 +501,7 @@ def _drop_venvs(tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[JobRun]]:
+def workflow_run(demo: Demo, module_mktemp: MakeTemp) -> Iterator[list[JobRun]]:
     from quantize.engine.lora import train_demo_lora
 
     train_demo_lora(demo.spm, demo.text["train"], demo.root / "lora")  # the recipe's demo:lora, cached like the models
@@ -511,7 +511,7 @@ def workflow_run(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         """The first job starts with the demo cache (a GitHub run would train the demo models there)."""
         shutil.copytree(cache.resolve(), work / "artifacts" / "demo")
 
-    tmp = tmp_path_factory.mktemp("workflow")
+    tmp = module_mktemp("workflow")
     try:
         yield run_workflow(WORKFLOW, ROOT, tmp, seed)
     finally:

@@ -36,7 +36,7 @@ from quantize.architectures import ARCHITECTURES, ExpertNames
 from quantize.errors import QuantizeError
 from quantize.formats.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from quantize.formats.safetensors import read_tensor
-from quantize.portable import unnamed_file
+from quantize.portable import reserve_space, unnamed_file
 from quantize.progress import progress
 
 # torch and transformers are imported inside the functions that build or run the model: the RAM preflight
@@ -389,6 +389,8 @@ class Activations:
         self._file: Any = None
         if spill:  # a file without a name (O_TMPFILE, else unlinked as soon as made): a killed run leaves nothing
             self._file = unnamed_file(spill_dir, prefix="quantize-activations-", suffix=".f16")
+            where = spill_dir or tempfile.gettempdir()
+            reserve_space(self._file.fileno(), int(np.prod(self.shape)) * 2, f"{where}/quantize-activations-*.f16")
             self._map = np.memmap(self._file, dtype=np.float16, mode="w+", shape=self.shape)
             log.info("carried activations spilled to an unnamed file in %s (%.1f GiB, float16)",
                      spill_dir or tempfile.gettempdir(), self._map.nbytes / GiB)
