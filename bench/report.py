@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import imatrix, real, scale, speed
+from bench import imatrix, mix, real, scale, speed
 from quantize.atomic import atomic_file
 
 TITLE = "# Benchmarks"
@@ -83,6 +83,14 @@ def _real(artifacts: Path) -> Recorded | None:
     return Recorded(data["run"], real.table(data))
 
 
+def _mix(artifacts: Path) -> Recorded | None:
+    """``bench-mix/bench-mix.json``, rendered by :func:`bench.mix.table`."""
+    data = load(artifacts / "bench-mix" / "bench-mix.json")
+    if not data or "run" not in data:
+        return None
+    return Recorded(data["run"], mix.table(data))
+
+
 def _scale(artifacts: Path) -> Recorded | None:
     """``bench-scale/results.json`` with at least one measured depth, rendered by :func:`bench.scale.markdown`."""
     data = load(artifacts / "bench-scale" / "results.json")
@@ -95,6 +103,7 @@ SECTIONS = (
     Section("Speed against the reference tools", "nox -s bench", _speed),
     Section("Importance matrix against llama-imatrix", "nox -s bench -- --only imatrix", _imatrix),
     Section("The ladder on a real model, Gemma 3 270M", "nox -s bench-real", _real),
+    Section("Searched per-tensor types against the stock types", "nox -s bench-mix", _mix),
     Section("Every build stage at Mistral-7B's width", "nox -s bench-scale", _scale),
 )
 

@@ -73,7 +73,16 @@ def _gguf(a: argparse.Namespace) -> int:
     from quantize.gguf_quant import QuantizeSettings, quantize_gguf
 
     im = Path(a.imatrix) if a.imatrix else None
-    out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type, im, a.threads, a.smooth, tuple(a.tensor_type)))
+    if a.budget is not None:
+        from quantize.gguf_mix import quantize_to_budget
+
+        if a.type is not None or a.tensor_type:
+            raise QuantizeError(Path(a.input), "--budget chooses every tensor's type; leave out --type and --tensor-type")
+        rep = quantize_to_budget(a.input, a.output, a.budget, im, a.smooth, Path(a.probe_text) if a.probe_text else None, a.threads)
+        predicted = "" if rep.predicted_kld is None else f", predicted mean KLD {rep.predicted_kld:.5f}"
+        print(f"{a.output}: {rep.bytes:,} tensor bytes of {rep.limit:,} allowed ({rep.budget}); {rep.card_line()}{predicted}")
+        return 0
+    out = quantize_gguf(a.input, a.output, QuantizeSettings(a.type or "Q4_K_M", im, a.threads, a.smooth, tuple(a.tensor_type)))
     print(out)
     return 0
 
@@ -267,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("gguf", help="quantize an F16 GGUF with llama.cpp's quantizer")
     s.add_argument("input")
-    s.add_argument("--type", default="Q4_K_M", help="llama.cpp file type name (Q4_K_M, Q6_K, Q8_0, IQ4_XS, ...)")
+    s.add_argument("--type", help="llama.cpp file type name (Q4_K_M, Q6_K, Q8_0, IQ4_XS, ...; default Q4_K_M)")
+    s.add_argument("--budget", help="search each tensor's type for the least predicted KL divergence within a size "
+                                    "(4.2GB, 3.9GiB), bits per weight (4.85bpw) or a stock type's size (Q4_K_M)")
+    s.add_argument("--probe-text", help="with --budget: text the predictor's probe files are scored on (the calibration "
+                                        "text; without it the search minimises the summed weighted errors)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--imatrix", help="importance matrix GGUF (from `quantize imatrix`)")
     s.add_argument("--smooth", action="store_true", help="move activation outliers into the weights first (needs --imatrix)")

@@ -33,6 +33,7 @@ import psutil
 from quantize.architectures import ARCHITECTURES
 from quantize.atomic import atomic_dir, atomic_file, sha256_file
 from quantize.awq import AwqSource
+from quantize.budget import BUDGET_KEY, MIX_SUFFIX, parse_budget
 from quantize.engine.stream import (
     CheckpointSource,
     StreamedModel,
@@ -176,14 +177,11 @@ def _awq_engine(path: Path, settings: EvalSettings) -> Engine:
 
 
 def artifact_kind(path: Path) -> str:
-    """The gate's row for an artifact: the GGUF file type, ``AWQ``/``RTN``, or ``HF``."""
-    if path.is_file():  # the header's file type (read_header skips the vocabulary arrays gguf-py would parse)
-        ft = read_header(path).kv.get("general.file_type")
-        try:
-            name = gguf.LlamaFileType(ft).name if ft is not None else "?"
-        except ValueError:
-            name = str(ft)
-        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    """The gate's row for an artifact: the GGUF file type (a searched mix: ``<budget>-mix``), ``AWQ``/``RTN``,
+    or ``HF``."""
+    if path.is_file():
+        budget = read_header(path).kv.get(BUDGET_KEY)
+        return parse_budget(budget).mix_kind if budget else gguf_file_type(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(path, "not a GGUF file nor a checkpoint folder with config.json")
@@ -193,6 +191,16 @@ def artifact_kind(path: Path) -> str:
         method = json.loads(prov.read_text()).get("method", "awq") if prov.is_file() else "awq"
         return "RTN" if method == "rtn" else "AWQ"
     return "HF"
+
+
+def gguf_file_type(path: Path) -> str:
+    """A GGUF's ``general.file_type`` by name (``Q4_K_M``); the header alone is read, not the vocabulary."""
+    ft = read_header(path).kv.get("general.file_type")
+    try:
+        name = gguf.LlamaFileType(ft).name if ft is not None else "?"
+    except ValueError:
+        name = str(ft)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 ENGINES: dict[str, Callable[[Path, EvalSettings], Engine]] = {
@@ -454,7 +462,8 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
         kld_p99=float(np.percentile(kld_a, 99)), kld_p999=float(np.percentile(kld_a, 99.9)), kld_max=float(kld_a.max()),
         top1_agreement=float(top_a.mean()),
     )
-    th = thresholds.get(kind)
+    # a searched mix passes its own row, else its stock type's (its file type)
+    th = thresholds.get(kind) or (thresholds.get(gguf_file_type(path)) if kind.endswith(MIX_SUFFIX) else None)
     failures = []
     if th is not None:
         # "not <=" so that a NaN (a broken artifact) fails too
@@ -511,8 +520,13 @@ def plot(report: EvalReport, out: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((axes[0], "mean_kld", "mean KL divergence"), (axes[1], "ppl_ratio", "perplexity ratio")):
+        stock = sorted((r for r in report.results if r.name.endswith(".gguf") and not r.kind.endswith(MIX_SUFFIX)),
+                       key=lambda r: r.size_bytes)
+        if len(stock) > 1:  # the stock types' size/quality curve, which a searched mix is measured against
+            ax.plot([r.size_bytes / 2**20 for r in stock], [getattr(r, metric) for r in stock], color="0.7", zorder=0)
         for r in report.results:
-            ax.scatter(r.size_bytes / 2**20, getattr(r, metric))
+            mixed = r.kind.endswith(MIX_SUFFIX)
+            ax.scatter(r.size_bytes / 2**20, getattr(r, metric), marker="*" if mixed else "o", s=90 if mixed else 30)
             ax.annotate(r.kind, (r.size_bytes / 2**20, getattr(r, metric)), textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel("size (MiB)")
         ax.set_ylabel(label)

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from quantize import TOOL_NAME, __version__
 from quantize.atomic import atomic_file, check_output, partial_prefix, sha256_file
+from quantize.budget import BUDGET_KEY
 from quantize.errors import QuantizeError
 from quantize.fingerprint import known_sha256, sha256_when_idle
 from quantize.formats.gguf_read import read_header
@@ -49,6 +50,7 @@ class QuantizeSettings:
     smooth: bool = False  # migrate activation outliers into the weights first (needs the imatrix)
     # (tensor name, ggml type name): that tensor's type instead of the one ``type``'s recipe gives it
     tensor_types: tuple[tuple[str, str], ...] = ()
+    budget: str = ""  # the byte budget a searched mix was made for (recorded in the file)
 
 
 def tensor_pattern(name: str) -> str:
@@ -65,7 +67,7 @@ def ggml_type(name: str, where: Path) -> int:
         raise QuantizeError(where, f"unknown tensor type {name!r}; one of {', '.join(t.name for t in gguf.GGMLQuantizationType)}") from None
 
 
-def _tensor_overrides(types: tuple[tuple[str, str], ...], src: Path, tensors: Mapping[str, Any], has_imatrix: bool) -> Any:
+def tensor_overrides(types: tuple[tuple[str, str], ...], src: Path, tensors: Mapping[str, Any], has_imatrix: bool) -> Any:
     """llama.cpp's null-terminated ``llama_model_tensor_override`` array for ``types``, checked against
     the tensors of ``src`` first."""
     import llama_cpp as L
@@ -156,8 +158,7 @@ def quantize_gguf(src: str | Path, out: str | Path, settings: QuantizeSettings =
         sm, smi = Path(scratch) / src.name, Path(scratch) / settings.imatrix.name
         check_imatrix_fits(Imatrix.load(settings.imatrix), settings.imatrix, src)
         smooth_gguf(src, settings.imatrix, sm, smi)
-        return _quantize(sm, out, QuantizeSettings(settings.type, smi, settings.threads, tensor_types=settings.tensor_types),
-                         src, settings.imatrix)
+        return _quantize(sm, out, replace(settings, imatrix=smi, smooth=False), src, settings.imatrix)
 
 
 def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, origin_imatrix: Path | None = None) -> Path:
@@ -199,10 +200,12 @@ def _quantize(src: Path, out: Path, settings: QuantizeSettings, origin: Path, or
             f"{TOOL_NAME}.gguf.imatrix_sha256": sha256_file(im_file),
         }
     if settings.tensor_types:
-        tt = _tensor_overrides(settings.tensor_types, src, header.tensors, settings.imatrix is not None)
+        tt = tensor_overrides(settings.tensor_types, src, header.tensors, settings.imatrix is not None)
         params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(L.llama_model_tensor_override))
         keep.append(tt)
         overrides[f"{TOOL_NAME}.gguf.tensor_types"] = len(settings.tensor_types)
+    if settings.budget:
+        overrides[BUDGET_KEY] = settings.budget
     kv = _kv_overrides(overrides)
     params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(L.llama_model_kv_override))
     hashed = sha256_when_idle(origin) if input_hash is None else None

@@ -24,6 +24,7 @@ import numpy as np
 from quantize.architectures import ARCHITECTURES, STEPS, for_step
 from quantize.atomic import file_lock
 from quantize.awq import AwqSettings, quantize_awq, ram_need_for, require_autoawq
+from quantize.budget import parse_budget
 from quantize.convert import convert
 from quantize.engine.lora import merge_lora
 from quantize.engine.stream import CheckpointSource, StreamNeed, stream_need
@@ -31,8 +32,20 @@ from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, evaluate, write_report
 from quantize.fingerprint import fingerprint
 from quantize.formats.checkpoint import architecture_of, read_config
+from quantize.gguf_mix import (
+    PROBE_EVAL,
+    MixReport,
+    choose,
+    fit_predictor,
+    load_predictor,
+    mix_name,
+    quantize_to_budget,
+    report_path,
+    save_predictor,
+)
 from quantize.gguf_quant import QuantizeSettings, artifact_name, quantize_gguf
 from quantize.imatrix import ImatrixSettings, compute_imatrix
+from quantize.mix import Sensitivity, measure_sensitivity
 from quantize.quant_types import quant_type
 from quantize.recipe import Ladder as RecipeLadder
 from quantize.recipe import Recipe, load_recipe
@@ -65,6 +78,7 @@ class BuildSettings:
     lora: Path | None = None
     lora_allow_pickle: bool = False
     types: tuple[str, ...] = tuple(t for t in RecipeLadder.gguf if t != "F16")  # the recipe ladder's quantizations
+    budgets: tuple[str, ...] = ()  # searched mixes (quantize.gguf_mix), each measured against the stock type at its budget
     imatrix: ImatrixSettings | None = None  # None: no importance matrix
     smooth: bool = True  # move activation outliers into the weights before quantizing (needs the imatrix)
     awq: AwqSettings | None = None  # None: no AWQ folder
@@ -94,6 +108,8 @@ class Made:
     imatrix: Path | None = None
     smoothed: tuple[Path, Path] | None = None  # (F16, importance matrix) with outliers moved into the weights
     quants: Mapping[str, Path] = field(default_factory=dict)
+    mixes: Mapping[str, Path] = field(default_factory=dict)  # budget -> searched GGUF
+    stocks: Mapping[str, Path] = field(default_factory=dict)  # a budget's stock type, where the ladder lacks it
     awq: Path | None = None
     keys: Mapping[str, str] = field(default_factory=dict)
     report: Mapping[str, Path] = field(default_factory=dict)
@@ -153,6 +169,37 @@ def _gguf(b: Build, m: Made) -> Made:
     return replace(m, quants=quants, keys=keys)
 
 
+def _mix(b: Build, m: Made) -> Made:
+    """Sensitivity and the fitted predictor once (steps), then one searched GGUF per budget, and the stock
+    type at each budget where the ladder does not have it (the gate compares the two)."""
+    s = b.settings
+    src, im = m.smoothed if m.smoothed else (m.f16, m.imatrix)
+    work = b.out / "mix"
+    sens_path, fit_path = work / "sensitivity.json", work / "predictor.json"
+    base = dict(f16=m.keys["F16"], imatrix=m.keys.get("imatrix", ""), smooth=m.keys.get("smooth", ""))
+    sens_key = b.steps.run("mix-sensitivity", sens_path, step_key(stage="mix-sensitivity", **base),
+                           lambda: measure_sensitivity(src, im).save(sens_path))
+    fit_key = b.steps.run("mix-predictor", fit_path,
+                          step_key(stage="mix-predictor", sens=sens_key, text=fingerprint(s.calib), s=asdict(PROBE_EVAL)),
+                          lambda: save_predictor(fit_path, *fit_predictor(src, im, Sensitivity.load(sens_path), s.calib, work)))
+    sens, fitted = Sensitivity.load(sens_path), load_predictor(fit_path)
+    keys, mixes, stocks = dict(m.keys), dict(m.mixes), dict(m.stocks)
+    for text in s.budgets:
+        budget = parse_budget(text)
+        out = b.out / mix_name(s.name, budget)
+        keys[out.name] = b.steps.run(
+            f"gguf-{budget.mix_kind}", out, step_key(stage="mix", predictor=fit_key, budget=budget.text),
+            partial(quantize_to_budget, src, out, text, im, sens=sens, fitted=fitted, origin=m.f16, origin_imatrix=m.imatrix))
+        mixes[budget.text] = out
+        stock = MixReport.load(report_path(out)).stock
+        if stock not in m.quants and stock not in stocks:
+            q = b.out / artifact_name(s.name, stock)
+            keys[stock] = b.steps.run(f"gguf-{stock}", q, step_key(stage="gguf", **base, type=stock),
+                                      partial(quantize_gguf, src, q, QuantizeSettings(stock, im), origin=m.f16, origin_imatrix=m.imatrix))
+            stocks[stock] = q
+    return replace(m, mixes=mixes, stocks=stocks, keys=keys)
+
+
 def _awq(b: Build, m: Made) -> Made:
     s = b.settings
     aws = s.awq
@@ -167,7 +214,7 @@ def _eval(b: Build, m: Made) -> Made:
     s = b.settings
     es = s.eval or EvalSettings()
     eval_dir = b.out / "eval"
-    artifacts = [m.f16, *m.quants.values(), *([m.awq] if m.awq else [])]
+    artifacts = [m.f16, *m.quants.values(), *m.stocks.values(), *m.mixes.values(), *([m.awq] if m.awq else [])]
     need = partial(_stream_need, m.model, es.ctx * (es.chunks or 32), es.batch_tokens, es.ctx // 2)
     # HF's own model in float32 is the reference; for a family without a row (llama.cpp's converter wrote
     # its F16, checked against HF's logits then) the streamed forward does not know its model-level
@@ -191,9 +238,14 @@ def _release(b: Build, m: Made) -> Made:
         return m  # a failed gate publishes nothing
     s = b.settings
     assert s.recipe is not None and s.release_dir is not None
-    inputs = ReleaseInputs(ggufs=(("F16", m.f16), *m.quants.items()), imatrix=m.imatrix, awq=m.awq, report=m.report["json"],
+    results = {r["name"]: r for r in json.loads(m.report["json"].read_text())["results"]}
+    shipped = [choose(budget, mix, {**m.quants, **m.stocks}[MixReport.load(report_path(mix)).stock], results)
+               for budget, mix in m.mixes.items()]
+    ggufs = {"F16": m.f16, **m.quants}
+    ggufs |= {c.kind: c.path for c in shipped if c.kind not in ggufs}
+    inputs = ReleaseInputs(ggufs=tuple(ggufs.items()), imatrix=m.imatrix, awq=m.awq, report=m.report["json"],
                            calib=s.calib, src_key=m.src_key, keys=dict(m.keys),
-                           sources={"base": s.base, **({"lora": s.lora} if s.lora else {})})
+                           sources={"base": s.base, **({"lora": s.lora} if s.lora else {})}, mixes=tuple(c.record for c in shipped))
     return replace(m, release=assemble_release(s.recipe, s.release_dir, inputs, b.steps))
 
 
@@ -228,6 +280,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("smooth", lambda s: s.smooth and s.imatrix is not None and bool(s.types), _smooth),
     Stage("gguf", lambda s: bool(s.types), _gguf),
     Stage("awq", lambda s: s.awq is not None, _awq),
+    Stage("mix", lambda s: bool(s.budgets), _mix),
     Stage("eval", _always, _eval),
     Stage("release", lambda s: s.recipe is not None, _release),
 )
@@ -295,6 +348,7 @@ def recipe_settings(recipe: Recipe, demo_root: Path, until: str = "release", typ
         lora=resolve(recipe.lora, recipe.source, demo_root, "lora") if recipe.lora else None,
         lora_allow_pickle=recipe.lora_allow_pickle,
         types=types or tuple(t for t in lad.gguf if t != "F16"),
+        budgets=() if types else lad.budgets,
         imatrix=ImatrixSettings(lad.imatrix_ctx, lad.imatrix_chunks) if lad.imatrix else None,
         smooth=lad.smooth,
         awq=AwqSettings(samples=lad.awq_samples, seq_len=lad.awq_seq_len) if lad.awq else None,

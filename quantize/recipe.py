@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from quantize.budget import parse_budget
 from quantize.errors import QuantizeError
 from quantize.models.hub import check_revision
 from quantize.quant_types import quant_type
@@ -120,6 +121,8 @@ class Card:
 @dataclass(frozen=True)
 class Ladder:
     gguf: tuple[str, ...] = ("F16", "Q6_K", "Q4_K_M")
+    # searched mixes, written in gguf as tables: gguf = ["Q4_K_M", { budget = "Q4_K_M" }, { budget = "3.5GB" }]
+    budgets: tuple[str, ...] = ()
     awq: bool = True
     imatrix: bool = True
     smooth: bool = True
@@ -226,7 +229,11 @@ def load_recipe(path: str | Path) -> Recipe:
     for key in ("name", "base"):
         if key not in data:
             raise QuantizeError(path, f"missing required key {key!r}")
-    ladder_d = _section(path, "ladder", data.get("ladder", {}), Ladder)
+    ladder_in = data.get("ladder", {})
+    if isinstance(ladder_in, dict) and isinstance(ladder_in.get("gguf"), list):
+        ladder_in = {**ladder_in, "gguf": [t for t in ladder_in["gguf"] if not isinstance(t, dict)],
+                     "budgets": _budgets(path, [t for t in ladder_in["gguf"] if isinstance(t, dict)])}
+    ladder_d = _section(path, "ladder", ladder_in, Ladder)
     for t in ladder_d.get("gguf", ()):
         try:
             quant_type(t)
@@ -246,6 +253,20 @@ def load_recipe(path: str | Path) -> Recipe:
         raise QuantizeError(path, f"hub_repo {top['hub_repo']!r} is not a Hugging Face repo id; write it as \"owner/name\"")
     return Recipe(source=path, ladder=Ladder(**ladder_d), thresholds=thresholds, card=Card(**card_d),
                   revision=_revisions(path, data), **top)
+
+
+def _budgets(path: Path, entries: list[dict[str, Any]]) -> list[str]:
+    """The ``{ budget = "..." }`` entries of ``[ladder] gguf``, each checked, in order, once each."""
+    out: list[str] = []
+    for e in entries:
+        if set(e) != {"budget"} or not isinstance(e["budget"], str):
+            raise QuantizeError(path, f"[ladder] gguf: a table entry is {{ budget = \"Q4_K_M\" }} (a size, bits per weight "
+                                f"or a type name), got {e!r}")
+        b = parse_budget(e["budget"], path).text
+        if b in out:
+            raise QuantizeError(path, f"[ladder] gguf: budget {b} is listed twice")
+        out.append(b)
+    return out
 
 
 def _section_of_tables(path: Path, section: str, data: Any) -> dict[str, Any]:

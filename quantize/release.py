@@ -23,6 +23,7 @@ from typing import Any
 
 from quantize.architectures import rows_of
 from quantize.atomic import atomic_dir, atomic_file, link_or_copy, sha256_file
+from quantize.budget import MIX_SUFFIX, parse_budget
 from quantize.errors import QuantizeError
 from quantize.fingerprint import fingerprint
 from quantize.formats.gguf_read import read_header
@@ -287,7 +288,7 @@ def _ram_needed(size: int, context: int) -> str:
 
 def quality_summary(manifest: dict[str, Any]) -> str:
     """The card's sentence on the quality gate, from the manifest's verdicts."""
-    gated = [a for a in manifest["artifacts"] if a["kind"] in USE_CASES]
+    gated = [a for a in manifest["artifacts"] if a["kind"] in USE_CASES or a["kind"].endswith(MIX_SUFFIX)]
     if gated and all(a["verdict"] == "pass" for a in gated):
         return f"Every file passed its threshold ({len(gated)} of {len(gated)})."
     said = {"pass": "passed its threshold", "fail": "failed its threshold", "not measured": "was not measured"}
@@ -303,6 +304,7 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     tags = ["gguf", "awq", "quantized", *c.tags]
     front = ["---", f"base_model: {c.base_model or recipe.base}", f"quantized_by: {recipe.quantized_by}",
              f"license: {c.license or 'other'}", "tags:", *[f"- {t}" for t in tags], "---", ""]
+    mixes = {parse_budget(m["budget"]).mix_kind: m for m in manifest.get("mixes", []) if m["shipped"] == "mix"}
     rows = ["| file | quant method | bits | size | RAM needed | PPL ratio | mean KLD | use case |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for a in manifest["artifacts"]:
         q = a.get("quality") or {}
@@ -310,11 +312,15 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         if (parts := sum(f["name"].endswith(".gguf") for f in a["files"])) > 1:
             name += f" (+{parts - 1} more parts)"
         method = "llama.cpp " + a["kind"] if a["kind"] != "AWQ" else "AutoAWQ 4-bit g128 GEMM"
+        use = USE_CASES.get(a["kind"], "")
+        if (mix := mixes.get(a["kind"])) is not None:
+            method = f"llama.cpp, types searched per tensor ({mix['raised']} tensors raised, {mix['lowered']} lowered vs {mix['stock']})"
+            use = f"lower KL divergence than {mix['stock']} at no more bytes"
         bits = f"{a['bits_per_weight']:.2f}" if a.get("bits_per_weight") else ("4" if a["kind"] == "AWQ" else "")
         ratio = f"{q['ppl_ratio']:.4f}" if q.get("ppl_ratio") is not None else "–"
         kld = f"{q['mean_kld']:.5f}" if q.get("mean_kld") is not None else "–"
         rows.append(f"| {name} | {method} | {bits} | {a['size'] / 2**30:.2f} GiB | {_ram_needed(a['size'], c.context)} | "
-                    f"{ratio} | {kld} | {USE_CASES.get(a['kind'], '')} |")
+                    f"{ratio} | {kld} | {use} |")
     sampler = "\n".join(f"- {k} = {v}" for k, v in c.sampler.items()) or "- the model's defaults"
     first_gguf = next((a["files"][0]["name"] for a in manifest["artifacts"] if a["kind"] == "Q4_K_M"), "MODEL.gguf")
     body = [
@@ -322,6 +328,7 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         "## Available versions", "", *rows, "",
         f"Quality is measured against the fp16 model on held-out text (reference perplexity {manifest.get('reference_ppl') or 0:.3f}): "
         f"perplexity ratio and mean KL divergence, llama-perplexity's method. {quality_summary(manifest)}", "",
+        *_mix_lines(manifest),
         "## Prompt format", "", "```", prompt, "```", "",
         f"Stop strings: {', '.join(repr(s) for s in (c.stop or fmt.stop))}", "",
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
@@ -334,6 +341,19 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     if c.credits:
         body += ["## Credits", "", c.credits, ""]
     return "\n".join(front + body)
+
+
+def _mix_lines(manifest: dict[str, Any]) -> list[str]:
+    """The card's account of each searched mix: shipped, or the stock type instead and why."""
+    lines = []
+    for m in manifest.get("mixes", []):
+        if m["shipped"] == "mix":
+            lines.append(f"- `{m['mix_file']}` (budget {m['budget']}): each tensor's type chosen for the least predicted KL "
+                         f"divergence within {m['stock']}'s size; mean KLD {m['mix_kld']:.5f} against {m['stock']}'s "
+                         f"{m['stock_kld']:.5f}.")
+        else:
+            lines.append(f"- Budget {m['budget']}: {m['stock']} ships, because {m['why']}.")
+    return [*lines, ""] if lines else []
 
 
 def _koboldcpp_section(recipe: Recipe, stem: str) -> list[str]:
@@ -374,6 +394,7 @@ class ReleaseInputs:
     src_key: str
     keys: dict[str, str]
     sources: dict[str, Path]  # recipe part ("base", "lora") -> the folder it resolved to
+    mixes: tuple[dict[str, Any], ...] = ()  # per budget: the searched mix or the stock type shipped, and why
 
 
 def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Steps) -> Path:
@@ -383,7 +404,7 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
     quality = json.loads(made.report.read_text())
     split_max = int(recipe.ladder.split_max_gb * GB) if recipe.ladder.split_max_gb else None
     key = step_key(stage="release", eval=fingerprint(made.report), recipe=fingerprint(recipe.source),
-                   files={p.name: fingerprint(p) for _, p in made.ggufs}, split=split_max,
+                   files={p.name: fingerprint(p) for _, p in made.ggufs}, split=split_max, mixes=made.mixes,
                    awq=made.keys.get("AWQ"), imatrix=made.keys.get("imatrix"))
 
     def assemble() -> None:
@@ -407,6 +428,8 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
             specs = {"base": recipe.base, "lora": recipe.lora}
             manifest["sources"] = {part: source_record(spec, path, recipe.revision.get(part))
                                    for part, path in made.sources.items() if (spec := specs[part])}
+            if made.mixes:
+                manifest["mixes"] = list(made.mixes)
             write_release_files(tmp, recipe, manifest)
 
     steps.run("release", out, key, assemble)
