@@ -152,8 +152,8 @@ class Shipped:
 
 
 def choose(budget: str, mix: Path, stock: Path, results: dict[str, dict[str, Any]]) -> Shipped:
-    """The mix when its mean KL divergence in the gate's ``results`` (by file name) is lower than the stock
-    type's and its tensor bytes are within the budget (for a type's name: that type's tensor bytes; for a
+    """The mix when it passed its gate, its mean KL divergence in the gate's ``results`` (by file name) is
+    lower than the stock type's and its tensor bytes are within the budget (for a type's name: that type's tensor bytes; for a
     size or bits per weight, the stock type is the largest that fits it); otherwise the stock type, and why."""
     rep = MixReport.load(report_path(mix))
     mine, theirs = results[mix.name]["mean_kld"], results[stock.name]["mean_kld"]
@@ -161,9 +161,11 @@ def choose(budget: str, mix: Path, stock: Path, results: dict[str, dict[str, Any
     record = {"budget": budget, "stock": rep.stock, "mix_file": mix.name, "mix_kld": mine, "stock_kld": theirs,
               "mix_tensor_bytes": mix_bytes, "stock_tensor_bytes": stock_bytes, "predicted_kld": rep.predicted_kld,
               "raised": rep.raised, "lowered": rep.lowered, "plan": rep.plan}
-    if mine < theirs and mix_bytes <= rep.limit:
+    failed = results[mix.name]["failures"]
+    if mine < theirs and mix_bytes <= rep.limit and not failed:
         return Shipped(parse_budget(budget).mix_kind, mix, {**record, "shipped": "mix"})
     why = (f"the searched mix's mean KLD {mine:.5f} is not below {rep.stock}'s {theirs:.5f}" if mine >= theirs else
-           f"the searched mix has {mix_bytes:,} tensor bytes, more than the budget's {rep.limit:,}")
+           f"the searched mix has {mix_bytes:,} tensor bytes, more than the budget's {rep.limit:,}" if mix_bytes > rep.limit else
+           f"the searched mix failed its gate ({failed[0]})")
     log.warning("budget %s: shipping %s: %s", budget, rep.stock, why)
     return Shipped(rep.stock, stock, {**record, "shipped": "stock", "why": why})

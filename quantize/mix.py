@@ -26,6 +26,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from quantize import ggml
+from quantize.atomic import atomic_file
 from quantize.budget import Budget
 from quantize.errors import QuantizeError
 from quantize.formats.gguf_read import open_gguf, read_header
@@ -160,8 +162,6 @@ class Sensitivity:
     candidates: tuple[str, ...]
 
     def save(self, path: Path) -> None:
-        from quantize.atomic import atomic_file
-
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(asdict(self), indent=1))
 
@@ -219,8 +219,6 @@ def _tensor_errors(rows_by_expert: list[tuple[int, np.ndarray]], types: tuple[st
 def measure_sensitivity(src: Path, imatrix: Path | None, threads: int = 0) -> Sensitivity:
     """Every quantizable tensor of the F16 GGUF ``src`` (as llama.cpp's dry run lists them), one at a
     time, round-tripped through each candidate type by ggml (on rows spread over the tensor)."""
-    import os
-
     means = Imatrix.load(imatrix).means() if imatrix is not None else {}
     dry = dry_run(src, "Q8_0")
     reader = open_gguf(src)

@@ -69,7 +69,7 @@ def test_the_sensitivity_is_llama_cpps_own_rounding(spm_f16: Path, imatrix: Path
 
     means = Imatrix.load(imatrix).means()
     name = "blk.1.ffn_down.weight"
-    for qtype in ("Q3_K", "IQ4_XS", "Q5_K", "IQ3_S"):
+    for qtype in ("Q3_K", "IQ4_XS", "Q5_K"):  # a 3-bit and a 5-bit K-quant, and a non-linear IQ grid
         q = quantize_gguf(spm_f16, tmp_path / f"{qtype}.gguf",
                           QuantizeSettings("Q8_0", imatrix, tensor_types=((name, qtype),)))
         t = next(t for t in open_gguf(q).tensors if t.name == name)
@@ -140,7 +140,7 @@ def test_a_build_ships_the_stock_type_when_the_mix_loses(demo: Demo, tmp_path: P
         return Predictor(classes={"output": 1e-9, "token_embd": 1e6}), []
 
     monkeypatch.setattr(pipeline, "fit_predictor", starving)
-    recipe = _recipe(tmp_path, demo)
+    recipe = _recipe(tmp_path, demo, ladder="eval_windows = 8\nimatrix_chunks = 8\n")
     recipe.write_text(recipe.read_text().replace('gguf = ["F16", "Q4_K_M"]', 'gguf = ["F16", { budget = "5.5bpw" }]'))
     rel = build_release(recipe, tmp_path / "art", demo_root=DEMO_ROOT)
     manifest = json.loads((rel.root / "manifest.json").read_text())
