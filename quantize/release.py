@@ -32,6 +32,7 @@ from quantize.imatrix import Imatrix
 from quantize.models.hub import source_record
 from quantize.recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
 from quantize.resources import check_free_space
+from quantize.run_memory import shape_of
 from quantize.steps import Steps, step_key
 from quantize.versions import tool_versions
 
@@ -67,6 +68,7 @@ class Artifact:
     files: tuple[Path, ...]  # relative to the release folder
     bits_per_weight: float | None
     inputs: dict[str, str]  # name -> sha256 of what it was built from
+    ram_bytes: int | None = None  # running it at the card's context (quantize.run_memory)
 
 
 def bits_per_weight(path: Path) -> float | None:
@@ -96,7 +98,7 @@ def make_manifest(root: Path, recipe: Recipe, artifacts: list[Artifact], quality
         q = results.get(evaluated_name(a)) or {}
         entries.append({
             "kind": a.kind, "files": files, "size": sum(f["size"] for f in files), "bits_per_weight": a.bits_per_weight,
-            "inputs": a.inputs,
+            "ram_bytes": a.ram_bytes, "inputs": a.inputs,
             "quality": {k: q.get(k) for k in ("ppl", "ppl_ratio", "mean_kld", "kld_p99", "top1_agreement")} if q else None,
             "verdict": ("pass" if not q.get("failures") else "fail") if q else "not measured",
         })
@@ -281,9 +283,8 @@ def _unsplit_stem(name: str) -> str:
     return re.sub(r"-\d{5}-of-\d{5}$", "", Path(name).stem)
 
 
-def _ram_needed(size: int, context: int) -> str:
-    # weights plus a KV cache and compute buffers: a rule of thumb from llama.cpp's own estimates
-    return f"{(size * 1.05 + context * 2**20 * 0.25) / 2**30:.1f} GiB"
+def _ram_needed(artifact: dict[str, Any]) -> str:
+    return f"{artifact['ram_bytes'] / 2**30:.1f} GiB" if artifact.get("ram_bytes") else "–"
 
 
 def quality_summary(manifest: dict[str, Any]) -> str:
@@ -319,7 +320,7 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         bits = f"{a['bits_per_weight']:.2f}" if a.get("bits_per_weight") else ("4" if a["kind"] == "AWQ" else "")
         ratio = f"{q['ppl_ratio']:.4f}" if q.get("ppl_ratio") is not None else "–"
         kld = f"{q['mean_kld']:.5f}" if q.get("mean_kld") is not None else "–"
-        rows.append(f"| {name} | {method} | {bits} | {a['size'] / 2**30:.2f} GiB | {_ram_needed(a['size'], c.context)} | "
+        rows.append(f"| {name} | {method} | {bits} | {a['size'] / 2**30:.2f} GiB | {_ram_needed(a)} | "
                     f"{ratio} | {kld} | {use} |")
     sampler = "\n".join(f"- {k} = {v}" for k, v in c.sampler.items()) or "- the model's defaults"
     first_gguf = next((a["files"][0]["name"] for a in manifest["artifacts"] if a["kind"] == "Q4_K_M"), "MODEL.gguf")
@@ -329,6 +330,8 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         f"Quality is measured against the fp16 model on held-out text (reference perplexity {manifest.get('reference_ppl') or 0:.3f}): "
         f"perplexity ratio and mean KL divergence, llama-perplexity's method. {quality_summary(manifest)}", "",
         *_mix_lines(manifest),
+        f"RAM needed: the file, an f16 KV cache for a {c.context}-token context and llama.cpp's compute buffer (an "
+        "estimate from the model's shape); full GPU offload needs about as much VRAM.", "",
         "## Prompt format", "", "```", prompt, "```", "",
         f"Stop strings: {', '.join(repr(s) for s in (c.stop or fmt.stop))}", "",
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
@@ -415,7 +418,7 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
                 shards = place_gguf(path, tmp, split_max)
                 presets = koboldcpp_presets(tmp, shards[0].name, recipe)
                 files = (*(Path(s.name) for s in shards), *(Path(p.name) for p in presets))
-                arts.append(Artifact(kind, files, bits_per_weight(path), source))
+                arts.append(Artifact(kind, files, bits_per_weight(path), source, _ram(path, recipe)))
             if made.imatrix is not None:
                 link_or_copy(made.imatrix, tmp / made.imatrix.name)
                 (tmp / "imatrix.txt").write_text(_imatrix_description(made.imatrix, made.calib))
@@ -423,7 +426,7 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
             if made.awq is not None:
                 link_or_copy(made.awq, tmp / made.awq.name)
                 files = tuple(sorted(p.relative_to(tmp) for p in (tmp / made.awq.name).rglob("*") if p.is_file()))
-                arts.append(Artifact("AWQ", files, None, source))
+                arts.append(Artifact("AWQ", files, None, source, _ram(made.awq, recipe)))
             manifest = make_manifest(tmp, recipe, arts, quality)
             specs = {"base": recipe.base, "lora": recipe.lora}
             manifest["sources"] = {part: source_record(spec, path, recipe.revision.get(part))
@@ -434,6 +437,12 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
 
     steps.run("release", out, key, assemble)
     return out
+
+
+def _ram(artifact: Path, recipe: Recipe) -> int:
+    """Memory to run ``artifact`` at the card's context: its size, KV cache and compute buffer."""
+    size = artifact.stat().st_size if artifact.is_file() else sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+    return shape_of(artifact).ram_bytes(size, recipe.card.context)
 
 
 def _check_split_space(out: Path, ggufs: list[Path], split_max: int | None) -> None:

@@ -18,6 +18,7 @@ from quantize.models.demo import Demo, build_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
+DEMO_ROOT = ARTIFACTS / "demo"
 
 
 MakeTemp = Callable[[str], Path]
@@ -124,3 +125,12 @@ def ladder(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignor
     out = tmp_path_factory.mktemp("ladder") / "Demo-Mistral-ChatML"
     return build_ladder(BuildSettings("Demo-Mistral-ChatML", demo.spm, demo.text["calib"], demo.text["eval"],
                                       imatrix=ImatrixSettings(512, 64), eval=EvalSettings(512, 16), until="eval"), out)
+
+
+@pytest.fixture(scope="session")
+def release(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The shipped demo recipe (LoRA merge, F16, Q6_K, Q4_K_M and its searched mix, AWQ, gate, release folder),
+    built once."""
+    from quantize.pipeline import build_release
+
+    return build_release(ROOT / "recipes" / "demo.toml", tmp_path_factory.mktemp("release"), demo_root=DEMO_ROOT)

@@ -12,8 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import ROOT, MakeTemp
-from test_release import DEMO_ROOT, _recipe
+from conftest import DEMO_ROOT, ROOT, MakeTemp
+from test_release import _recipe
 
 from quantize import ggml
 from quantize.errors import QuantizeError

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, ROOT
+from conftest import DEMO_ROOT, ROOT
 from kill import BuildStep, cli, killed_then_rerun
 
 from quantize.errors import QuantizeError
@@ -20,8 +20,6 @@ from quantize.formats.gguf_read import open_gguf
 from quantize.models.demo import Demo
 from quantize.pipeline import build_release
 from quantize.release import verify
-
-DEMO_ROOT = ARTIFACTS / "demo"
 
 
 def _recipe(tmp: Path, demo: Demo, ladder: str = "", **over: str) -> Path:
@@ -35,12 +33,6 @@ def _recipe(tmp: Path, demo: Demo, ladder: str = "", **over: str) -> Path:
     path = tmp / "tiny.toml"
     path.write_text(body)
     return path
-
-
-@pytest.fixture(scope="session")
-def release(demo: Demo, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """The shipped demo recipe (LoRA merge, F16, Q6_K, Q4_K_M, AWQ, gate, release folder), built once."""
-    return build_release(ROOT / "recipes" / "demo.toml", tmp_path_factory.mktemp("release"), demo_root=DEMO_ROOT)
 
 
 def test_demo_release_is_complete_and_verifies(release) -> None:  # type: ignore[no-untyped-def]
