@@ -110,10 +110,10 @@ def quantize_to_budget(src: str | Path, out: str | Path, budget: str, imatrix: P
     b = parse_budget(budget, src)
     check_output(out, [src, imatrix, text])
     read_header(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if smooth:
         if imatrix is None:
             raise QuantizeError(src, "--smooth needs the activation statistics of an importance matrix; pass --imatrix FILE")
-        out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=partial_prefix(out), dir=out.parent) as scratch:
             sm, smi = Path(scratch) / src.name, Path(scratch) / imatrix.name
             smooth_gguf(src, imatrix, sm, smi)
@@ -133,7 +133,9 @@ def quantize_to_budget(src: str | Path, out: str | Path, budget: str, imatrix: P
                   origin=origin or src, origin_imatrix=origin_imatrix or imatrix)
     written = read_header(out).data_bytes
     if written != plan_bytes(sens, plan):
-        raise QuantizeError(out, f"llama.cpp wrote {written:,} tensor bytes where the plan has {plan_bytes(sens, plan):,}")
+        out.unlink()
+        raise QuantizeError(out, f"llama.cpp wrote {written:,} tensor bytes where the plan has {plan_bytes(sens, plan):,}; "
+                            "this llama.cpp's quantizer does not apply the plan as written (nothing kept)")
     report = MixReport(b.text, limit, stock, stock_bytes, written,
                        predictor.predict(sens, plan) if predictor else None, raised, lowered, plan,
                        asdict(predictor) if predictor else {}, [asdict(p) for p in probes])

@@ -44,6 +44,7 @@ from quantize.errors import QuantizeError
 from quantize.formats.gguf_read import open_gguf, read_header
 from quantize.gguf_quant import tensor_overrides
 from quantize.imatrix import Imatrix
+from quantize.progress import progress
 from quantize.quant_types import quant_type
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def measure_sensitivity(src: Path, imatrix: Path | None, threads: int = 0) -> Se
             job = pool.submit(lambda arr, ts, im, n: _tensor_errors(_sampled_rows(arr, n), ts, im, n),
                               data[name].data, types, means.get(name), d.ne[0])  # rows read in the worker, from the map
             jobs.append((name, d, types, job))
-        for name, d, types, job in jobs:
+        for name, d, types, job in progress(jobs, len(jobs), "sensitivity (tensors)"):
             cls, block = tensor_class(name)
             out.append(TensorOptions(name, cls, block, d.ne, {t: d.rows * ggml.row_size(t, d.ne[0]) for t in types},
                                      job.result()))

@@ -33,6 +33,8 @@ from quantize.models.hub import source_record
 from quantize.recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
 from quantize.resources import check_free_space
 from quantize.run_memory import shape_of
+from quantize.sillytavern import SUFFIX as TAVERN_SUFFIX
+from quantize.sillytavern import write_sillytavern
 from quantize.steps import Steps, step_key
 from quantize.versions import tool_versions
 
@@ -50,6 +52,9 @@ USE_CASES = {
     "AWQ": "4-bit for GPU servers (vLLM, TGI, SGLang, transformers)",
 }
 
+
+SILLYTAVERN = "SillyTavern"  # the manifest kind of <Model>.SillyTavern.json
+SUPPORT_FILES = {"imatrix", SILLYTAVERN}  # listed and checksummed, not rows of the card's table of versions
 
 MANIFEST_PACKAGES = ("llama-cpp-python", "gguf", "transformers", "torch", "autoawq")
 
@@ -308,6 +313,8 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     mixes = {parse_budget(m["budget"]).mix_kind: m for m in manifest.get("mixes", []) if m["shipped"] == "mix"}
     rows = ["| file | quant method | bits | size | RAM needed | PPL ratio | mean KLD | use case |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for a in manifest["artifacts"]:
+        if a["kind"] in SUPPORT_FILES:
+            continue
         q = a.get("quality") or {}
         name = a["files"][0]["name"] if a["kind"] != "AWQ" else str(Path(a["files"][0]["name"]).parent) + "/"
         if (parts := sum(f["name"].endswith(".gguf") for f in a["files"])) > 1:
@@ -336,6 +343,10 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         f"Stop strings: {', '.join(repr(s) for s in (c.stop or fmt.stop))}", "",
         "## Suggested settings", "", sampler, f"- context: {c.context}", "",
         "## Use with koboldcpp", "", *_koboldcpp_section(recipe, _unsplit_stem(first_gguf)), "",
+        "## Use with SillyTavern", "",
+        f"`{recipe.name}{TAVERN_SUFFIX}` holds the prompt format as SillyTavern instruct and context templates and the "
+        "system prompt: import it once under Advanced Formatting (Master Import), then connect to koboldcpp or llama.cpp's "
+        "server as a text-completion API.", "",
         "## Use with llama.cpp", "", "```", f"llama-cli -m {first_gguf} -c {c.context} -cnv", "```", "",
         f"The GGUFs need llama.cpp {min_llama_cpp(manifest.get('architecture'))} "
         "or newer, or a koboldcpp built on it.", "",
@@ -423,6 +434,8 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
                 link_or_copy(made.imatrix, tmp / made.imatrix.name)
                 (tmp / "imatrix.txt").write_text(_imatrix_description(made.imatrix, made.calib))
                 arts.append(Artifact("imatrix", (Path(made.imatrix.name), Path("imatrix.txt")), None, {}))
+            tavern = write_sillytavern(tmp, recipe.name, recipe)
+            arts.append(Artifact(SILLYTAVERN, (Path(tavern.name),), None, {}))
             if made.awq is not None:
                 link_or_copy(made.awq, tmp / made.awq.name)
                 files = tuple(sorted(p.relative_to(tmp) for p in (tmp / made.awq.name).rglob("*") if p.is_file()))

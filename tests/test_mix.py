@@ -147,7 +147,7 @@ def test_a_build_ships_the_stock_type_when_the_mix_loses(demo: Demo, tmp_path: P
     (mix,) = manifest["mixes"]
     assert mix["shipped"] == "stock" and mix["mix_kld"] >= mix["stock_kld"] and "is not below" in mix["why"]
     stock = mix["stock"]
-    assert [a["kind"] for a in manifest["artifacts"]] == ["F16", stock, "imatrix"]
+    assert [a["kind"] for a in manifest["artifacts"]] == ["F16", stock, "imatrix", "SillyTavern"]
     assert not any("-mix" in p.name for p in rel.root.iterdir())
     assert f"Budget 5.5bpw: {stock} ships, because" in (rel.root / "README.md").read_text()
-    assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] != "imatrix")
+    assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] not in ("imatrix", "SillyTavern"))

@@ -39,8 +39,8 @@ def test_demo_release_is_complete_and_verifies(release) -> None:  # type: ignore
     root = release.root
     manifest = json.loads((root / "manifest.json").read_text())
     kinds = [a["kind"] for a in manifest["artifacts"]]
-    assert kinds == ["F16", "Q6_K", "Q4_K_M", "Q4_K_M-mix", "imatrix", "AWQ"]
-    assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] != "imatrix")
+    assert kinds == ["F16", "Q6_K", "Q4_K_M", "Q4_K_M-mix", "imatrix", "SillyTavern", "AWQ"]
+    assert all(a["verdict"] == "pass" for a in manifest["artifacts"] if a["kind"] not in ("imatrix", "SillyTavern"))
     assert verify(root).ok
     assert manifest["tools"]["llama-cpp-python"] and manifest["evaluation_text_sha256"]
     assert manifest["sources"] == {"base": {"spec": "demo:mistral-spm", "pinned": None, "commit": None},

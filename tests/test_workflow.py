@@ -551,7 +551,7 @@ def test_workflow_runs_end_to_end_and_the_release_verifies(workflow_run: list[Jo
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     manifest = json.loads((releases[0] / "manifest.json").read_text())
-    assert [a["kind"] for a in manifest["artifacts"]] == ["F16", "Q6_K", "Q4_K_M", "Q4_K_M-mix", "imatrix", "AWQ"]
+    assert [a["kind"] for a in manifest["artifacts"]] == ["F16", "Q6_K", "Q4_K_M", "Q4_K_M-mix", "imatrix", "SillyTavern", "AWQ"]
 
 
 def test_no_job_rebuilds_another_jobs_work(workflow_run: list[JobRun]) -> None:
