@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -93,7 +94,7 @@ def _stock_plan(src: Path, qtype: str, sens: Sensitivity) -> dict[str, str] | No
 
 
 def run_model(m: BenchModel, artifacts: Path, texts: dict[str, Path]) -> dict[str, Any]:
-    work = artifacts / "bench-mix" / m.name.split(" (")[0].replace(" ", "-")
+    work = artifacts / "bench-mix" / re.sub(r"[^A-Za-z0-9.]+", "-", m.name.split(" (")[0])
     work.mkdir(parents=True, exist_ok=True)
     hf = m.checkpoint(artifacts)
     f16 = work / "F16.gguf"
