@@ -381,6 +381,12 @@ def build_release(recipe_path: Path | None = None, artifacts: Path = Path("artif
         return Release(ladder.release or build_dir, ladder, ladder.failures)
 
 
+def _type_size(f16: int, qtype: str) -> int:
+    """A GGUF type's size from the F16's: the middle of its bits-per-weight band over 16."""
+    low, high = quant_type(qtype).bpw
+    return int(f16 * (low + high) / 2 / 16)
+
+
 def _check_build_space(s: BuildSettings, build_dir: Path) -> None:
     """Refuse before building when the disk cannot hold the artifacts still to be made."""
     f16 = sum(p.stat().st_size for p in s.base.glob("*.safetensors"))  # fp16 weights: the F16 GGUF's size
@@ -390,8 +396,14 @@ def _check_build_space(s: BuildSettings, build_dir: Path) -> None:
     if s.smooth and s.imatrix is not None and s.types:
         todo[build_dir / f"{s.name}.F16.smoothed.gguf"] = f16
     for t in s.types:
-        low, high = quant_type(t).bpw
-        todo[build_dir / artifact_name(s.name, t)] = int(f16 * (low + high) / 2 / 16)
+        todo[build_dir / artifact_name(s.name, t)] = _type_size(f16, t)
+    for text in s.budgets:  # the mix, and the stock type it is measured against where the ladder lacks it
+        b = parse_budget(text)
+        size = _type_size(f16, str(b.value)) if b.kind == "type" else int(b.value) if b.kind == "bytes" else int(f16 * float(b.value) / 16)
+        todo[build_dir / mix_name(s.name, b)] = size
+        # a size's stock type is chosen by dry runs later: counted under a name of its own
+        stock = artifact_name(s.name, str(b.value)) if b.kind == "type" else f"{mix_name(s.name, b)}.stock"
+        todo.setdefault(build_dir / stock, size)
     if s.awq is not None:
         todo[build_dir / f"{s.name}-AWQ"] = int(f16 * AWQ_OF_FP16)
     need = sum(size for path, size in todo.items() if not path.exists())
