@@ -140,14 +140,19 @@ def run_model(m: BenchModel, artifacts: Path, texts: dict[str, Path]) -> dict[st
             "ranked_as_gate": ranked_as_gate(rows)}
 
 
-def ranked_as_gate(rows: list[dict[str, Any]]) -> dict[str, int]:
+def ranked_as_gate(rows: list[dict[str, Any]], tie: float = 1e-9) -> dict[str, int]:
     """Of the pairs of files with a prediction (each searched file, each stock plan made of candidate
-    types), how many the predicted KL divergence puts in the measured order."""
+    types), how many the predicted KL divergence orders as the gate measured them, how many it orders the
+    other way, and how many are tied in either (the same plan at two budgets, errors of zero)."""
     pts = [(r["predicted_mix"], r["mix_kld"]) for r in rows]
     pts += [(r["predicted_stock"], r["stock_kld"]) for r in rows if r["predicted_stock"] is not None]
-    pairs = [(a, b) for i, a in enumerate(pts) for b in pts[i + 1 :]]
-    agree = sum((a[0] - b[0]) * (a[1] - b[1]) > 0 for a, b in pairs)
-    return {"pairs": len(pairs), "in_order": agree}
+    out = {"pairs": 0, "in_order": 0, "reversed": 0, "tied": 0}
+    for i, a in enumerate(pts):
+        for b in pts[i + 1 :]:
+            out["pairs"] += 1
+            dp, dm = a[0] - b[0], a[1] - b[1]
+            out["tied" if abs(dp) <= tie or abs(dm) <= tie else "in_order" if dp * dm > 0 else "reversed"] += 1
+    return out
 
 
 def table(res: dict[str, Any]) -> str:
@@ -168,10 +173,10 @@ def table(res: dict[str, Any]) -> str:
     for m in res["models"]:
         stock_s = sum(r["stock_s"] for r in m["rows"]) / len(m["rows"])
         search_s = sum(r["search_s"] for r in m["rows"]) / len(m["rows"])
-        rk = m["ranked_as_gate"]
+        rk = ranked_as_gate(m["rows"])
         lines.append(f"| {m['model']} | {m['imatrix_s']:.0f} s | {m['sensitivity_s']:.0f} s ({m['tensors']} tensors) | "
                      f"{m['probes_s']:.0f} s ({m['probes']}) | {stock_s:.1f} s | {search_s:.1f} s | "
-                     f"{rk['in_order']} of {rk['pairs']} pairs |")
+                     f"{rk['in_order']} of {rk['pairs']} pairs in order, {rk['reversed']} reversed, {rk['tied']} tied |")
     notes = [f"- {m['model']}: {m['note']}." for m in res["models"] if m["note"]]
     verdicts = []
     for m in (m for m in res["models"] if m["target"]):
