@@ -60,12 +60,12 @@ def test_card_table_matches_manifest(release) -> None:  # type: ignore[no-untype
     assert card.startswith("---\nbase_model: ") and "quantized_by: quantize" in card and "license: apache-2.0" in card
     assert "## Available versions" in card and "<|im_start|>system" in card and "koboldcpp" in card
     # the gate's summary comes from the verdicts; the koboldcpp section names its minimum version and the folder
-    assert "Every file passed its threshold (4 of 4)." in card
+    assert "Every file passed its threshold (5 of 5)." in card  # F16, Q6_K, Q4_K_M, its searched mix, AWQ
     assert "Needs koboldcpp 1.107 or newer" in card
     assert "cd /path/to/the/files && koboldcpp --config Demo-Mistral-ChatML.Q4_K_M.kcpps" in card
     rows = [ln for ln in card.splitlines() if ln.startswith("| Demo-Mistral-ChatML")]
-    assert len(rows) == len(manifest["artifacts"])
-    for row, a in zip(rows, manifest["artifacts"], strict=True):
+    versions = [a for a in manifest["artifacts"] if a["kind"] not in ("imatrix", "SillyTavern")]  # listed, not versions
+    for row, a in zip(rows, versions, strict=True):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0].rstrip("/") == (a["files"][0]["name"] if a["kind"] not in ("AWQ",) else a["files"][0]["name"].split("/")[0])
         assert cells[3] == f"{a['size'] / 2**30:.2f} GiB"
@@ -82,7 +82,7 @@ def test_koboldcpp_presets_name_existing_ggufs(release) -> None:  # type: ignore
                     "stop_sequence": ["<|im_end|>"], "stop": ["<|im_end|>"]}
     for suffix in (".kcpps", ".kcppt"):
         presets = sorted(root.glob(f"*{suffix}"))
-        assert len(presets) == 3 and {p.name for p in presets} <= listed
+        assert len(presets) == 4 and {p.name for p in presets} <= listed  # F16, Q6_K, Q4_K_M and its mix
         for p in presets:
             preset = json.loads(p.read_text())
             assert p.name == preset["model_param"].removesuffix(".gguf") + suffix  # no hub_repo: the file name
@@ -275,7 +275,8 @@ def test_unknown_sampler_setting(demo: Demo, tmp_path: Path) -> None:
 # (text replaced in the demo recipe, the words of the one-line refusal)
 WRONG_VALUES = {
     "name not a string": ('name = "Demo-Mistral-ChatML"', "name = 5", "[top level] name must be a string, got 5"),
-    "gguf not a list": ('gguf = ["F16", "Q6_K", "Q4_K_M"]', 'gguf = "Q4_K_M"', "[ladder] gguf must be a list of str"),
+    "gguf not a list": ('gguf = ["F16", "Q6_K", "Q4_K_M", { budget = "Q4_K_M" }]', 'gguf = "Q4_K_M"',
+                        "[ladder] gguf must be a list of str"),
     "awq_samples zero": ("awq_samples = 16", "awq_samples = 0", "[ladder] awq_samples must be an integer >= 1, got 0"),
     "awq flag a string": ("awq = true", 'awq = "yes"', "[ladder] awq must be true or false"),
     "context a string": ("context = 2048", 'context = "4k"', "[card] context must be an integer >= 1, got '4k'"),
