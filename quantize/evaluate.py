@@ -180,8 +180,8 @@ def artifact_kind(path: Path) -> str:
     """The gate's row for an artifact: the GGUF file type (a searched mix: ``<budget>-mix``), ``AWQ``/``RTN``,
     or ``HF``."""
     if path.is_file():
-        budget = read_header(path).kv.get(BUDGET_KEY)
-        return parse_budget(budget).mix_kind if budget else gguf_file_type(path)
+        kv = read_header(path).kv
+        return parse_budget(kv[BUDGET_KEY]).mix_kind if kv.get(BUDGET_KEY) else file_type_name(kv)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QuantizeError(path, "not a GGUF file nor a checkpoint folder with config.json")
@@ -193,9 +193,9 @@ def artifact_kind(path: Path) -> str:
     return "HF"
 
 
-def gguf_file_type(path: Path) -> str:
-    """A GGUF's ``general.file_type`` by name (``Q4_K_M``); the header alone is read, not the vocabulary."""
-    ft = read_header(path).kv.get("general.file_type")
+def file_type_name(kv: dict[str, Any]) -> str:
+    """A GGUF header's ``general.file_type`` by name (``Q4_K_M``)."""
+    ft = kv.get("general.file_type")
     try:
         name = gguf.LlamaFileType(ft).name if ft is not None else "?"
     except ValueError:
@@ -463,7 +463,7 @@ def score_artifact(path: Path, ref: Reference, settings: EvalSettings, threshold
         top1_agreement=float(top_a.mean()),
     )
     # a searched mix passes its own row, else its stock type's (its file type)
-    th = thresholds.get(kind) or (thresholds.get(gguf_file_type(path)) if kind.endswith(MIX_SUFFIX) else None)
+    th = thresholds.get(kind) or (thresholds.get(file_type_name(read_header(path).kv)) if kind.endswith(MIX_SUFFIX) else None)
     failures = []
     if th is not None:
         # "not <=" so that a NaN (a broken artifact) fails too

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,15 @@ from quantize.evaluate import EvalSettings
 from quantize.formats.gguf_read import read_header
 from quantize.gguf_quant import QuantizeSettings, quantize_gguf
 from quantize.mix import (
+    STOCK,
     Predictor,
     Sensitivity,
     allocate,
-    budget_bytes,
+    budget_limit,
     compare_with_stock,
-    dry_run,
     measure_sensitivity,
     plan_bytes,
-    stock_for,
+    tensor_bytes,
 )
 from quantize.mix_fit import Probe, measure_probes
 from quantize.smooth import smooth_gguf
@@ -124,10 +125,12 @@ def quantize_to_budget(src: str | Path, out: str | Path, budget: str, imatrix: P
         with tempfile.TemporaryDirectory(prefix=partial_prefix(out), dir=out.parent) as work:
             fitted = fit_predictor(src, imatrix, sens, text, Path(work))
     predictor, probes = fitted
-    limit = budget_bytes(b, src, sens)
+    lim = budget_limit(b, src, sens)
+    limit, stock, stock_bytes = lim.bytes, lim.stock, tensor_bytes(lim.stock_plan)
     plan = allocate(sens, predictor or Predictor(), limit, src)
-    stock, stock_bytes = stock_for(b, src, limit)
-    raised, lowered = compare_with_stock(sens, plan, dry_run(src, stock))
+    if stock is None:
+        raise QuantizeError(src, f"budget {b.text} is below every stock type's size (smallest: {STOCK[0]})")
+    raised, lowered = compare_with_stock(sens, plan, lim.stock_plan)
     tt = tuple(sorted(plan.items()))
     quantize_gguf(src, out, QuantizeSettings(stock, imatrix, threads, tensor_types=tt, budget=b.text),
                   origin=origin or src, origin_imatrix=origin_imatrix or imatrix)
@@ -153,11 +156,12 @@ class Shipped:
     record: dict[str, Any]  # the manifest's account of the choice
 
 
-def choose(budget: str, mix: Path, stock: Path, results: dict[str, dict[str, Any]]) -> Shipped:
+def choose(budget: str, mix: Path, stocks: Mapping[str, Path], results: dict[str, dict[str, Any]]) -> Shipped:
     """The mix when it passed its gate, its mean KL divergence in the gate's ``results`` (by file name) is
     lower than the stock type's and its tensor bytes are within the budget (for a type's name: that type's tensor bytes; for a
     size or bits per weight, the stock type is the largest that fits it); otherwise the stock type, and why."""
     rep = MixReport.load(report_path(mix))
+    stock = stocks[rep.stock]  # the file of the stock type (type name -> path)
     mine, theirs = results[mix.name]["mean_kld"], results[stock.name]["mean_kld"]
     mix_bytes, stock_bytes = read_header(mix).data_bytes, read_header(stock).data_bytes
     record = {"budget": budget, "stock": rep.stock, "mix_file": mix.name, "mix_kld": mine, "stock_kld": theirs,

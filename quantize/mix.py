@@ -274,15 +274,6 @@ class Predictor:
         return sum(self.weight(t) * t.error[plan[t.name]] for t in sens.tensors)
 
 
-def budget_bytes(budget: Budget, src: Path, sens: Sensitivity) -> int:
-    """The tensor bytes ``budget`` allows for ``src``."""
-    if budget.kind == "type":
-        return tensor_bytes(dry_run(src, str(budget.value)))
-    if budget.kind == "bpw":
-        return int(float(budget.value) * sens.n_weights / 8)
-    return int(budget.value)
-
-
 def _hull(t: TensorOptions, w: float) -> list[tuple[int, float, str]]:
     """The options of ``t`` on the lower convex hull of (bytes, weighted error), cheapest first."""
     pts = sorted(((t.bytes[q], w * t.error[q], q) for q in t.bytes), key=lambda p: (p[0], p[1]))
@@ -354,18 +345,27 @@ def plan_bytes(sens: Sensitivity, plan: Mapping[str, str]) -> int:
     return sens.fixed_bytes + sum(t.bytes[plan[t.name]] for t in sens.tensors)
 
 
-def stock_for(budget: Budget, src: Path, limit: int) -> tuple[str, int]:
-    """The stock type the mix is measured against, and its tensor bytes: the budget's own type, else the
-    largest of :data:`STOCK` whose dry run fits in ``limit``."""
+@dataclass(frozen=True)
+class Limit:
+    """What a budget allows for a model, and the stock type the mix is measured against."""
+
+    bytes: int  # tensor bytes the budget allows
+    stock: str | None  # None: no stock type fits the budget
+    stock_plan: dict[str, DryTensor]  # llama.cpp's dry run of the stock type
+
+
+def budget_limit(budget: Budget, src: Path, sens: Sensitivity) -> Limit:
+    """The budget's tensor bytes for ``src`` and its stock type (the budget's own type, else the largest of
+    :data:`STOCK` whose dry run fits), each stock type's dry run made once."""
     if budget.kind == "type":
-        return str(budget.value), limit
-    best: tuple[str, int] | None = None
+        plan = dry_run(src, str(budget.value))
+        return Limit(tensor_bytes(plan), str(budget.value), plan)
+    limit = int(float(budget.value) * sens.n_weights / 8) if budget.kind == "bpw" else int(budget.value)
+    best = Limit(limit, None, {})
     for t in STOCK:
-        size = tensor_bytes(dry_run(src, t))
-        if size <= limit and (best is None or size > best[1]):
-            best = (t, size)
-    if best is None:
-        raise QuantizeError(src, f"budget {budget.text} is below every stock type's size (smallest: {STOCK[0]})")
+        plan = dry_run(src, t)
+        if tensor_bytes(best.stock_plan) < tensor_bytes(plan) <= limit:
+            best = Limit(limit, t, plan)
     return best
 
 

@@ -242,8 +242,7 @@ def _release(b: Build, m: Made) -> Made:
     s = b.settings
     assert s.recipe is not None and s.release_dir is not None
     results = {r["name"]: r for r in json.loads(m.report["json"].read_text())["results"]}
-    shipped = [choose(budget, mix, {**m.quants, **m.stocks}[MixReport.load(report_path(mix)).stock], results)
-               for budget, mix in m.mixes.items()]
+    shipped = [choose(budget, mix, {**m.quants, **m.stocks}, results) for budget, mix in m.mixes.items()]
     ggufs = {"F16": m.f16, **m.quants}
     ggufs |= {c.kind: c.path for c in shipped if c.kind not in ggufs}
     if failed := tuple(f for c in shipped for f in results[c.path.name]["failures"]):
