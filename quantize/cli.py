@@ -199,6 +199,14 @@ def _ladder(a: argparse.Namespace) -> int:
     return 0
 
 
+def _init(a: argparse.Namespace) -> int:
+    from quantize.init_recipe import write_recipe
+
+    out = write_recipe(a.source, Path(a.out) if a.out else None, a.name, Path(a.demo_root), a.force)
+    print(f"wrote {out}; build it with: quantize build {out}")
+    return 0
+
+
 def _publish(a: argparse.Namespace) -> int:
     from quantize.publish import publish
 
@@ -253,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fetch-real", help="build (or reuse) Gemma 3 270M as an HF fp16 checkpoint, for tests and benchmarks")
     s.add_argument("--cache", help="cache folder (default: $QUANTIZE_REAL_CACHE or real/ in $XDG_CACHE_HOME/quantize, ~/.cache/quantize)")
     s.set_defaults(func=_fetch_real)
+
+    s = sub.add_parser("init", help="write a release recipe from a checkpoint folder, an adapter folder or a Hub repo id")
+    s.add_argument("source", help="a Hugging Face checkpoint or PEFT adapter: a folder, a repo id, or demo:/real: reference")
+    s.add_argument("-o", "--out", help="the recipe to write (default: <name>.toml)")
+    s.add_argument("--name", help="the release's name (default: the source's)")
+    s.add_argument("--force", action="store_true", help="replace an existing recipe")
+    s.add_argument("--demo-root", default="artifacts/demo", help="where demo: references are built (default: artifacts/demo)")
+    s.set_defaults(func=_init)
 
     s = sub.add_parser("build", help="build a release from a recipe (default: recipes/demo.toml), rebuilding only what changed")
     s.add_argument("recipe", nargs="?")

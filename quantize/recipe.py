@@ -62,6 +62,15 @@ PROMPT_FORMATS: dict[str, PromptFormat] = {
     "alpaca": PromptFormat(
         ("\n### Instruction",),
         _turns(("", "\n\n"), ("### Instruction:\n", "\n\n"), ("### Response:\n", "\n\n"))),
+    "llama3": PromptFormat(
+        ("<|eot_id|>",),
+        _turns(("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>"),
+               ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+               ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"))),
+    # Mistral-Instruct's [INST] template (v0.1/v0.2) has no system role: the system text is an [INST] turn of its own.
+    "mistral": PromptFormat(
+        ("</s>", "[INST]"),
+        _turns(("[INST] ", " [/INST]"), ("[INST] ", " [/INST]"), ("", "</s>"))),
     # Gemma has no system role.  As koboldcpp's own Gemma adapters do, the system text is a user turn of
     # its own, closed before the first user message (Gemma's template would merge it into that message).
     "gemma": PromptFormat(
@@ -104,9 +113,13 @@ SAMPLERS: dict[str, str] = {
 }
 
 
+TURN_KEYS = ("system_start", "system_end", "user_start", "user_end", "assistant_start", "assistant_end")
+TURN_OPTIONAL = ("assistant_gen", "chat_start")
+
+
 @dataclass(frozen=True)
 class Card:
-    prompt_format: str = "chatml"
+    prompt_format: str = "chatml"  # a PROMPT_FORMATS row, or "custom" with [card.turns]
     system: str = ""
     context: int = field(default=4096, metadata={"min": 1})  # tokens
     stop: tuple[str, ...] = ()
@@ -116,6 +129,14 @@ class Card:
     description: str = ""
     credits: str = ""
     tags: tuple[str, ...] = ()
+    turns: Mapping[str, str] = field(default_factory=dict)  # prompt_format = "custom": the text around each turn
+
+    @property
+    def format(self) -> PromptFormat:
+        """The prompt format the card names, or its own turns under ``prompt_format = "custom"``."""
+        if self.prompt_format == "custom":
+            return PromptFormat(self.stop, self.turns)
+        return PROMPT_FORMATS[self.prompt_format]
 
 
 @dataclass(frozen=True)
@@ -240,8 +261,7 @@ def load_recipe(path: str | Path) -> Recipe:
         except QuantizeError as exc:
             raise QuantizeError(path, f"[ladder] gguf: {exc}") from None
     card_d = _section(path, "card", data.get("card", {}), Card)
-    if card_d.get("prompt_format", "chatml") not in PROMPT_FORMATS:
-        raise QuantizeError(path, f"[card] prompt_format {card_d['prompt_format']!r} unknown; known: {', '.join(PROMPT_FORMATS)}")
+    _check_format(path, card_d)
     for key in card_d.get("sampler", {}):
         if key not in SAMPLERS:
             raise QuantizeError(path, f"[card.sampler] unknown setting {key!r}; known: {', '.join(SAMPLERS)}")
@@ -253,6 +273,24 @@ def load_recipe(path: str | Path) -> Recipe:
         raise QuantizeError(path, f"hub_repo {top['hub_repo']!r} is not a Hugging Face repo id; write it as \"owner/name\"")
     return Recipe(source=path, ladder=Ladder(**ladder_d), thresholds=thresholds, card=Card(**card_d),
                   revision=_revisions(path, data), **top)
+
+
+def _check_format(path: Path, card: Mapping[str, Any]) -> None:
+    """``prompt_format`` names a row, or is "custom" with every turn and a stop string."""
+    fmt, turns = card.get("prompt_format", "chatml"), card.get("turns", {})
+    if fmt != "custom":
+        if fmt not in PROMPT_FORMATS:
+            raise QuantizeError(path, f"[card] prompt_format {fmt!r} unknown; known: {', '.join(PROMPT_FORMATS)}, custom")
+        if turns:
+            raise QuantizeError(path, f"[card.turns] is for prompt_format = \"custom\"; prompt_format {fmt!r} has its own")
+        return
+    missing = [k for k in TURN_KEYS if k not in turns]
+    unknown = [k for k in turns if k not in (*TURN_KEYS, *TURN_OPTIONAL)]
+    if missing or unknown:
+        raise QuantizeError(path, f"[card.turns] {'lacks ' + ', '.join(missing) if missing else 'unknown key ' + ', '.join(unknown)}; "
+                            f"keys: {', '.join((*TURN_KEYS, *TURN_OPTIONAL))}")
+    if not card.get("stop"):
+        raise QuantizeError(path, "[card] prompt_format = \"custom\" needs stop = [...] (the text that ends a reply)")
 
 
 def _budgets(path: Path, entries: list[dict[str, Any]]) -> list[str]:

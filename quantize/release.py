@@ -30,7 +30,7 @@ from quantize.formats.gguf_read import read_header
 from quantize.formats.gguf_split import GB, place_gguf
 from quantize.imatrix import Imatrix
 from quantize.models.hub import source_record
-from quantize.recipe import PROMPT_FORMATS, SAMPLERS, Recipe, render_chat
+from quantize.recipe import SAMPLERS, Recipe, render_chat
 from quantize.resources import check_free_space
 from quantize.run_memory import shape_of
 from quantize.sillytavern import SUFFIX as TAVERN_SUFFIX
@@ -264,7 +264,7 @@ def koboldcpp_presets(root: Path, gguf_name: str, recipe: Recipe) -> tuple[Path,
     The stop strings are given twice: ``stop_sequence`` for koboldcpp's own API, and ``stop`` for the
     OpenAI-compatible endpoints, which replace ``stop_sequence`` with the request's ``stop``."""
     c = recipe.card
-    fmt = PROMPT_FORMATS[c.prompt_format]
+    fmt = c.format
     gen: dict[str, Any] = {SAMPLERS[k]: v for k, v in c.sampler.items()}
     stops = list(c.stop or fmt.stop)
     gen["stop_sequence"] = stops
@@ -303,7 +303,7 @@ def quality_summary(manifest: dict[str, Any]) -> str:
 
 def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
     c = recipe.card
-    fmt = PROMPT_FORMATS[c.prompt_format]
+    fmt = c.format
     convo = ([{"role": "system", "content": c.system}] if c.system else []) + [
         {"role": "user", "content": "{prompt}"}, {"role": "assistant", "content": "{reply}"}, {"role": "user", "content": "{prompt}"}]
     prompt = render_chat(fmt.turns, convo)

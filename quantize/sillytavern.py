@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from quantize.atomic import atomic_file
-from quantize.recipe import PROMPT_FORMATS, Recipe
+from quantize.recipe import Recipe
 
 SUFFIX = ".SillyTavern.json"
 
@@ -80,8 +80,8 @@ def _stop_lines(stops: tuple[str, ...] | list[str], wrap: bool) -> list[str]:
 def sillytavern_preset(recipe: Recipe) -> dict[str, Any]:
     """The master-import object of ``recipe``'s prompt format, stop strings and system prompt."""
     card = recipe.card
-    turns = PROMPT_FORMATS[card.prompt_format].turns
-    stops = list(card.stop or PROMPT_FORMATS[card.prompt_format].stop)
+    turns = card.format.turns
+    stops = list(card.stop or card.format.stop)
     wrap = _wraps_exactly(turns) and all(s.startswith("\n") and "\n" not in s[1:] and s[1:].strip() for s in stops)
 
     def seq(text: str) -> str:  # a start as SillyTavern's sequence field: wrap adds its final newline back

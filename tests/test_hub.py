@@ -180,3 +180,17 @@ def test_publish_refuses_without_token_or_prefix(small_release: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "quantize", "publish", str(small_release)], capture_output=True, text=True,
                          env={**env, "PYTHONPATH": str(ROOT), "HF_TOKEN": "x"})
     assert out.returncode == 2 and "HF_REPO_PREFIX" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_init_from_a_repo_id_resolves_it_as_build_does_and_pins_the_commit(hf_home: Path, tmp_path: Path) -> None:
+    """`quantize init org/name` offline: the cached snapshot of main is read, the recipe names the repo id and pins the
+    commit it resolved to, and the recipe resolves to the same folder."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-m", "quantize", "init", "demo-org/mistral-spm", "-o", str(tmp_path / "r.toml")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    r = load_recipe(tmp_path / "r.toml")
+    assert (r.name, r.base, r.revision, r.card.prompt_format) == ("mistral-spm", "demo-org/mistral-spm", {"base": REV_MAIN}, "chatml")
+    again = _resolve(tmp_path / "r.toml", hf_home, r.base)
+    assert Path(again.stdout.strip()) == hf_home / "hub" / "models--demo-org--mistral-spm" / "snapshots" / REV_MAIN
