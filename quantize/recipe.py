@@ -169,8 +169,8 @@ class Recipe:
     hub_repo: str | None = None  # "owner/name" on the Hugging Face Hub the release is published to
     lora: str | None = None
     lora_allow_pickle: bool = False  # adapter_model.bin is a pickle: only with an explicit opt-in
-    calibration: str = "demo:calib"
-    evaluation: str = "demo:eval"
+    calibration: str = "general:calib"  # the general text (quantize.models.general_text)
+    evaluation: str = "general:eval"
     ladder: Ladder = field(default_factory=Ladder)
     thresholds: Mapping[str, Threshold] = field(default_factory=dict)
     card: Card = field(default_factory=Card)

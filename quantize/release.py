@@ -29,12 +29,14 @@ from quantize.fingerprint import fingerprint
 from quantize.formats.gguf_read import read_header
 from quantize.formats.gguf_split import GB, place_gguf
 from quantize.imatrix import Imatrix
+from quantize.models.corpus import TextSplit
 from quantize.models.hub import source_record
 from quantize.recipe import SAMPLERS, Recipe, render_chat
 from quantize.resources import check_free_space
 from quantize.run_memory import shape_of
 from quantize.sillytavern import SUFFIX as TAVERN_SUFFIX
 from quantize.sillytavern import write_sillytavern
+from quantize.sources import GENERAL_SOURCES
 from quantize.steps import Steps, step_key
 from quantize.versions import tool_versions
 
@@ -336,6 +338,8 @@ def model_card(recipe: Recipe, manifest: dict[str, Any]) -> str:
         "## Available versions", "", *rows, "",
         f"Quality is measured against the fp16 model on held-out text (reference perplexity {manifest.get('reference_ppl') or 0:.3f}): "
         f"perplexity ratio and mean KL divergence, llama-perplexity's method. {quality_summary(manifest)}", "",
+        f"Calibration text (importance matrix, smoothing, AWQ): {text_description(recipe.calibration)}. "
+        f"Evaluation text (the quality gate): {text_description(recipe.evaluation)}.", "",
         *_mix_lines(manifest),
         f"RAM needed: the file, an f16 KV cache for a {c.context}-token context and llama.cpp's compute buffer (an "
         "estimate from the model's shape); full GPU offload needs about as much VRAM.", "",
@@ -432,7 +436,7 @@ def assemble_release(recipe: Recipe, out: Path, made: ReleaseInputs, steps: Step
                 arts.append(Artifact(kind, files, bits_per_weight(path), source, _ram(path, recipe)))
             if made.imatrix is not None:
                 link_or_copy(made.imatrix, tmp / made.imatrix.name)
-                (tmp / "imatrix.txt").write_text(_imatrix_description(made.imatrix, made.calib))
+                (tmp / "imatrix.txt").write_text(_imatrix_description(made.imatrix, made.calib, recipe))
                 arts.append(Artifact("imatrix", (Path(made.imatrix.name), Path("imatrix.txt")), None, {}))
             tavern = write_sillytavern(tmp, recipe.name, recipe)
             arts.append(Artifact(SILLYTAVERN, (Path(tavern.name),), None, {}))
@@ -465,8 +469,25 @@ def _check_split_space(out: Path, ggufs: list[Path], split_max: int | None) -> N
         check_free_space(out.parent, int(need * SPLIT_COPY_MARGIN), f"splitting {out.name}'s large GGUFs")
 
 
-def _imatrix_description(imatrix: Path, calib: Path) -> str:
+def _imatrix_description(imatrix: Path, calib: Path, recipe: Recipe) -> str:
     im = Imatrix.load(imatrix)
+    sources = calib.with_name(GENERAL_SOURCES)
+    listed = f"\n{sources.read_text(encoding='utf-8')}" if recipe.calibration.startswith("general:") and sources.is_file() else ""
     return (f"Importance matrix {imatrix.name}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens\n"
-            f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes).\n"
-            "The evaluation text was kept out of calibration.\n")
+            f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes): "
+            f"{text_description(recipe.calibration)}.\n"
+            "The evaluation text was kept out of calibration.\n" + listed)
+
+
+def text_description(spec: str) -> str:
+    """What a recipe's calibration or evaluation reference is, in words."""
+    split = TextSplit()
+    plays = {"calib": split.calib_plays, "eval": split.eval_plays}
+    scheme, _, part = spec.partition(":")
+    if scheme in ("demo", "text") and part in plays:
+        return "Shakespeare, " + " and ".join(p.replace("-", " ").title() for p in plays[part]) + " (public domain)"
+    if scheme == "general":
+        return (f"the general {'calibration' if part == 'calib' else 'evaluation'} text: prose, code, conversations in the "
+                "model's own chat template, numbers, markup and other languages, from what Python and the installed "
+                "packages ship (sources and licenses in imatrix.txt)")
+    return f"{Path(spec).name}, given by the recipe"

