@@ -139,18 +139,18 @@ def write_recipe(spec: str, out: Path | None = None, name: str | None = None, ro
     out = out or Path(f"{name}.toml")
     if out.exists() and not force:
         raise QuantizeError(out, "exists; pass --force to replace it or -o to write elsewhere")
-    lines = _recipe_lines(name, src, lora)
+    lines = _recipe_lines(name, src, lora, out)
     with atomic_file(out) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         load_recipe(tmp)  # what build will read: a value init wrote that the schema refuses is a bug here, not a recipe
     return out
 
 
-def _recipe_lines(name: str, base: Source, lora: Source | None) -> list[str]:
+def _recipe_lines(name: str, base: Source, lora: Source | None, out: Path) -> list[str]:
     first = lora or base  # the adapter's own files (template, card) come first
     r = Lines([f"# Release recipe written by `quantize init` from {first.spec}.",
                "# Each value says where it was read; a commented line is what could not be read: fill it in or leave it.",
-               f"# Then: quantize build {name}.toml"])
+               f"# Then: quantize build {out}"])
     r.value("name", name, "from the source's name")
     r.value("base", base.spec, "the fp16/bf16 checkpoint")
     if lora:

@@ -73,7 +73,9 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
                  "--out-dir", tmp_path / "eval", "--cache", tmp_path / "eval-cache"],
         "merge": ["merge", demo.spm, lora, "-o", tmp_path / "merged"],
         "ladder": ["ladder", recipe],
-        "build": ["build", recipe, "--artifacts", tmp_path / "artifacts", "--until", "convert"],
+        # a recipe written from the adapter, naming no text: the build resolves the general text the install ships
+        "init": ["init", lora, "-o", tmp_path / "init.toml", "--name", "Fresh"],
+        "build": ["build", tmp_path / "init.toml", "--artifacts", tmp_path / "artifacts", "--until", "convert"],
         "verify": ["verify", release],
     }
     assert set(commands) | {"awq", "fetch-real", "publish"} == _subcommands(), "a subcommand without a case here"
@@ -86,7 +88,8 @@ def test_every_subcommand_works_in_a_fresh_install(fresh: tuple[Path, dict[str, 
         if name == "demo":
             assert sorted(demo.root.parent.rglob("*")) == cached, "quantize demo rebuilt the cached demo"
     assert (tmp_path / "eval" / "eval.json").is_file() and (tmp_path / "merged" / "config.json").is_file()
-    assert next((tmp_path / "artifacts").rglob("*.F16.gguf"), None) is not None
+    assert next((tmp_path / "artifacts").rglob("Fresh.F16.gguf"), None) is not None
+    assert next((tmp_path / "artifacts").rglob("general/*/sources.txt"), None) is not None
     res = _run(fresh, tmp_path, "publish", release)  # no HF_TOKEN in a test: refused in one line, before any upload
     assert res.returncode == 2 and res.stderr.strip() == f"quantize: {release}: set HF_TOKEN to publish to the Hugging Face Hub"
 
