@@ -169,7 +169,9 @@ def derive_format(t: ChatTemplate) -> PromptFormat | None:
     if not user_start.strip() or not turns.get("assistant_gen", turns["assistant_start"]).strip():
         return None  # a turn must open with text of its own, or a front end cannot tell the roles apart
     stop = assistant_end.strip() or t.tokens.get("eos_token", "")
-    fmt = PromptFormat((stop,) if stop else (), turns)
+    if not stop:
+        return None  # nothing would end a reply
+    fmt = PromptFormat((stop,), turns)
     checks = (PROBE, PROBE[1:], PROBE[:4], PROBE[:2])
     if any(t.renders(m) != render_chat(turns, m) for m in checks):
         return None
