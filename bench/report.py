@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import imatrix, mix, real, scale, speed
+from bench import calib, imatrix, mix, real, scale, speed
 from quantize.atomic import atomic_file
 
 TITLE = "# Benchmarks"
@@ -91,6 +91,14 @@ def _mix(artifacts: Path) -> Recorded | None:
     return Recorded(data["run"], mix.table(data))
 
 
+def _calib(artifacts: Path) -> Recorded | None:
+    """``bench-calib/bench-calib.json``, rendered by :func:`bench.calib.table`."""
+    data = load(artifacts / "bench-calib" / "bench-calib.json")
+    if not data or "run" not in data:
+        return None
+    return Recorded(data["run"], calib.table(data))
+
+
 def _scale(artifacts: Path) -> Recorded | None:
     """``bench-scale/results.json`` with at least one measured depth, rendered by :func:`bench.scale.markdown`."""
     data = load(artifacts / "bench-scale" / "results.json")
@@ -104,6 +112,7 @@ SECTIONS = (
     Section("Importance matrix against llama-imatrix", "nox -s bench -- --only imatrix", _imatrix),
     Section("The ladder on a real model, Gemma 3 270M", "nox -s bench-real", _real),
     Section("Searched per-tensor types against the stock types", "nox -s bench-mix", _mix),
+    Section("The general calibration text against Shakespeare", "nox -s bench-calib", _calib),
     Section("Every build stage at Mistral-7B's width", "nox -s bench-scale", _scale),
 )
 

