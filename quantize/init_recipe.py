@@ -114,6 +114,18 @@ def _front_matter(folder: Path) -> dict[str, Any]:
     return data or {}
 
 
+def _card_value(card: dict[str, Any], key: str) -> Any:
+    """A front-matter value a recipe can take: a string (a one-item list's item), or for tags a list of strings;
+    None where there is none (a local path as base_model, the Hub's own ``base_model:`` tags)."""
+    v = card.get(key)
+    if key == "tags":
+        tags = [t for t in v or () if isinstance(t, str) and not t.startswith("base_model:")] if isinstance(v, list) else []
+        return tags or None
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    return v if isinstance(v, str) and v and not (key == "base_model" and Path(v).is_absolute()) else None
+
+
 def _name(spec: str, folder: Path) -> str:
     """A release name from a repo id's or folder's last part, as file names can carry it."""
     last = spec.rstrip("/").split("/")[-1].split(":")[-1] or folder.name
@@ -206,21 +218,14 @@ def _card_lines(r: Lines, base: Source, lora: Source | None) -> None:
     else:
         r.gap("stop", ["</s>"], "the text that ends a reply")
     r.gap("system", "You are a helpful assistant.", "the system prompt the presets start a chat with")
-    card = {**_front_matter(base.folder), **(_front_matter(lora.folder) if lora else {})}
-    card_name = ("the adapter's" if lora else "the model's") + " README.md front matter"
-    for key, example in (("license", "apache-2.0"), ("base_model", "owner/base-model")):
-        v = card.get(key)
-        if isinstance(v, list) and len(v) == 1:
-            v = v[0]
-        if isinstance(v, str) and v and not (key == "base_model" and Path(v).is_absolute()):
-            r.value(key, v, card_name)
+    cards = [(f"the {who} README.md front matter", _front_matter(s.folder))
+             for who, s in (("adapter's", lora), ("base's" if lora else "model's", base)) if s is not None]
+    for key, example in (("license", "apache-2.0"), ("base_model", "owner/base-model"), ("tags", ["roleplay"])):
+        found = [(name, v) for name, card in cards if (v := _card_value(card, key)) is not None]
+        if found:
+            r.value(key, found[0][1], found[0][0])
         else:
-            r.gap(key, example, f"no {key} in {card_name}")
-    tags = [t for t in card.get("tags") or () if isinstance(t, str) and not t.startswith("base_model:")]
-    if tags:
-        r.value("tags", tags, card_name)
-    else:
-        r.gap("tags", ["roleplay"], f"no tags in {card_name}")
+            r.gap(key, example, f"no {key} in {' or '.join(name for name, _ in cards)}")
     r.gap("description", "One paragraph on what the model is for.", "the model card's opening")
     gen_path = base.folder / "generation_config.json"
     gen = read_json_object(gen_path) if gen_path.is_file() else {}
