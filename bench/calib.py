@@ -26,9 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.measure import md_table, run_record, write_json
+from bench.measure import md_table, run_record, write_results
 from quantize.awq import AwqSettings, quantize_awq
-from quantize.chat_template import render_conversation
+from quantize.chat_template import read_chat_template, render_conversation
 from quantize.convert import convert
 from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
@@ -101,7 +101,7 @@ def run_model(m: BenchModel, artifacts: Path, shakespeare: dict[str, Path], plan
     hf = m.checkpoint(artifacts)
     f16 = work / "F16.gguf"
     convert_s = 0.0 if f16.is_file() else _timed(partial(convert, hf, f16))[1]
-    general, general_s = _timed(lambda: write_general_text(work / "general", render_conversation(hf, PROMPT_FORMATS[FALLBACK_FORMAT])))
+    general, general_s = _timed(lambda: write_general_text(work / "general", render_conversation(read_chat_template(hf), PROMPT_FORMATS[FALLBACK_FORMAT])))
     calib = {"shakespeare": shakespeare["calib"], "general": general.calib}
     evals = {**general.eval_by_kind, "shakespeare": shakespeare["eval"]}
     built: list[dict[str, Any]] = []  # one per file: type, calibration text, path, build seconds
@@ -248,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    res = {"models": models, "wall_s": time.perf_counter() - t0}
-    write_json(out / "bench-calib.json", {"run": record, **res})
-    (out / "bench-calib.md").write_text(table(res))
-    print(table(res))
+    write_results(out, "bench-calib", record, {"models": models, "wall_s": time.perf_counter() - t0}, table)
     return 0
 
 

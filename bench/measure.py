@@ -312,6 +312,14 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def write_results(out: Path, name: str, record: dict[str, Any], res: dict[str, Any], table: Callable[[dict[str, Any]], str]) -> None:
+    """A bench's results: ``<name>.json`` (with the run record) and ``<name>.md`` (its table) under ``out``, the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", {"run": record, **res})
+    (out / f"{name}.md").write_text(table(res))
+    print(table(res))
+
+
 def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """The lines of a markdown table: ``head``, its rule, then ``rows``."""
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]

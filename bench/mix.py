@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.measure import Shape, random_checkpoint, run_record, write_json
+from bench.measure import Shape, random_checkpoint, run_record, write_results
 from quantize.convert import convert
 from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
@@ -199,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    res = {"models": models}
-    out = a.artifacts / "bench-mix"
-    write_json(out / "bench-mix.json", {"run": record, **res})
-    (out / "bench-mix.md").write_text(table(res))
-    print(table(res))
+    write_results(a.artifacts / "bench-mix", "bench-mix", record, {"models": models}, table)
     return 0
 
 

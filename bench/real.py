@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.measure import run_record, write_json
+from bench.measure import run_record, write_results
 from quantize.awq import AwqSettings, quantize_rtn
 from quantize.errors import QuantizeError
 from quantize.evaluate import EvalSettings, reference_logprobs, score_artifact
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = a.artifacts / "bench-real"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "bench-real.json", {"run": record, **res})
-    (out / "bench-real.md").write_text(table(res))
-    print(table(res))
+    write_results(a.artifacts / "bench-real", "bench-real", record, res, table)
     return 0
 
 

@@ -178,11 +178,10 @@ def derive_format(t: ChatTemplate) -> PromptFormat | None:
     return fmt
 
 
-def render_conversation(folder: Path, fallback: PromptFormat) -> Callable[[Messages], str]:
-    """A function rendering a whole conversation (system message first, ending with a reply) with ``folder``'s
-    chat template; a template that refuses a system message gets it at the head of the first user message;
-    ``fallback``'s turns render it where the checkpoint has no template."""
-    t = read_chat_template(folder)
+def render_conversation(t: ChatTemplate | None, fallback: PromptFormat) -> Callable[[Messages], str]:
+    """A function rendering a whole conversation (system message first, ending with a reply) with the chat
+    template ``t``; a template that refuses a system message gets it at the head of the first user message;
+    ``fallback``'s turns render it where there is no template."""
 
     def render(messages: Messages) -> str:
         if t is None:

@@ -9,6 +9,7 @@ local Hugging Face cache offline, at the recipe's ``[revision]`` pin).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from quantize.engine.lora import train_demo_lora
 from quantize.errors import QuantizeError
 from quantize.models.corpus import TextSplit, write_splits
 from quantize.models.demo import DemoRecipe, build_demo
-from quantize.models.general_text import write_general_text
+from quantize.models.general_text import GeneralText, write_general_text
 from quantize.models.hub import fetch
 from quantize.models.real import REAL_MODELS, fetch_real
 from quantize.recipe import load_recipe
@@ -48,18 +49,23 @@ def _corpus_text(part: str, recipe: Path, root: Path, what: str) -> Path:
 
 
 def _general_text(part: str, recipe: Path, root: Path, what: str) -> Path:
-    """The general text's calibration or evaluation part (``general:calib``, ``general:eval``), its chat part
-    rendered with the recipe's model's own chat template (the adapter's where it has one), else with the
-    card's prompt format; written once per template under ``root/general``."""
+    """The general text's calibration or evaluation part (``general:calib``, ``general:eval``)."""
     if part not in GENERAL:
         raise QuantizeError(recipe, f"{what} 'general:{part}': no such text; known: {', '.join(GENERAL)}")
+    text = _general_for(recipe.resolve(), root.resolve(), recipe.read_bytes())
+    return {"calib": text.calib, "eval": text.eval}[part]
+
+
+@functools.lru_cache(maxsize=4)
+def _general_for(recipe: Path, root: Path, content: bytes) -> GeneralText:
+    """The general text of a recipe (its content is the key: both parts come from one call), its chat part rendered
+    with the model's own chat template (the adapter's where it has one), else with the card's prompt format;
+    written once per template under ``root/general``."""
     r = load_recipe(recipe)
     folders = [resolve(spec, recipe, root, w) for w, spec in (("lora", r.lora), ("base", r.base)) if spec]
-    folder = next((f for f in folders if read_chat_template(f) is not None), folders[-1])
-    template = read_chat_template(folder)
+    template = next((t for f in folders if (t := read_chat_template(f)) is not None), None)
     key = hashlib.sha256(json.dumps([template.text if template else None, dict(r.card.format.turns)]).encode()).hexdigest()
-    text = write_general_text(root / "general" / key[:16], render_conversation(folder, r.card.format))
-    return {"calib": text.calib, "eval": text.eval}[part]
+    return write_general_text(root / "general" / key[:16], render_conversation(template, r.card.format))
 
 
 def _real_model(part: str, recipe: Path, root: Path, what: str) -> Path:
